@@ -1,0 +1,455 @@
+"""Datasets and device-resident batch loaders for Deep Hybrid Model training.
+
+Every set is held as raw ``uint8`` pixels ``[N, 3, 32, 32]`` (CHW); conversion to float in
+``[0, 1]`` happens per batch and normalization (``DatasetInfo.mean``/``std``) is the model's job,
+so OOD sets are always normalized with the in-distribution statistics.
+
+Sources: CIFAR-10/100 and SVHN through torchvision's parsers (files under ``root``), and two
+offline sets built from files scikit-learn ships: ``digits`` (``load_digits``, 8x8 upsampled to
+32x32) and ``digits_ood`` (crops of ``load_sample_images``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """A dataset is unknown, missing or unreadable; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of an in-distribution dataset."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, float, float]  # per-channel, of [0, 1] pixels; applied inside the model
+    std: tuple[float, float, float]
+    augment: bool  # random crop (pad 4) + horizontal flip during training
+    ood_sets: tuple[str, ...]  # default OOD sets evaluated against this dataset
+
+
+# Hard-coded from channel_stats() of the 1437-image digits training pool (train + val, test
+# excluded); tests/test_data.py recomputes them so a change in the conversion is caught.
+_DIGITS_MEAN = 0.304798
+_DIGITS_STD = 0.323207
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2023, 0.1994, 0.2010),
+        augment=True,
+        ood_sets=("svhn", "cifar100"),
+    ),
+    "svhn": DatasetInfo(
+        name="svhn",
+        num_classes=10,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment=False,
+        ood_sets=("cifar10", "cifar100"),
+    ),
+    "digits": DatasetInfo(
+        name="digits",
+        num_classes=10,
+        mean=(_DIGITS_MEAN,) * 3,
+        std=(_DIGITS_STD,) * 3,
+        augment=False,  # digit identity is position/orientation sensitive: no crop/flip
+        ood_sets=("digits_ood",),
+    ),
+}
+OOD_SETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits_ood")
+# Default validation-set size carved out of each official training set.
+DEFAULT_VAL_SIZE: dict[str, int] = {"cifar10": 8000, "svhn": 14652, "digits": 237}
+SPLITS = ("train", "val", "test")
+
+_DIGITS_TEST_SEED = 2024  # fixed: the digits test set must not move with split_seed
+_DIGITS_TEST_SIZE = 360
+
+
+@dataclass
+class ImageSet:
+    """Images with labels. ``images``: uint8 [N,3,32,32] CPU; ``labels``: int64 [N] (-1: none).
+
+    Tensors may be shared with an in-process cache: treat them as read-only (no in-place ops).
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        x, y = self.images, self.labels
+        if x.dtype != torch.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            raise ValueError(
+                f"{self.name}: images must be uint8 [N,3,32,32], got {x.dtype} {x.shape}"
+            )
+        if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+            raise ValueError(
+                f"{self.name}: labels must be int64 [{x.shape[0]}], got {y.dtype} {y.shape}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Return ``DATASETS[name]``; unknown names raise DataError listing the allowed ones."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images [N,C,H,W] scaled to [0, 1]."""
+    x = images.to(torch.float64).div(255).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1, correction=0).tolist())
+
+
+# ---------------------------------------------------------------- file-based sets (torchvision)
+
+
+@dataclass(frozen=True)
+class _FileSpec:
+    title: str
+    folder: str  # subfolder of root holding the files ("" = root itself)
+    train_files: tuple[str, ...]  # what torchvision needs for train=True (checks included)
+    test_files: tuple[str, ...]
+    archive: str  # how to obtain the files by hand
+
+
+_CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+_FILE_SPECS = {
+    # torchvision's CIFAR integrity check covers the train and test files for either split.
+    "cifar10": _FileSpec(
+        "CIFAR-10", "cifar-10-batches-py", _CIFAR10_FILES, _CIFAR10_FILES,
+        "extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into <root>/",
+    ),
+    "cifar100": _FileSpec(
+        "CIFAR-100", "cifar-100-python", ("train", "test", "meta"), ("train", "test", "meta"),
+        "extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into <root>/",
+    ),
+    "svhn": _FileSpec(
+        "SVHN", "", ("train_32x32.mat",), ("test_32x32.mat",),
+        "download train_32x32.mat / test_32x32.mat from http://ufldl.stanford.edu/housenumbers/"
+        " into <root>/",
+    ),
+}  # fmt: skip
+_FILE_CACHE: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def clear_cache() -> None:
+    """Drop all in-process dataset caches (file-based and embedded)."""
+    _FILE_CACHE.clear()
+    _digits_all.cache_clear()
+    _digits_pool.cache_clear()
+    _digits_ood.cache_clear()
+
+
+def _parses(path: Path, name: str) -> bool:
+    try:
+        if name == "svhn":
+            import scipy.io
+
+            scipy.io.loadmat(path)
+        else:
+            with open(path, "rb") as f:
+                pickle.load(f, encoding="latin1")
+    except Exception:
+        return False
+    return True
+
+
+def _explain(name: str, root: Path, train: bool, download: bool, err: Exception) -> str:
+    """Say which folder/file is the problem; only runs on the error path, so re-parsing is ok."""
+    spec = _FILE_SPECS[name]
+    folder = root / spec.folder if spec.folder else root
+    files = spec.train_files if train else spec.test_files
+    if not folder.is_dir():
+        problem = f"folder {folder}/ does not exist"
+    elif missing := [str(folder / f) for f in files if not (folder / f).is_file()]:
+        problem = "missing file(s) " + ", ".join(missing)
+    elif bad := [str(folder / f) for f in files if not _parses(folder / f, name)]:
+        problem = "truncated or corrupt file(s) " + ", ".join(bad)
+    else:
+        problem = (
+            f"files in {folder}/ failed torchvision's checksum check (corrupt or other version)"
+        )
+    tried = " (download=true was set and failed: no internet?)" if download else ""
+    return (
+        f"cannot load {spec.title} {'training' if train else 'test'} set: {problem}{tried}. "
+        f"Fix: set data.download=true, or {spec.archive.replace('<root>', str(root))} "
+        f"so that {folder}/ holds {', '.join(files)}. [{type(err).__name__}: {err}]"
+    )
+
+
+def _load_file_set(name: str, root: Path, train: bool, download: bool):
+    key = (name, str(root), train)
+    if key in _FILE_CACHE:
+        return _FILE_CACHE[key]
+    import torchvision.datasets as tvd  # deferred: the offline sets do not need torchvision
+
+    try:
+        if name == "svhn":
+            ds = tvd.SVHN(str(root), split="train" if train else "test", download=download)
+            images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already [N,3,32,32]
+            labels = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64).reshape(-1))
+        else:
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=train, download=download)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+            labels = torch.tensor(ds.targets, dtype=torch.int64)
+    except Exception as e:  # any failure (checks, parsing, download) gets an actionable message
+        raise DataError(_explain(name, root, train, download, e)) from e
+    _FILE_CACHE[key] = images, labels
+    return images, labels
+
+
+# --------------------------------------------------------------------- embedded offline sets
+
+
+@lru_cache(maxsize=1)
+def _digits_all() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 sklearn digits as uint8 [N,3,32,32] (0..16 -> 0..255, bilinear 8->32)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).to(torch.float64).mul(255.0 / 16.0).unsqueeze(1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+@lru_cache(maxsize=2)
+def _digits_pool(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official digits split: 360 test images by a fixed permutation, the rest is training."""
+    x, y = _digits_all()
+    # RandomState's stream is frozen by NumPy's compatibility policy, so the split never moves.
+    perm = torch.from_numpy(np.random.RandomState(_DIGITS_TEST_SEED).permutation(len(y)))
+    idx = (perm[_DIGITS_TEST_SIZE:] if train else perm[:_DIGITS_TEST_SIZE]).sort().values
+    return x[idx], y[idx]
+
+
+@lru_cache(maxsize=1)
+def _digits_ood() -> tuple[torch.Tensor, torch.Tensor]:
+    """360 photo patches: a 12x15 grid of 64x64 crops of china.jpg and flower.jpg, 2x2-averaged."""
+    from sklearn.datasets import load_sample_images
+
+    crops = []
+    for img in load_sample_images().images:  # uint8 [427, 640, 3] each
+        t = torch.tensor(img, dtype=torch.float64).permute(2, 0, 1)  # copy: read-only array
+        h, w = t.shape[1:]
+        for top in np.linspace(0, h - 64, 12).round().astype(int):
+            for left in np.linspace(0, w - 64, 15).round().astype(int):
+                crops.append(t[:, top : top + 64, left : left + 64])
+    x = F.avg_pool2d(torch.stack(crops), 2).round().clamp(0, 255).to(torch.uint8)
+    return x, torch.full((x.shape[0],), -1, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------ public loaders
+
+
+def _raw(name: str, root: str | Path, train: bool, download: bool):
+    if name == "digits":
+        return _digits_pool(train)  # root is ignored: the data ships with scikit-learn
+    if name == "digits_ood":
+        return _digits_ood()
+    return _load_file_set(name, Path(root).expanduser().resolve(), train, download)
+
+
+def split_indices(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint sorted (train, val) int64 index tensors covering ``range(n)``; val has val_size."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size={val_size} must be in [0, {n}) for a training set of {n}")
+    perm = torch.from_numpy(np.random.RandomState(split_seed).permutation(n))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def load_split(
+    name: str,
+    root: str | Path,
+    split: str,
+    *,
+    download: bool = False,
+    val_size: int | None = None,
+    split_seed: int = 0,
+) -> ImageSet:
+    """Load ``split`` ("train", "val" or "test") of dataset ``name`` as uint8 [N,3,32,32].
+
+    train/val partition the official training set by a seeded permutation (``split_seed``);
+    ``val_size=None`` uses ``DEFAULT_VAL_SIZE[name]``. Missing/corrupt files raise DataError.
+    """
+    dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    images, labels = _raw(name, root, split != "test", download)
+    if split == "test":
+        return ImageSet(name, images, labels)
+    vs = DEFAULT_VAL_SIZE[name] if val_size is None else val_size
+    train_idx, val_idx = split_indices(len(labels), vs, split_seed)
+    idx = train_idx if split == "train" else val_idx
+    return ImageSet(name, images[idx], labels[idx])
+
+
+def load_ood(name: str, root: str | Path, *, download: bool = False) -> ImageSet:
+    """Load the test split of OOD set ``name`` (one of OOD_SETS), raw uint8 [N,3,32,32]."""
+    if name not in OOD_SETS:
+        raise DataError(f"unknown OOD set {name!r}; allowed: {', '.join(OOD_SETS)}")
+    images, labels = _raw(name, root, False, download)
+    return ImageSet(name, images, labels)
+
+
+# ----------------------------------------------------------------------------------- batching
+
+
+def _mixed_seed(*words: int) -> int:
+    # SeedSequence hashes the tuple, so (seed, epoch) and (seed, epoch + 1) give unrelated streams.
+    return int(np.random.SeedSequence([w % 2**64 for w in words]).generate_state(1, np.uint64)[0])
+
+
+_PERM_TAG, _AUG_TAG = 0, 1  # keep the order and augmentation streams apart
+
+
+def augmentation_params(
+    seed: int, epoch: int, batch: int, n: int, padding: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop offsets int64 [n,2] (dy, dx in 0..2*padding) and flip flags bool [n], on CPU.
+
+    Drawn for a whole global batch from a generator seeded by (seed, epoch, batch).
+    """
+    g = torch.Generator().manual_seed(_mixed_seed(_AUG_TAG, seed, epoch, batch))
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=g)
+    flips = torch.randint(0, 2, (n,), generator=g).bool()
+    return offsets, flips
+
+
+def crop_flip(
+    images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = 4
+) -> torch.Tensor:
+    """Zero-pad by ``padding``, crop at ``offsets`` [B,2] (dy, dx), then h-flip where ``flips``.
+
+    Equals torchvision's pad -> crop -> hflip per sample; images [B,C,H,W] any dtype, same out.
+    One gather on the images' device: no Python loop over samples.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding,) * 4)
+    offsets, flips = offsets.to(dev), flips.to(dev)
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    rows = offsets[:, :1] + ar_h  # [B,H]
+    cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - ar_w, ar_w)  # [B,W]
+    bi = torch.arange(b, device=dev)[:, None, None, None]
+    ci = torch.arange(c, device=dev)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Training batches from a dataset resident on one device, no DataLoader workers, no PIL.
+
+    The epoch order is a pure function of (seed, epoch), augmentation of (seed, epoch, batch);
+    both are drawn for the whole global batch, and rank r takes the contiguous slice
+    [r*n/W, (r+1)*n/W) of each global batch of n samples. So ranks together reproduce the
+    world_size=1 batch exactly, and ``epoch(e, start_batch=k)`` resumes bit-exactly. With
+    drop_last=False the last global batch is smaller and split as evenly as possible (a rank
+    can get an empty slice when it has fewer samples than world_size).
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        global_batch_size: int,
+        *,
+        device: torch.device | str,
+        seed: int,
+        augment: bool,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}"
+            )
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a positive multiple of "
+                f"world_size={world_size}"
+            )
+        n = len(data)
+        self.num_batches = n // global_batch_size if drop_last else -(-n // global_batch_size)
+        if self.num_batches == 0:
+            raise ValueError(f"{data.name}: {n} samples give no batch of {global_batch_size}")
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)  # once; batches are gathered from here
+        self.labels = data.labels.to(self.device)
+        self.n, self.global_batch_size = n, global_batch_size
+        self.seed, self.augment, self.shuffle = seed, augment, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """Sample order of ``epoch``: int64 [N] on CPU (identical on every device and rank)."""
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(_mixed_seed(_PERM_TAG, self.seed, epoch))
+        return torch.randperm(self.n, generator=g)
+
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x float32 [B_local,3,32,32] in [0,1], y int64 [B_local]) on the device,
+        for global batches ``start_batch .. len(self) - 1``."""
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch={start_batch} not in [0, {self.num_batches}]")
+        return self._batches(epoch, start_batch, self.permutation(epoch).to(self.device))
+
+    def _batches(self, epoch: int, start_batch: int, perm: torch.Tensor):
+        g, w, r = self.global_batch_size, self.world_size, self.rank
+        for b in range(start_batch, self.num_batches):
+            n = min(g, self.n - b * g)  # global batch size, smaller only for the last one
+            lo, hi = n * r // w, n * (r + 1) // w
+            idx = perm[b * g + lo : b * g + hi]
+            x = self.images[idx]
+            if self.augment:
+                offsets, flips = augmentation_params(self.seed, epoch, b, n)
+                x = crop_flip(x, offsets[lo:hi], flips[lo:hi])
+            yield x.float().div_(255), self.labels[idx]
+
+
+def iterate_batches(
+    data: ImageSet,
+    batch_size: int,
+    *,
+    device: torch.device | str,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Sequential evaluation batches over ``data[start:stop]`` (slice semantics, no augmentation).
+
+    Yields (indices int64 [B], x float32 [B,3,32,32] in [0,1], y int64 [B]), all on ``device``.
+    """
+    if batch_size < 1 or start < 0:
+        raise ValueError(f"need batch_size >= 1 and start >= 0, got {batch_size}, {start}")
+    stop = len(data) if stop is None else min(stop, len(data))
+
+    def gen():
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            x = data.images[lo:hi].to(device).float().div_(255)  # move uint8, convert there
+            yield torch.arange(lo, hi, device=device), x, data.labels[lo:hi].to(device)
+
+    return gen()

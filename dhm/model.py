@@ -1,0 +1,180 @@
+"""The Deep Hybrid Model (Kuleshov & Ermon 2017) and its variants.
+
+    dhm     classifier trunk + beta-VAE; head on concat[classifier features, mu]
+    resnet  classifier trunk + head on its features (alpha-only baseline)
+    vae     beta-VAE only (beta-only baseline, no logits)
+    zmodel  beta-VAE + head on mu only (a classifier on the latent)
+
+Inputs are pixels in [0, 1]; the dataset's normalization is a buffer of the model, so attacks
+and OOD sets share one input space. With ``vae_split_layer`` s >= 1 the VAE encodes the
+classifier's activations entering stage s and its decoder reconstructs them (a stop-gradient
+target, so the classifier cannot shrink its activations to make reconstruction trivial).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dhm.nets import ResNetDecoder, ResNetEncoder
+
+
+@dataclass
+class DHMOutput:
+    """What a forward pass returns; a field is None when the model lacks that branch."""
+
+    logits: torch.Tensor | None  # [B, C]
+    mu: torch.Tensor | None  # [B, D]
+    logvar: torch.Tensor | None  # [B, D]
+    z: torch.Tensor | None  # [k, B, D]
+    recon: torch.Tensor | None  # [k, B, *target] decoder means
+    target: torch.Tensor | None  # [B, *target] what the decoder reconstructs
+    log_sigma: torch.Tensor | None = None  # [] log std of the Gaussian observation model
+
+
+def _head(
+    in_features: int, hidden: int, num_classes: int, dropout: tuple[float, float]
+) -> nn.Sequential:
+    # The thesis head, kept as it was (no nonlinearity between the two linear layers).
+    return nn.Sequential(
+        nn.Dropout(dropout[0]),
+        nn.Linear(in_features, hidden),
+        nn.Dropout(dropout[1]),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class DeepHybridModel(nn.Module):
+    """forward(x [B,3,32,32] pixels in [0,1], k samples) -> DHMOutput."""
+
+    def __init__(
+        self,
+        kind: str = "dhm",
+        num_classes: int = 10,
+        width: int = 64,
+        latent_dim: int = 256,
+        vae_split_layer: int = 0,
+        obs_sigma: float = 0.1,
+        learn_sigma: bool = False,
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        norm: str = "batch",
+        head_dropout: tuple[float, float] = (0.5, 0.25),
+    ):
+        super().__init__()
+        self.kind, self.split = kind, vae_split_layer
+        self.has_classifier = kind in ("dhm", "resnet")
+        self.has_vae = kind in ("dhm", "vae", "zmodel")
+        self.has_head = kind != "vae"
+        if vae_split_layer and not self.has_classifier:
+            raise ValueError(
+                f"vae_split_layer={vae_split_layer} needs a classifier; {kind} has none"
+            )
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        feat = 8 * width
+        self.classifier = ResNetEncoder(width, norm=norm) if self.has_classifier else None
+        if self.has_vae:
+            self.vae_encoder = ResNetEncoder(width, first_stage=vae_split_layer, norm=norm)
+            self.fc_mu = nn.Linear(feat, latent_dim)
+            self.fc_logvar = nn.Linear(feat, latent_dim)
+            self.decoder = ResNetDecoder(latent_dim, width, last_stage=vae_split_layer, norm=norm)
+            self.log_sigma = nn.Parameter(
+                torch.tensor(math.log(obs_sigma)), requires_grad=learn_sigma
+            )
+        if self.has_head:
+            head_in = {"dhm": feat + latent_dim, "resnet": feat, "zmodel": latent_dim}[kind]
+            hidden = 128 if kind == "zmodel" else 256
+            self.head = _head(head_in, hidden, num_classes, tuple(head_dropout))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Classifier features [B, 8w] (or None), VAE encoder input and reconstruction target."""
+        xn = self.normalize(x)
+        feats, enc_in, target = None, xn, x
+        if self.classifier is not None:
+            feats, stage_inputs = self.classifier.stage_inputs(xn)
+            if self.split:
+                enc_in, target = stage_inputs[self.split], stage_inputs[self.split].detach()
+        return feats, enc_in, target
+
+    def forward(self, x: torch.Tensor, k: int = 1) -> DHMOutput:
+        feats, enc_in, target = self.encode(x)
+        mu = logvar = z = recon = None
+        if self.has_vae:
+            h = self.vae_encoder(enc_in)
+            mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+            eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
+            z = mu.unsqueeze(0) + eps * torch.exp(0.5 * logvar).unsqueeze(0)
+            # All k samples through the decoder as one batch.
+            recon = self.decoder(z.reshape(k * mu.shape[0], -1))
+            recon = recon.view(k, mu.shape[0], *recon.shape[1:])
+        logits = None
+        if self.has_head:
+            if self.kind == "dhm":
+                head_in = torch.cat([feats, mu], 1)
+            else:
+                head_in = feats if self.kind == "resnet" else mu
+            logits = self.head(head_in)
+        if not self.has_vae:
+            return DHMOutput(logits, None, None, None, None, None)
+        return DHMOutput(logits, mu, logvar, z, recon, target, self.log_sigma)
+
+
+def build_model(model_cfg: Any, num_classes: int, mean, std) -> DeepHybridModel:
+    """A DeepHybridModel from a ``ModelConfig`` and the dataset's classes and normalization."""
+    return DeepHybridModel(
+        kind=model_cfg.name,
+        num_classes=num_classes,
+        width=model_cfg.width,
+        latent_dim=model_cfg.latent_dim,
+        vae_split_layer=model_cfg.vae_split_layer,
+        obs_sigma=model_cfg.obs_sigma,
+        learn_sigma=model_cfg.learn_sigma,
+        mean=tuple(mean),
+        std=tuple(std),
+        norm=model_cfg.norm,
+        head_dropout=tuple(model_cfg.head_dropout),
+    )
+
+
+def warm_start_from_resnet(model: DeepHybridModel, resnet_state: dict[str, torch.Tensor]) -> None:
+    """Load a trained ``resnet``'s classifier trunk and head into a dhm/resnet model.
+
+    For a dhm the head's first layer sees [features, mu]: the resnet's weights fill the
+    feature columns and the mu columns start at zero, so the warm-started DHM computes exactly
+    the resnet's logits until training moves it. Raises ValueError on a mismatched checkpoint.
+    """
+    if model.classifier is None:
+        raise ValueError(f"warm start needs a classifier branch; model={model.kind} has none")
+    trunk = {
+        k[len("classifier.") :]: v for k, v in resnet_state.items() if k.startswith("classifier.")
+    }
+    if not trunk:
+        raise ValueError(
+            "warm start checkpoint has no classifier.* weights (not a resnet/dhm model)"
+        )
+    try:
+        model.classifier.load_state_dict(trunk)
+    except RuntimeError as err:
+        raise ValueError(f"warm start checkpoint does not match this classifier: {err}") from None
+    w, b = resnet_state["head.1.weight"], resnet_state["head.1.bias"]
+    first = model.head[1]
+    with torch.no_grad():
+        if first.weight.shape[0] != w.shape[0] or first.weight.shape[1] < w.shape[1]:
+            raise ValueError(
+                f"warm start head {tuple(w.shape)} does not fit this head "
+                f"{tuple(first.weight.shape)}"
+            )
+        first.weight.zero_()
+        first.weight[:, : w.shape[1]] = w
+        first.bias.copy_(b)
+        model.head[3].load_state_dict(
+            {"weight": resnet_state["head.3.weight"], "bias": resnet_state["head.3.bias"]}
+        )

@@ -1,0 +1,17 @@
+"""One rank of a CPU (gloo) DDP training, started by tests/test_train.py with RANK etc. set.
+
+argv: run_dir, JSON of dotted overrides, output folder for this rank's final weights.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from dhm.train import run_training
+from tests.conftest import small_config
+
+run_dir, overrides, out_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+path, model = run_training(small_config(run_dir, **overrides))
+torch.save(model.state_dict(), os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
