@@ -198,6 +198,11 @@ def run_config(**overrides: Any) -> DictConfig:
     return cfg
 
 
+def from_yaml(text: str) -> DictConfig:
+    """A stored config (checkpoint, config.yaml) on the current schema: newer keys get defaults."""
+    return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+
+
 def to_yaml(cfg: Any) -> str:
     """Resolved YAML text of a config, as stored in checkpoints and HDF5 attributes."""
     return OmegaConf.to_yaml(cfg, resolve=True)

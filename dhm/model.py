@@ -104,24 +104,35 @@ class DeepHybridModel(nn.Module):
                 enc_in, target = stage_inputs[self.split], stage_inputs[self.split].detach()
         return feats, enc_in, target
 
-    def forward(self, x: torch.Tensor, k: int = 1) -> DHMOutput:
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] without running the decoder (the head needs mu only): for attacks."""
+        if not self.has_head:
+            raise ValueError(f"model={self.kind} has no classifier head")
+        feats, enc_in, _ = self.encode(x)
+        mu = self.fc_mu(self.vae_encoder(enc_in)) if self.has_vae else None
+        return self._logits(feats, mu)
+
+    def _logits(self, feats: torch.Tensor | None, mu: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "dhm":
+            return self.head(torch.cat([feats, mu], 1))
+        return self.head(feats if self.kind == "resnet" else mu)
+
+    def forward(self, x: torch.Tensor, k: int = 1, eps: torch.Tensor | None = None) -> DHMOutput:
+        """x [B,3,32,32] in [0,1]; k posterior samples, or the standard-normal noise ``eps``
+        [k, B, D] to use for them (evaluation fixes it per image)."""
         feats, enc_in, target = self.encode(x)
         mu = logvar = z = recon = None
         if self.has_vae:
             h = self.vae_encoder(enc_in)
             mu, logvar = self.fc_mu(h), self.fc_logvar(h)
-            eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
+            if eps is None:
+                eps = torch.randn((k, *mu.shape), device=mu.device, dtype=mu.dtype)
+            k = eps.shape[0]
             z = mu.unsqueeze(0) + eps * torch.exp(0.5 * logvar).unsqueeze(0)
             # All k samples through the decoder as one batch.
             recon = self.decoder(z.reshape(k * mu.shape[0], -1))
             recon = recon.view(k, mu.shape[0], *recon.shape[1:])
-        logits = None
-        if self.has_head:
-            if self.kind == "dhm":
-                head_in = torch.cat([feats, mu], 1)
-            else:
-                head_in = feats if self.kind == "resnet" else mu
-            logits = self.head(head_in)
+        logits = self._logits(feats, mu) if self.has_head else None
         if not self.has_vae:
             return DHMOutput(logits, None, None, None, None, None)
         return DHMOutput(logits, mu, logvar, z, recon, target, self.log_sigma)

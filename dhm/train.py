@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-from omegaconf import OmegaConf
 
 from dhm import checkpoint as ckpt_io
 from dhm import data as data_lib
-from dhm.config import ConfigError, check_run, to_yaml, training_identity
+from dhm.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
 from dhm.model import DeepHybridModel, build_model, warm_start_from_resnet
 from dhm.objectives import hybrid_loss, vae_terms
 
@@ -78,7 +77,7 @@ def prepare_run_dir(cfg: Any) -> Path:
     run_dir = Path(cfg.run_dir)
     config_file = run_dir / "config.yaml"
     if config_file.exists():
-        old = OmegaConf.load(config_file)
+        old = from_yaml(config_file.read_text())
         diff = _identity_diff(training_identity(old), training_identity(cfg))
         if diff:
             raise ConfigError(
@@ -101,7 +100,7 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _check_checkpoint_matches(path: Path, state: dict[str, Any], cfg: Any) -> None:
     diff = _identity_diff(
-        training_identity(OmegaConf.create(state["config_yaml"])), training_identity(cfg)
+        training_identity(from_yaml(state["config_yaml"])), training_identity(cfg)
     )
     if diff:
         raise ckpt_io.CheckpointError(
@@ -111,7 +110,7 @@ def _check_checkpoint_matches(path: Path, state: dict[str, Any], cfg: Any) -> No
 
 def _load_warm_start(model: DeepHybridModel, path: str) -> None:
     state = ckpt_io.load(path)
-    kind = OmegaConf.create(state["config_yaml"]).model.name
+    kind = from_yaml(state["config_yaml"]).model.name
     if kind not in ("resnet", "dhm"):
         raise ckpt_io.CheckpointError(
             f"model.warm_start={path} is a {kind} checkpoint; a resnet (or dhm) one is needed"
