@@ -143,7 +143,13 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[DeepHybrid
     return model.to(device).eval(), cfg
 
 
-def evaluate(cfg: Any, checkpoint: str | Path, shard: ShardSpec, run_id: str = "") -> Path:
+def evaluate(
+    cfg: Any,
+    checkpoint: str | Path,
+    shard: ShardSpec,
+    run_id: str = "",
+    extra_attrs: dict[str, Any] | None = None,
+) -> Path:
     """Evaluate one shard of one checkpoint into ``<run_dir>/eval/<shard file>``; return its path.
 
     ``cfg`` supplies run_dir, data.root and eval settings; the model comes from the checkpoint.
@@ -214,16 +220,25 @@ def evaluate(cfg: Any, checkpoint: str | Path, shard: ShardSpec, run_id: str = "
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **provenance.record(),
+        **(extra_attrs or {}),
     }
     return results.write_shard(out_path, shard.set_name, arrays, attrs)
 
 
 def evaluate_set(
-    cfg: Any, checkpoint: str | Path, set_name: str, role: str, run_id: str = ""
+    cfg: Any,
+    checkpoint: str | Path,
+    set_name: str,
+    role: str,
+    run_id: str = "",
+    extra_attrs: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Evaluate every shard of one set (skipping complete ones); the eval stage's unit of work."""
     size = len(load_eval_set(cfg, set_name, role))
-    return [evaluate(cfg, checkpoint, s, run_id) for s in plan_shards(cfg, set_name, role, size)]
+    return [
+        evaluate(cfg, checkpoint, s, run_id, extra_attrs)
+        for s in plan_shards(cfg, set_name, role, size)
+    ]
 
 
 def evaluate_all(cfg: Any, checkpoint: str | Path, run_id: str = "") -> list[Path]:

@@ -270,10 +270,12 @@ start_slurmd() {
 # Like `wait_for nodes_ok`, but fail at once when a slurmd has died (e.g.
 # its port is taken) instead of waiting out the whole timeout.
 wait_nodes() {
-    local deadline=$((SECONDS + WAIT_S)) n
+    local deadline=$((SECONDS + WAIT_S)) grace=$((SECONDS + 5)) n
     until nodes_ok; do
+        # A slurmd that cannot start removes its pid file and exits; give
+        # it a few seconds to write the file before judging.
         for n in "${NODES[@]}"; do
-            if [[ -s $RUN/slurmd-$n.pid ]] && ! pid_alive "$RUN/slurmd-$n.pid"; then
+            if ((SECONDS > grace)) && ! pid_alive "$RUN/slurmd-$n.pid"; then
                 fail "slurmd $n exited" "$LOG/slurmd-$n.log"
             fi
         done

@@ -1,0 +1,151 @@
+"""The cluster side without a cluster: sweeps, run ids, Slurm env mapping, checks, plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from dhm.config import ConfigError
+from hpc import slurm
+from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
+from hpc.launcher import arrays_for, compose_config, make_plan
+from hpc.sweep import expand, grid_points, run_id_of
+
+
+def _cfg(*overrides: str):
+    return compose_config(list(overrides))
+
+
+def test_every_shipped_sweep_and_cluster_profile_composes_and_expands(tmp_path):
+    sizes = {"single": 1, "demo": 4, "alpha_beta": 12, "split_layer": 10, "iwae": 6}
+    for name, n in sizes.items():
+        cfg = _cfg(f"sweep={name}", f"root={tmp_path}")
+        runs = expand(cfg)
+        assert len(runs) == n, name
+        assert len({r.run_id for r in runs}) == n
+        assert all(r.run_dir.parent == tmp_path / name / "runs" for r in runs)
+    for cluster in ("local", "slurm"):
+        slurm.check_cluster(_cfg(f"cluster={cluster}"), query_slurm=False)
+
+
+def test_alpha_beta_grid_is_the_thesis_study():
+    runs = expand(_cfg("sweep=alpha_beta"))
+    betas = sorted(r.cfg.model.beta for r in runs if r.cfg.model.name == "dhm")
+    assert betas == [10.0**e for e in range(-4, 6)]
+    kinds = {r.cfg.model.name: (r.cfg.model.alpha, r.cfg.model.beta) for r in runs}
+    assert kinds["resnet"] == (1.0, 0.0) and kinds["vae"] == (0.0, 1.0)
+    assert {r.cfg.data.name for r in runs} == {"cifar10"}
+
+
+def test_run_id_is_stable_and_ignores_operational_settings():
+    a = expand(_cfg("sweep=demo"))
+    b = expand(
+        _cfg("sweep=demo", "train.progress=false", "train.log_every_steps=1", "data.root=/x")
+    )
+    assert [r.run_id for r in a] == [r.run_id for r in b]
+    c = expand(_cfg("sweep=demo", "train.seed=1"))
+    assert not {r.run_id for r in a} & {r.run_id for r in c}
+    assert run_id_of(a[0].cfg) == a[0].run_id
+
+
+def test_axes_and_points_expand_to_a_product_plus_points():
+    cfg = _cfg("+sweep.axes={model.beta:[1,2],model.kl_coeff:[0.1,1.0]}", "sweep.points=[]")
+    points = grid_points(cfg.sweep)
+    assert len(points) == 4 and {"model.beta": 2, "model.kl_coeff": 0.1} in points
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+sweep.axes={model.betta:[1]}"], "sweep.axes key 'model.betta' is not allowed"),
+        (["+sweep.axes={eval.iwae_k:[[1]]}"], "a run is identified by its training config"),
+        (["+sweep.axes={model.beta:[]}"], "must be a non-empty list"),
+        (["+sweep.axes={model.vae_split_layer:[3,9]}"], "model.vae_split_layer=9"),
+        (["cluster=slurm", "cluster.time=forever"], "cluster.time='forever' is not a Slurm time"),
+        (["cluster=slurm", "cluster.partition='gpu;rm -rf /'"], "not allowed in an sbatch"),
+        (["cluster=slurm", "cluster.gpus_per_node=4", "cluster.tasks_per_node=2"], "must equal"),
+        (["cluster=slurm", "cluster.nodes=3", "train.batch_size=400"], "does not split over 3"),
+        (["cluster=slurm", "+cluster.extra_sbatch={mail-user:'a b'}"], "extra_sbatch.mail-user"),
+        (["cluster=slurm", "cluster.setup=['module load x\necho']"], "cluster.setup[0]"),
+    ],
+)
+def test_bad_launch_values_name_the_key(overrides, message):
+    cfg = _cfg(*overrides)
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        slurm.check_cluster(cfg, query_slurm=False)
+        expand(cfg)
+
+
+def test_empty_grid_is_refused():
+    with pytest.raises(ConfigError, match="empty grid"):
+        expand(_cfg("sweep.points=[]", "+sweep.axes={}", "sweep.name=none"))
+    # The single sweep is one explicit point: the base config.
+    assert len(expand(_cfg())) == 1
+
+
+@pytest.mark.parametrize(
+    "text,minutes",
+    [("90", 90), ("30:30", 31), ("04:00:00", 240), ("1-00", 1440), ("1-2:30", 1590),
+     ("2-00:00:01", 2881)],
+)  # fmt: skip
+def test_time_limits_parse_like_slurm(text, minutes):
+    assert slurm.parse_time_minutes(text, "cluster.time") == minutes
+
+
+def test_hostlists_and_torch_env():
+    assert expand_hostlist("node[1-2]") == ["node1", "node2"]
+    assert expand_hostlist("gpu[08-10,12],login") == ["gpu08", "gpu09", "gpu10", "gpu12", "login"]
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "777",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}  # fmt: skip
+    assert torch_env_from_slurm(env) == {
+        "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "node1", "MASTER_PORT": str(master_port(777)),
+    }  # fmt: skip
+    assert master_port(777) != master_port(778)
+    assert torch_env_from_slurm({}) == {}
+
+
+def test_sacct_output_parses_arrays_and_ranges():
+    text = "\n".join(
+        ["101_0|COMPLETED", "101_1|FAILED", "101_[2-4%2]|PENDING", "102|CANCELLED by 0",
+         "102.batch|CANCELLED", "103_5|RUNNING"]
+    )  # fmt: skip
+    states = slurm.parse_sacct(text)
+    assert states[("101", 0)] == "COMPLETED" and states[("101", 1)] == "FAILED"
+    assert states[("101", 3)] == "PENDING" and states[("102", None)] == "CANCELLED"
+    assert states[("103", 5)] == "RUNNING"
+
+
+def test_sbatch_calls_do_not_grow_with_the_grid(tmp_path):
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "+sweep.axes={train.seed:[0,1,2,3,4,5,6,7]}",
+               "sweep.name=big")  # fmt: skip
+    specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    small = _cfg(
+        "cluster=slurm", f"root={tmp_path}", "+sweep.axes={train.seed:[0]}", "sweep.name=one"
+    )
+    small_specs = arrays_for(small, make_plan(small, expand(small), query_slurm=False))
+    assert [s.stage for s in specs] == [s.stage for s in small_specs] == [
+        "train", "eval:digits", "eval:digits_ood", "aggregate"]  # fmt: skip
+    assert len(specs[0].tasks) == 8 and len(specs[1].tasks) == 8
+    assert specs[1].depends_on == "train" and specs[1].dependency_kind == "aftercorr"
+    assert specs[-1].dependency_kind == "afterany"
+
+
+def test_dependency_strings():
+    assert slurm.dependency_string("aftercorr", ["12"], single_task=False) == "aftercorr:12"
+    assert slurm.dependency_string("aftercorr", ["12"], single_task=True) == "afterok:12"
+    assert slurm.dependency_string("afterany", ["1", "2"], False) == "afterany:1:2"
+
+
+def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
+    from hpc.launcher import print_arrays
+
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo", "cluster.nodes=2",
+               "cluster.partition=debug", "cluster.time=1-00:00:00",
+               "cluster.setup=['module load cuda']", "train.batch_size=64")  # fmt: skip
+    specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    print_arrays(cfg, specs, scripts=True)
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --partition=debug" in out
+    assert "#SBATCH --time=1440" in out and "module load cuda" in out
+    assert "#SBATCH --array=0-3%4" in out and "--requeue" in out
+    assert "train: 4 task(s)" in out and "eval:digits: 4 task(s), aftercorr on train" in out
