@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench clean-outputs
+.PHONY: setup demo test lint bench slurm-up slurm-down clean-outputs
 
 setup: $(STAMP)
 
@@ -14,13 +14,21 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) launch.py model.width=8 model.latent_dim=16 train=quick $(ARGS)
+	$(PY) launch.py sweep=demo cluster=local $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) lint
+# The end-to-end tests need the local two-node Slurm cluster; starting it needs root.
+slurm-up:
+	@if [ "$$(id -u)" = 0 ]; then bash slurm/cluster.sh up; \
+	else echo "not root: the Slurm end-to-end tests will skip (slurm/cluster.sh needs root)"; fi
+
+slurm-down:
+	bash slurm/cluster.sh down
+
+test: $(STAMP) lint slurm-up
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

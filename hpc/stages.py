@@ -34,6 +34,20 @@ def in_slurm_job() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
 
 
+def use_allocated_cpus() -> None:
+    """Run torch on the CPUs Slurm gave this task, not on every core of the node.
+
+    Without it each rank starts one thread per physical core, and ranks sharing a node
+    oversubscribe it (Accelerate only leaves the thread count alone when OMP_NUM_THREADS is set).
+    """
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = cpus
+        torch.set_num_threads(int(cpus))
+
+
 def record_environment(run_dir: Path, stage: str) -> dict[str, Any]:
     """Write ``<run_dir>/logs/<stage>_<job>_rank<r>.json``: host, Slurm ids, provenance."""
     info: dict[str, Any] = {
@@ -82,6 +96,7 @@ class TrainStage(submitit.helpers.Checkpointable):
 
         cfg = from_yaml(run_yaml)
         if in_slurm_job():
+            use_allocated_cpus()
             export_torch_env()
         record_environment(Path(cfg.run_dir), "train")
         if stage_to:
@@ -98,6 +113,8 @@ class EvalStage:
         from dhm.evaluate import evaluate_set
 
         cfg = from_yaml(run_yaml)
+        if in_slurm_job():
+            use_allocated_cpus()
         env = record_environment(Path(cfg.run_dir), f"eval-{set_name}")
         final = Path(cfg.run_dir) / "checkpoints" / "final.pt"
         extra = {k: env[k] for k in ("slurm_job_id", "slurm_array_job_id", "slurm_array_task_id")
