@@ -247,6 +247,9 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
 
     main = accelerator.is_main_process
     if main:
+        where = f"resuming from {resume_path} (step {global_step})" if resume else "starting"
+        print(f"train {run_dir}: {where}, {accelerator.num_processes} process(es) on "
+              f"{accelerator.device}", flush=True)  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.yaml").exists():
             (run_dir / "config.yaml").write_text(to_yaml(cfg))

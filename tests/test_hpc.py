@@ -149,3 +149,37 @@ def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
     assert "#SBATCH --time=1440" in out and "module load cuda" in out
     assert "#SBATCH --array=0-3%4" in out and "--requeue" in out
     assert "train: 4 task(s)" in out and "eval:digits: 4 task(s), aftercorr on train" in out
+
+
+def test_stage_data_copies_once_per_node_and_returns_the_new_root(tmp_path, monkeypatch):
+    from hpc.stages import stage_data
+
+    src = tmp_path / "data" / "cifar-10-batches-py"
+    src.mkdir(parents=True)
+    (src / "data_batch_1").write_bytes(b"x" * 10)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    root = stage_data(str(tmp_path / "data"), str(tmp_path / "scratch"), local_rank=0)
+    assert root == str(tmp_path / "scratch" / "dhm-data-42")
+    assert (tmp_path / "scratch" / "dhm-data-42" / "cifar-10-batches-py" / "data_batch_1").exists()
+    # Another rank of the node finds the copy and does not copy again.
+    assert stage_data(str(tmp_path / "nowhere"), str(tmp_path / "scratch"), local_rank=1) == root
+
+
+@pytest.mark.slow
+def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path, capsys):
+    from hpc.launcher import cli
+
+    args = ["sweep=demo", f"root={tmp_path}", "train.epochs=1", "train.progress=false",
+            "eval.fgsm_eps=[0.0,0.05]", "eval.max_images=100",
+            "sweep.points=[{model.name:resnet,model.alpha:1.0,model.beta:0.0}]"]  # fmt: skip
+    assert cli(args) == 0
+    summary = tmp_path / "demo" / "summary"
+    rows = (summary / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and (summary / "plots" / "fgsm_accuracy.png").exists()
+    capsys.readouterr()
+    assert cli(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("train: skip (checkpoints/final.pt exists)") == 3
+    assert "eval digits: skip (shards complete)" in out and "summary:" not in out
+    assert cli([*args, "mode=status"]) == 0
+    assert "3 runs: 3 done; summary exists" in capsys.readouterr().out

@@ -178,3 +178,26 @@ def test_bad_input_is_refused_before_any_sbatch(slurm_env, tmp_path):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr, (args, out.stderr)
     assert not (tmp_path / "demo").exists()
+
+
+def test_usr2_requeues_training_which_resumes_from_its_checkpoint(slurm_env, tmp_path):
+    args = ["sweep=single", f"root={tmp_path}", *PROFILE, "model.width=8", "model.latent_dim=16",
+            "train.epochs=4", "train.batch_size=50", "train.checkpoint_every_steps=4"]  # fmt: skip
+    first = launch(slurm_env, *args)
+    assert first.returncode == 0, first.stderr
+    sweep_dir = tmp_path / "single"
+    train_job = ledger_jobs(sweep_dir)[0]["job_id"]
+    deadline = time.time() + 300
+    while not list(sweep_dir.glob("runs/*/checkpoints/step_*.pt")):
+        assert time.time() < deadline, "no step checkpoint within 300 s"
+        time.sleep(1)
+    # What a preemption or an approaching time limit does: USR2 to the job's processes.
+    subprocess.run(["scancel", "--signal=USR2", train_job], env=slurm_env, check=True)
+    (run_dir,) = (sweep_dir / "runs").iterdir()
+    jobs = [j["job_id"] for j in ledger_jobs(sweep_dir)]
+    states = wait_for_jobs(slurm_env, jobs)
+    assert set(states.values()) == {"COMPLETED"}, states
+    records = [json.loads(p.read_text()) for p in (run_dir / "logs").glob("train_*_rank0.json")]
+    assert {r.get("slurm_restart_count", "0") for r in records} >= {"1"}
+    out = next((sweep_dir / "slurm").glob(f"{train_job}_0_log.out")).read_text()
+    assert "resuming from" in out and (run_dir / "checkpoints" / "final.pt").exists()
