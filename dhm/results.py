@@ -20,6 +20,7 @@ created. Files are written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ _PER_SAMPLE_PREFIXES = ("indices", "labels", "logits", "neg_elbo", "neg_iwae_k",
 
 class ShardError(ValueError):
     """A shard file that is missing, unreadable, inconsistent or incomplete (names the file)."""
+
+
+class ShardGapError(ShardError):
+    """Images of a set that no shard covers: the evaluation is incomplete, not corrupt."""
 
 
 def shard_name(set_name: str, start: int, stop: int) -> str:
@@ -94,28 +99,50 @@ class Shard:
     arrays: dict[str, np.ndarray]
 
 
+def _int_attr(path: Path, attrs: dict[str, Any], key: str) -> int:
+    value = attrs.get(key)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    shown = (
+        "missing" if value is None else repr(value.tolist() if hasattr(value, "tolist") else value)
+    )
+    raise ShardError(f"{path}: attribute {key} is {shown}, not an integer")
+
+
 def read_shard(path: str | Path) -> Shard:
     """Read a whole shard file; ShardError names the file and what is wrong."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            set_name = str(attrs["set"])
+            set_name = attrs.get("set")
+            if not isinstance(set_name, str) or not isinstance(f.get(set_name), h5py.Group):
+                what = "missing" if set_name is None else f"{set_name!r}, which names no group"
+                raise ShardError(f"{path}: attribute set is {what}")
             arrays: dict[str, np.ndarray] = {}
             f[set_name].visititems(
                 lambda name, obj: (
                     arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
                 )
             )
-    except (OSError, KeyError) as err:
+    except ShardError:
+        raise
+    except (OSError, KeyError, ValueError) as err:  # ValueError: undecodable text, bad data
         raise ShardError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
     if attrs.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(
             f"{path}: schema_version {attrs.get('schema_version')} != {SCHEMA_VERSION}"
         )
-    n = len(arrays.get("indices", []))
-    if n != int(attrs["stop"]) - int(attrs["start"]):
-        raise ShardError(f"{path}: {n} indices for the range [{attrs['start']}, {attrs['stop']})")
+    if attrs.get("role") not in ROLES:
+        raise ShardError(f"{path}: attribute role is {attrs.get('role', 'missing')!r}, not id|ood")
+    start, stop, size = (_int_attr(path, attrs, k) for k in ("start", "stop", "set_size"))
+    if not 0 <= start <= stop <= size:
+        raise ShardError(f"{path}: range [{start}, {stop}) is not within set_size {size}")
+    if "indices" not in arrays:
+        raise ShardError(f"{path}: no {set_name}/indices dataset")
+    n = len(arrays["indices"])
+    if n != stop - start:
+        raise ShardError(f"{path}: {n} indices for the range [{start}, {stop})")
     for key, value in arrays.items():
         if _per_sample(key) and value.shape[-1 if key == "fgsm/pred" else 0] != n:
             raise ShardError(f"{path}: {key} has shape {value.shape}, expected {n} samples")
@@ -134,22 +161,33 @@ class SetResults:
 
 
 def merge_shards(shards: list[Shard]) -> SetResults:
-    """Merge one set's shards by index; ShardError if they overlap, differ or leave gaps."""
+    """Merge one set's shards (read by :func:`read_shard`) by index.
+
+    ShardGapError if images have no shard; ShardError if shards overlap or differ.
+    """
     first = shards[0]
     size = int(first.attrs["set_size"])
     order = sorted(shards, key=lambda s: int(s.attrs["start"]))
     covered = 0
     for shard in order:
-        if int(shard.attrs["start"]) != covered:
+        if int(shard.attrs["start"]) < covered:
             raise ShardError(
+                f"{shard.path}: starts at {shard.attrs['start']}, inside the range of an earlier "
+                f"shard (which ends at {covered}); shards overlap"
+            )
+        if int(shard.attrs["start"]) > covered:
+            raise ShardGapError(
                 f"set {first.set_name}: images [{covered}, {shard.attrs['start']}) have no shard "
                 f"(next shard {shard.path.name})"
             )
+        for key in ("set_size", "role"):
+            if shard.attrs[key] != first.attrs[key]:
+                raise ShardError(f"{shard.path}: {key} differs from {first.path.name}")
         if shard.arrays.keys() != first.arrays.keys():
             raise ShardError(f"{shard.path}: datasets differ from {first.path.name}")
         covered = int(shard.attrs["stop"])
     if covered != size:
-        raise ShardError(f"set {first.set_name}: images [{covered}, {size}) have no shard")
+        raise ShardGapError(f"set {first.set_name}: images [{covered}, {size}) have no shard")
     merged: dict[str, np.ndarray] = {}
     for key in first.arrays:
         parts = [s.arrays[key] for s in order]

@@ -210,6 +210,9 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
 
     accelerator = make_accelerator(cfg)
     t = cfg.train
+    if accelerator.device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels (exact resume is a CPU promise).
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(t.seed)
     model = model_for(cfg)
     if resume is not None:

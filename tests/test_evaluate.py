@@ -186,5 +186,51 @@ def test_a_gap_between_shards_is_named(tmp_path):
             {"indices": np.arange(start, stop)},
             {"role": "id", "set_size": 4, "start": start, "stop": stop},
         )  # fmt: skip
-    with pytest.raises(results.ShardError, match=r"images \[2, 3\) have no shard"):
+    with pytest.raises(results.ShardGapError, match=r"images \[2, 3\) have no shard"):
+        results.load_run(tmp_path)
+    shards = [results.read_shard(p) for p in sorted(tmp_path.glob("*.h5"))]
+    with pytest.raises(results.ShardGapError, match=r"images \[2, 4\) have no shard"):
+        results.merge_shards(shards[:1])  # the tail of the set is uncovered
+
+
+def test_overlapping_shards_are_corrupt_not_a_gap(tmp_path):
+    for start, stop in [(0, 4), (0, 2), (2, 4)]:  # an old whole-set shard beside a new split
+        results.write_shard(
+            tmp_path / results.shard_name("digits", start, stop), "digits",
+            {"indices": np.arange(start, stop)},
+            {"role": "id", "set_size": 4, "start": start, "stop": stop},
+        )  # fmt: skip
+    with pytest.raises(results.ShardError, match="shards overlap") as info:
+        results.load_run(tmp_path)
+    assert not isinstance(info.value, results.ShardGapError)
+
+
+_GOOD_ATTRS = {"schema_version": results.SCHEMA_VERSION, "set": "digits", "role": "id",
+               "set_size": 4, "start": 0, "stop": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stop": None}, "attribute stop is missing, not an integer"),
+        ({"set_size": None}, "attribute set_size is missing, not an integer"),
+        ({"start": "0"}, "attribute start is '0'"),
+        ({"stop": 2.5}, "attribute stop is 2.5"),
+        ({"role": None}, "attribute role is 'missing'"),
+        ({"role": "train"}, "attribute role is 'train'"),
+        ({"set": None}, "attribute set is missing"),
+        ({"set": "svhn"}, "attribute set is 'svhn', which names no group"),
+        ({"stop": 6, "set_size": 4}, r"range \[0, 6\) is not within set_size 4"),
+    ],
+)
+def test_a_missing_or_malformed_attribute_is_named(tmp_path, change, message):
+    path = tmp_path / "digits__0000000-0000004.h5"
+    with h5py.File(path, "w") as f:  # written directly: write_shard would refuse some of these
+        for key, value in {**_GOOD_ATTRS, **change}.items():
+            if value is not None:
+                f.attrs[key] = value
+        f["digits/indices"] = np.arange(4)
+    with pytest.raises(results.ShardError, match=f"{path.name}: {message}"):
+        results.read_shard(path)
+    with pytest.raises(results.ShardError, match=path.name):
         results.load_run(tmp_path)

@@ -1,0 +1,369 @@
+"""Tests for dhm.aggregate on synthetic sweeps written with dhm.results (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from dhm import metrics as M
+from dhm import results
+from dhm.aggregate import IncompleteSweepError, aggregate, format_eps, read_table
+from dhm.config import run_config, to_yaml
+
+EPS = np.array([0.0, 0.01, 8 / 255], dtype=np.float32)
+NUM_DIMS = 3 * 32 * 32
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_arrays(seed: int, model: str, n_id: int = 120, n_ood: int = 90) -> dict[str, dict]:
+    """{set: arrays} like dhm.evaluate writes for ``model`` (dhm | resnet | vae)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n_id)
+    ident: dict[str, np.ndarray] = {"indices": np.arange(n_id), "labels": labels}
+    ood: dict[str, np.ndarray] = {"indices": np.arange(n_ood)}
+    if model != "vae":
+        logits = rng.normal(scale=1.5, size=(n_id, 10)).astype(np.float32)
+        logits[np.arange(n_id), labels] += rng.uniform(0, 3, n_id).astype(np.float32)
+        ident["logits"] = logits
+        ood["logits"] = rng.normal(scale=1.0, size=(n_ood, 10)).astype(np.float32)
+        flip = rng.uniform(size=(len(EPS), n_id)) < np.array([0.1, 0.3, 0.6])[:, None]
+        pred = np.where(flip, rng.integers(0, 10, (len(EPS), n_id)), labels[None])
+        ident["fgsm/pred"] = pred.astype(np.int16)
+        ident["fgsm/eps"] = EPS
+    if model != "resnet":
+        ident["neg_elbo"] = rng.normal(500, 20, n_id).astype(np.float32)
+        ood["neg_elbo"] = rng.normal(530, 30, n_ood).astype(np.float32)
+        ident["neg_iwae_k4"] = ident["neg_elbo"] - rng.uniform(0, 5, n_id).astype(np.float32)
+        ood["neg_iwae_k4"] = ood["neg_elbo"] - rng.uniform(0, 9, n_ood).astype(np.float32)
+    return {"digits": ident, "digits_ood": ood}
+
+
+def write_run(
+    sweep: Path,
+    run_id: str,
+    model: str,
+    alpha: float,
+    beta: float,
+    seed: int,
+    shards: int = 1,
+    sets: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Write a run's shards (each set split into ``shards`` index ranges); return its arrays."""
+    run_dir = sweep / "runs" / run_id
+    cfg = run_config(
+        **{"run_dir": str(run_dir), "model.name": model, "model.alpha": alpha, "model.beta": beta}
+    )
+    (run_dir / "logs").mkdir(parents=True)
+    config_yaml = to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    sets = sets or make_arrays(seed, model)
+    for set_name, arrays in sets.items():
+        n = len(arrays["indices"])
+        bounds = np.linspace(0, n, shards + 1).astype(int)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            part = {
+                k: v[:, start:stop] if k == "fgsm/pred" else v if k == "fgsm/eps" else v[start:stop]
+                for k, v in arrays.items()
+            }
+            attrs = {
+                "role": "id" if set_name == "digits" else "ood",
+                "set_size": n,
+                "start": int(start),
+                "stop": int(stop),
+                "run_id": run_id,
+                "model": model,
+                "config_yaml": config_yaml,
+                "num_dims": 0 if model == "resnet" else NUM_DIMS,
+            }
+            path = run_dir / "eval" / results.shard_name(set_name, int(start), int(stop))
+            results.write_shard(path, set_name, part, attrs)
+    return sets
+
+
+GRID = [  # run_id, model, alpha, beta, shards
+    ("dhm0001", "dhm", 1.0, 0.01, 3),
+    ("dhm0010", "dhm", 1.0, 0.1, 2),
+    ("resnet00", "resnet", 1.0, 0.0, 1),
+    ("vae00000", "vae", 0.0, 1.0, 2),
+]
+
+
+def write_plan(sweep: Path, runs: list[tuple], keys=("model.name", "model.alpha", "model.beta")):
+    plan = {
+        "sweep": "test",
+        "swept_keys": list(keys),
+        "runs": [{"run_id": r[0], "overrides": dict(zip(keys, r[1:4], strict=True))} for r in runs],
+    }
+    (sweep / "plan.json").write_text(json.dumps(plan))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    arrays = {r[0]: write_run(tmp_path, *r[:4], seed=i, shards=r[4]) for i, r in enumerate(GRID)}
+    write_plan(tmp_path, GRID)
+    return tmp_path, arrays
+
+
+def _fpr95(score_in, score_out):
+    y = np.r_[np.ones(len(score_in)), np.zeros(len(score_out))]
+    fpr, tpr, _ = roc_curve(y, np.r_[score_in, score_out], drop_intermediate=False)
+    return fpr[tpr >= 0.95].min()
+
+
+def test_metrics_match_independent_computation(sweep):
+    root, arrays = sweep
+    report = aggregate(root, plots=False)
+    assert report.problems == []
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
+    assert list(df.columns[:6]) == ["status", "model", "alpha", "beta", "dataset", "accuracy"]
+    assert (df["status"] == "ok").all()
+    a = arrays["dhm0001"]
+    ident, ood = a["digits"], a["digits_ood"]
+    row = df.loc["dhm0001"]
+    logits, labels = ident["logits"].astype(np.float64), ident["labels"]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert row["accuracy"] == pytest.approx(np.mean(p.argmax(1) == labels), abs=1e-15)
+    assert row["nll"] == pytest.approx(-np.mean(np.log(p[np.arange(len(labels)), labels])))
+    assert row["brier"] == pytest.approx(np.mean(((p - np.eye(10)[labels]) ** 2).sum(1)))
+    rel = M.reliability(logits, labels, 15)
+    assert (row["ece"], row["mce"]) == pytest.approx((rel.ece, rel.mce))
+    q = np.exp(ood["logits"] - ood["logits"].max(1, keepdims=True))
+    scores = {
+        "msp": (p.max(1), (q / q.sum(1, keepdims=True)).max(1)),
+        "elbo": (-ident["neg_elbo"], -ood["neg_elbo"]),
+        "iwae_k4": (-ident["neg_iwae_k4"], -ood["neg_iwae_k4"]),
+    }
+    for score, (s_in, s_out) in scores.items():
+        y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
+        s = np.r_[s_in, s_out]
+        assert row[f"auroc_digits_ood_{score}"] == pytest.approx(roc_auc_score(y, s), rel=1e-12)
+        assert row[f"aupr_in_digits_ood_{score}"] == pytest.approx(average_precision_score(y, s))
+        assert row[f"fpr95_digits_ood_{score}"] == pytest.approx(_fpr95(s_in, s_out))
+    for set_name, suffix in (("digits", ""), ("digits_ood", "_digits_ood")):
+        mean = np.mean(a[set_name]["neg_elbo"], dtype=np.float64)
+        assert row[f"neg_elbo_nats{suffix}"] == pytest.approx(mean, rel=1e-12)
+        bpd = mean / (NUM_DIMS * math.log(2)) + 8
+        assert row[f"bits_per_dim{suffix}"] == pytest.approx(bpd, rel=1e-12)
+    for e, pred in zip(EPS, ident["fgsm/pred"], strict=True):
+        assert row[f"fgsm_acc_eps{format_eps(e)}"] == np.mean(pred == labels)
+    assert [c for c in df.columns if c.startswith("fgsm")] == [
+        "fgsm_acc_eps0",
+        "fgsm_acc_eps0.01",
+        "fgsm_acc_eps0.0314",
+    ]
+
+
+def test_missing_capabilities_are_empty_cells(sweep):
+    root, _ = sweep
+    aggregate(root, plots=False)
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
+    vae, resnet = df.loc["vae00000"], df.loc["resnet00"]
+    for col in ("accuracy", "nll", "ece", "fgsm_acc_eps0.01", "auroc_digits_ood_msp"):
+        assert pd.isna(vae[col]), col
+    assert not pd.isna(vae["auroc_digits_ood_elbo"]) and not pd.isna(vae["bits_per_dim"])
+    for col in (
+        "neg_elbo_nats",
+        "bits_per_dim",
+        "auroc_digits_ood_elbo",
+        "fpr95_digits_ood_iwae_k4",
+    ):
+        assert pd.isna(resnet[col]), col
+    assert not pd.isna(resnet["accuracy"]) and not pd.isna(resnet["auroc_digits_ood_msp"])
+    assert (df["status"] == "ok").all() and df["problem"].isna().all()
+
+
+def test_shard_split_invariance(tmp_path):
+    arrays = make_arrays(7, "dhm")
+    texts = []
+    for shards in (1, 3):
+        root = tmp_path / f"s{shards}"
+        write_run(root, "run00001", "dhm", 1.0, 0.1, seed=0, shards=shards, sets=arrays)
+        write_plan(root, [("run00001", "dhm", 1.0, 0.1)])
+        aggregate(root, plots=False)
+        texts.append((root / "summary" / "results.csv").read_text())
+    assert texts[0] == texts[1]
+    with (
+        h5py.File(tmp_path / "s1/summary/results.h5") as f1,
+        h5py.File(tmp_path / "s3/summary/results.h5") as f3,
+    ):
+        for key in ("fgsm/accuracy", "reliability/counts", "elbo_hist/digits_ood/counts"):
+            np.testing.assert_array_equal(f1[f"runs/run00001/{key}"], f3[f"runs/run00001/{key}"])
+
+
+def test_corrupt_and_missing_runs(sweep):
+    root, _ = sweep
+    bad = sorted((root / "runs" / "dhm0001" / "eval").glob("digits__*.h5"))[1]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    (root / "runs" / "untrained" / "logs").mkdir(parents=True)
+    cfg = run_config(**{"run_dir": str(root / "runs" / "untrained"), "model.beta": 1.0})
+    (root / "runs" / "untrained" / "config.yaml").write_text(to_yaml(cfg))
+    write_plan(root, [*GRID, ("nofolder", "dhm", 1.0, 1.0), ("untrained", "dhm", 1.0, 1.0)])
+    with pytest.raises(IncompleteSweepError) as info:
+        aggregate(root, plots=False)
+    message = str(info.value)
+    assert f"dhm0001: eval/{bad.name}: unreadable shard" in message
+    assert "nofolder: planned run has no folder" in message
+    assert "untrained: no eval shards (not evaluated or training failed)" in message
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")  # written anyway
+    assert df.loc["dhm0001", "status"] == "corrupt"
+    assert bad.name in df.loc["dhm0001", "problem"]
+    assert (df.loc[["nofolder", "untrained"], "status"] == "missing").all()
+    assert df.loc["untrained", "problem"] == "no eval shards (not evaluated or training failed)"
+    assert df.loc["nofolder", "beta"] == 1.0 and df.loc["nofolder", "model"] == "dhm"
+    assert df.loc["untrained", "dataset"] == "digits"  # from its config.yaml
+    ok = df.loc[["dhm0010", "resnet00", "vae00000"]]
+    assert (ok["status"] == "ok").all() and ok["bits_per_dim_digits_ood"].notna().sum() == 2
+
+    report = aggregate(root, plots=False, allow_partial=True)
+    assert {rid for rid, _ in report.problems} == {"dhm0001", "nofolder", "untrained"}
+    assert len(report.rows) == 6
+    assert "## Problems" in (root / "summary" / "results.md").read_text()
+
+
+def test_gap_is_missing_and_bad_attribute_is_corrupt(sweep):
+    root, _ = sweep
+    gap = sorted((root / "runs" / "dhm0001" / "eval").glob("digits__*.h5"))[1]
+    gap.unlink()  # the middle third of digits has no shard
+    bad = sorted((root / "runs" / "dhm0010" / "eval").glob("digits_ood__*.h5"))[0]
+    with h5py.File(bad, "r+") as f:
+        del f.attrs["stop"]
+    report = aggregate(root, plots=False, allow_partial=True)
+    rows = {r["run_id"]: r for r in report.rows}
+    assert rows["dhm0001"]["status"] == "missing"
+    assert (
+        "eval/digits__*.h5: set digits: images [40, 80) have no shard" in rows["dhm0001"]["problem"]
+    )
+    assert rows["dhm0010"]["status"] == "corrupt"
+    assert (
+        rows["dhm0010"]["problem"] == f"eval/{bad.name}: attribute stop is missing, not an integer"
+    )
+    assert rows["resnet00"]["status"] == "ok" and rows["vae00000"]["status"] == "ok"
+
+
+def test_non_finite_and_missing_set(tmp_path):
+    sets = make_arrays(3, "dhm")
+    sets["digits_ood"]["neg_elbo"][5] = np.nan
+    write_run(tmp_path, "nanrun00", "dhm", 1.0, 0.1, seed=0, sets=sets)
+    write_run(
+        tmp_path,
+        "noood000",
+        "dhm",
+        1.0,
+        1.0,
+        seed=1,
+        sets={"digits": make_arrays(1, "dhm")["digits"]},
+    )
+    report = aggregate(tmp_path, plots=False, allow_partial=True)  # no plan: every folder
+    rows = {r["run_id"]: r for r in report.rows}
+    assert rows["nanrun00"]["status"] == "corrupt"
+    assert "digits_ood/neg_elbo: non-finite" in rows["nanrun00"]["problem"]
+    assert rows["nanrun00"]["accuracy"] is not None  # the rest of the run is still measured
+    assert rows["noood000"]["status"] == "missing"
+    assert "no eval shards for set digits_ood" in rows["noood000"]["problem"]
+
+
+def test_no_plan_uses_stored_configs(sweep):
+    root, _ = sweep
+    (root / "plan.json").unlink()
+    report = aggregate(root, plots=False)
+    cols = list(report.rows[0])
+    assert cols[:9] == [
+        "run_id",
+        "status",
+        "model",
+        "alpha",
+        "beta",
+        "vae_split_layer",
+        "importance_num",
+        "kl_coeff",
+        "dataset",
+    ]
+    row = {r["run_id"]: r for r in report.rows}["dhm0010"]
+    assert (row["model"], row["beta"], row["kl_coeff"], row["dataset"]) == (
+        "dhm",
+        0.1,
+        0.1,
+        "digits",
+    )
+
+
+def test_outputs_readable(sweep):
+    root, _ = sweep
+    aggregate(root, max_plot_runs=12)
+    summary = root / "summary"
+    csv_df = pd.read_csv(summary / "results.csv")
+    with h5py.File(summary / "results.h5", "r") as f:
+        table = f["table"]
+        plain = pd.DataFrame(
+            {k: table[k].asstr()[()] if table[k].dtype.kind == "O" else table[k][()] for k in table}
+        )
+        assert list(f["runs"]) == sorted(r[0] for r in GRID)
+        g = f["runs/dhm0010"]
+        assert g["fgsm/eps"].shape == g["fgsm/accuracy"].shape == (3,)
+        assert (
+            g["reliability/bin_edges"].shape == (16,) and g["reliability/counts"][()].sum() == 120
+        )
+        np.testing.assert_array_equal(
+            g["elbo_hist/digits/edges"][()], g["elbo_hist/digits_ood/edges"][()]
+        )
+        assert g["elbo_hist/digits_ood/counts"][()].sum() == 90
+        assert "fgsm" not in f["runs/vae00000"] and "elbo_hist" not in f["runs/resnet00"]
+    df = read_table(summary / "results.h5")
+    assert list(df.columns) == list(csv_df.columns)
+    pd.testing.assert_series_equal(plain["accuracy"], csv_df["accuracy"], check_names=False)
+    np.testing.assert_allclose(df["auroc_digits_ood_elbo"], csv_df["auroc_digits_ood_elbo"])
+    assert list(df["run_id"]) == list(csv_df["run_id"])
+    assert (summary / "results.md").read_text().startswith("# Sweep summary (4 runs, 4 ok)")
+    pngs = sorted(p.name for p in (summary / "plots").iterdir())
+    for name in (
+        "fgsm_accuracy.png",
+        "reliability_dhm0001.png",
+        "elbo_hist_vae00000.png",
+        "heatmap_accuracy.png",
+        "heatmap_ece.png",
+        "heatmap_fgsm_acc_eps0.0314.png",
+        "heatmap_auroc_digits_ood_msp.png",
+        "heatmap_auroc_digits_ood_iwae_k4.png",
+    ):
+        assert name in pngs, name
+    for name in pngs:
+        assert (summary / "plots" / name).read_bytes()[:8] == PNG, name
+    assert not [p for p in summary.rglob("*.tmp")]
+
+
+def test_plot_count_capped(tmp_path):
+    runs = [
+        (f"r{i:07d}", "dhm", a, b)
+        for i, (a, b) in enumerate(
+            (a, b) for a in (0.1, 1.0, 10.0) for b in np.logspace(-4, 0, 10).round(6).tolist()
+        )
+    ]
+    for i, r in enumerate(runs):
+        arrays = make_arrays(i, "dhm", n_id=40, n_ood=30)
+        write_run(tmp_path, *r, seed=i, sets=arrays)
+    write_plan(tmp_path, runs)
+    stale = tmp_path / "summary" / "plots" / "reliability_oldrun00.png"  # an earlier sweep's
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(PNG)
+    aggregate(tmp_path, max_plot_runs=3)
+    plots = sorted(p.name for p in stale.parent.glob("*.png"))
+    assert len([p for p in plots if p.startswith("reliability_")]) == 3
+    assert len([p for p in plots if p.startswith("elbo_hist_")]) == 3
+    assert len(plots) == 1 + 3 + 3 + 6  # fgsm, per-run figures, heatmaps; the stale one is gone
+    assert not stale.exists()
+
+
+def test_format_eps():
+    assert format_eps(0.0) == "0"
+    assert format_eps(np.float32(0.01)) == "0.01"
+    assert format_eps(8 / 255) == "0.0314"
+    assert format_eps(np.float32(0.03)) == "0.03"
+    assert format_eps(1.0) == "1"
