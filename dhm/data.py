@@ -344,14 +344,18 @@ def crop_flip(
     """
     b, c, h, w = images.shape
     dev = images.device
-    padded = F.pad(images, (padding,) * 4)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = F.pad(images, (padding,) * 4).reshape(b * c * hp, wp)
     offsets, flips = offsets.to(dev), flips.to(dev)
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
-    rows = offsets[:, :1] + ar_h  # [B,H]
+    # Rows first: whole padded rows with one index_select (contiguous copies), then the
+    # per-sample column window (and flip) with one gather whose index is shared by every
+    # row of a sample. About 2x faster on CPU than one 4-way advanced-indexing gather.
+    first_row = torch.arange(b * c, device=dev).view(b, c, 1) * hp
+    row_idx = (first_row + (offsets[:, :1] + ar_h)[:, None, :]).reshape(-1)
+    rows = torch.index_select(padded, 0, row_idx).view(b, c * h, wp)
     cols = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - ar_w, ar_w)  # [B,W]
-    bi = torch.arange(b, device=dev)[:, None, None, None]
-    ci = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.gather(rows, 2, cols[:, None, :].expand(b, c * h, w)).view(b, c, h, w)
 
 
 class DeviceLoader:
@@ -393,6 +397,9 @@ class DeviceLoader:
             raise ValueError(f"{data.name}: {n} samples give no batch of {global_batch_size}")
         self.device = torch.device(device)
         self.images = data.images.to(self.device)  # once; batches are gathered from here
+        # index_select on a [N, C*H*W] view copies whole images (~20x faster on CPU than
+        # advanced indexing of the 4-d tensor).
+        self._flat = self.images.reshape(len(data), -1)
         self.labels = data.labels.to(self.device)
         self.n, self.global_batch_size = n, global_batch_size
         self.seed, self.augment, self.shuffle = seed, augment, shuffle
@@ -423,7 +430,7 @@ class DeviceLoader:
             n = min(g, self.n - b * g)  # global batch size, smaller only for the last one
             lo, hi = n * r // w, n * (r + 1) // w
             idx = perm[b * g + lo : b * g + hi]
-            x = self.images[idx]
+            x = torch.index_select(self._flat, 0, idx).view(-1, *self.images.shape[1:])
             if self.augment:
                 offsets, flips = augmentation_params(self.seed, epoch, b, n)
                 x = crop_flip(x, offsets[lo:hi], flips[lo:hi])

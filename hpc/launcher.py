@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dhm.checkpoint import CheckpointError
-from dhm.config import ConfigError, to_yaml
+from dhm.config import ConfigError
 from dhm.data import DataError
 from hpc import ledger, slurm
 from hpc.schema import MODES, register_configs
@@ -106,7 +106,7 @@ def arrays_for(cfg: Any, plan: Plan) -> list[slurm.ArraySpec]:
     if plan.train:
         specs.append(slurm.ArraySpec(
             "train", [{"run_id": r.run_id} for r in plan.train],
-            [(TrainStage(), to_yaml(r.cfg), stage_to) for r in plan.train],
+            [(TrainStage(), r.yaml, stage_to) for r in plan.train],
             slurm.train_params(cfg),
         ))  # fmt: skip
     for kind, groups in (("aftercorr", plan.eval_after_train), (None, plan.eval_now)):
@@ -114,7 +114,7 @@ def arrays_for(cfg: Any, plan: Plan) -> list[slurm.ArraySpec]:
             role = plan.roles[set_name]
             specs.append(slurm.ArraySpec(
                 f"eval:{set_name}", [{"run_id": r.run_id, "set": set_name} for r in runs],
-                [(EvalStage(), to_yaml(r.cfg), set_name, role, r.run_id) for r in runs],
+                [(EvalStage(), r.yaml, set_name, role, r.run_id) for r in runs],
                 slurm.eval_params(cfg, set_name),
                 depends_on="train" if kind else None, dependency_kind=kind,
             ))  # fmt: skip
@@ -191,7 +191,7 @@ def run_local(cfg: Any, plan: Plan) -> int:
     failed: dict[str, str] = {}
     for run in plan.train:
         try:
-            TrainStage()(to_yaml(run.cfg))
+            TrainStage()(run.yaml)
         except Exception as err:  # one failed run must not stop the others
             failed[run.run_id] = f"{type(err).__name__}: {err}"
             print(f"train {run.run_id} failed: {failed[run.run_id]}", file=sys.stderr)
@@ -201,7 +201,7 @@ def run_local(cfg: Any, plan: Plan) -> int:
             for run in runs:
                 if run.run_id in failed:
                     continue
-                EvalStage()(to_yaml(run.cfg), set_name, plan.roles[set_name], run.run_id)
+                EvalStage()(run.yaml, set_name, plan.roles[set_name], run.run_id)
     if plan.aggregate:
         from dhm.aggregate import IncompleteSweepError
 

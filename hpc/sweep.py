@@ -7,6 +7,7 @@ data and train settings that determine its weights), so the same settings always
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -16,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dhm.config import ConfigError, RunConfig, check_run, training_identity
+from dhm.config import ConfigError, RunConfig, check_run, to_yaml, training_identity
 
 RUN_SECTIONS = ("model", "data", "train")
 
@@ -30,6 +31,11 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    @functools.cached_property
+    def yaml(self) -> str:
+        """The resolved config as YAML: what every stage of this run receives."""
+        return to_yaml(self.cfg)
 
 
 def sweep_dir(cfg: Any) -> Path:
