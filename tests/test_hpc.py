@@ -183,3 +183,34 @@ def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path
     assert "eval digits: skip (shards complete)" in out and "summary:" not in out
     assert cli([*args, "mode=status"]) == 0
     assert "3 runs: 3 done; summary exists" in capsys.readouterr().out
+
+
+def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch):
+    from hpc import ledger
+
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo")
+    runs = expand(cfg)
+    # A first launch recorded its arrays; Slurm says run 0 is still training, run 1's train
+    # task failed, and the eval tasks of both are pending behind them.
+    ids = [r.run_id for r in runs]
+    ledger.record_submission(cfg, "train", "500", [{"run_id": i} for i in ids], None)
+    for n, set_name in enumerate(("digits", "digits_ood")):
+        tasks = [{"run_id": i, "set": set_name} for i in ids]
+        ledger.record_submission(cfg, f"eval:{set_name}", str(501 + n), tasks, "aftercorr:500")
+    states = {("500", 0): "RUNNING", ("500", 1): "FAILED", ("500", 2): "PENDING",
+              ("500", 3): "COMPLETED", ("501", 1): "CANCELLED", ("502", 1): "CANCELLED"}  # fmt: skip
+    for job in ("501", "502"):
+        for task in (0, 2, 3):
+            states[(job, task)] = "PENDING"
+    monkeypatch.setattr(ledger, "job_states", lambda job_ids: states)
+    # Run 3 trained (its final.pt exists); its evals are pending in Slurm.
+    (runs[3].run_dir / "checkpoints").mkdir(parents=True)
+    (runs[3].run_dir / "checkpoints" / "final.pt").write_bytes(b"")
+    plan = make_plan(cfg, runs, query_slurm=True)
+    assert [r.run_id for r in plan.train] == [ids[1]]  # only the failed one
+    assert {s: [r.run_id for r in rs] for s, rs in plan.eval_after_train.items()} == {
+        "digits": [ids[1]], "digits_ood": [ids[1]]}  # fmt: skip
+    assert plan.eval_now == {}
+    assert plan.actions[ids[0]][0] == "train: wait (job 500_0 is RUNNING)"
+    assert "last train job 500_1 ended FAILED" in plan.actions[ids[1]][0]
+    assert plan.actions[ids[3]][1] == "eval digits: wait (job 501_3 is PENDING)"
