@@ -234,28 +234,28 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
         scheduler.load_state_dict(resume["scheduler"])
     forward = torch.compile(model) if t.compile else model
 
-    loader = data_lib.DeviceLoader(
-        train_set, t.batch_size, device=accelerator.device, seed=t.seed, augment=info.augment,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )  # fmt: skip
-    if len(loader) == 0:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} is larger than the training set "
-            f"({len(train_set)} images of data.name={cfg.data.name})"
-        )
+    try:
+        loader = data_lib.DeviceLoader(
+            train_set, t.batch_size, device=accelerator.device, seed=t.seed,
+            augment=info.augment, rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )  # fmt: skip
+    except ValueError as err:  # a batch larger than the set, or not divisible by the ranks
+        raise ConfigError(f"train.batch_size={t.batch_size}: {err}") from None
     start_epoch, start_batch, global_step = 0, 0, 0
     if resume is not None:
         start_epoch, start_batch = resume["epoch"], resume["batch"]
         global_step = resume["global_step"]
 
     main = accelerator.is_main_process
+    cfg_yaml = to_yaml(cfg)
     if main:
         where = f"resuming from {resume_path} (step {global_step})" if resume else "starting"
         print(f"train {run_dir}: {where}, {accelerator.num_processes} process(es) on "
               f"{accelerator.device}", flush=True)  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            (run_dir / "config.yaml").write_text(cfg_yaml)
     log = _MetricLog(run_dir / "logs", global_step) if main else None
     show_bar = main and t.progress and sys.stderr.isatty()
     unwrapped = accelerator.unwrap_model(model)
@@ -264,7 +264,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
         assert_replicas_in_sync(accelerator, unwrapped)
         state = {
             "format": 1,
-            "model": accelerator.unwrap_model(model).state_dict(),
+            "model": unwrapped.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": next_epoch,
@@ -272,7 +272,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
             "global_step": global_step,
             "seed": t.seed,
             "world_size": accelerator.num_processes,
-            "config_yaml": to_yaml(cfg),
+            "config_yaml": cfg_yaml,
         }
         if main:
             ckpt_io.atomic_save(state, ckpt_io.step_path(ckpt_dir, global_step))
@@ -352,7 +352,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
         "model": unwrapped.state_dict(),
         "global_step": global_step,
         "epoch": t.epochs,
-        "config_yaml": to_yaml(cfg),
+        "config_yaml": cfg_yaml,
         "world_size": accelerator.num_processes,
     }
     assert_replicas_in_sync(accelerator, unwrapped)

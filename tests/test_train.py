@@ -259,3 +259,8 @@ def test_ddp_ranks_stay_identical_with_batchnorm_and_dropout(tmp_path):
         if "running_" in key or "num_batches_tracked" in key:
             continue  # BatchNorm running statistics are per process on the CPU
         assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_a_batch_larger_than_the_training_set_is_a_config_error(small_cfg):
+    with pytest.raises(ConfigError, match="train.batch_size=5000"):
+        train(small_cfg(**{"train.batch_size": 5000}))
