@@ -197,8 +197,10 @@ def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch
     for n, set_name in enumerate(("digits", "digits_ood")):
         tasks = [{"run_id": i, "set": set_name} for i in ids]
         ledger.record_submission(cfg, f"eval:{set_name}", str(501 + n), tasks, "aftercorr:500")
-    states = {("500", 0): "RUNNING", ("500", 1): "FAILED", ("500", 2): "PENDING",
-              ("500", 3): "COMPLETED", ("501", 1): "CANCELLED", ("502", 1): "CANCELLED"}  # fmt: skip
+    states = {
+        ("500", 0): "RUNNING", ("500", 1): "FAILED", ("500", 2): "PENDING",
+        ("500", 3): "COMPLETED", ("501", 1): "CANCELLED", ("502", 1): "CANCELLED",
+    }  # fmt: skip
     for job in ("501", "502"):
         for task in (0, 2, 3):
             states[(job, task)] = "PENDING"
