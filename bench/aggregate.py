@@ -55,13 +55,18 @@ def _write_sweep(sweep: Path, n_runs: int) -> None:
 
 
 def _read_all(sweep: Path) -> int:
-    total = 0
+    """Open every shard, read all its attributes and every dataset; return the dataset count."""
+    arrays: list = []
+
+    def read(_: str, obj: object) -> None:  # must return None, or visititems stops early
+        if isinstance(obj, h5py.Dataset):
+            arrays.append(obj[()])
+
     for path in sorted(sweep.glob("runs/*/eval/*.h5")):
         with h5py.File(path, "r") as f:
             dict(f.attrs)
-            f.visititems(lambda _, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
-            total += 1
-    return total
+            f.visititems(read)
+    return len(arrays)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

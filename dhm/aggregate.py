@@ -15,6 +15,7 @@ number of figures is capped, so a 1,000-run sweep costs about what reading its s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,6 +42,7 @@ _FIXED = ("accuracy", "nll", "brier", "ece", "mce", "neg_elbo_nats", "bits_per_d
 _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per run
+_SHARD_ATTRS = ("num_dims", "model")  # read besides the checked ones; config_yaml only if needed
 
 
 class IncompleteSweepError(RuntimeError):
@@ -94,14 +96,16 @@ def _score_key(score: str) -> tuple[int, int]:
     return (2, int(score[6:])) if score.startswith("iwae_k") else ({"msp": 0, "elbo": 1}[score], 0)
 
 
-def _ood_scores(s: results.SetResults) -> dict[str, np.ndarray]:
+def _ood_scores(s: results.SetResults, msp: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """OOD scores of one set, higher = more in-distribution, each ``[N]`` float64.
 
     msp is taken as the max log-softmax: a monotone function of max p(y|x), so AUROC/AUPR/FPR95
     are the same, but confident predictions do not collapse into float ties at p = 1.
     """
     a, out = s.arrays, {}
-    if "logits" in a:
+    if msp is not None:
+        out["msp"] = msp
+    elif "logits" in a:
         x = a["logits"].astype(np.float64)
         z = x - x.max(axis=1, keepdims=True)
         out["msp"] = -np.log(np.exp(z).sum(axis=1))
@@ -110,6 +114,29 @@ def _ood_scores(s: results.SetResults) -> dict[str, np.ndarray]:
     for key in sorted((k for k in a if k.startswith("neg_iwae_k")), key=lambda k: int(k[10:])):
         out["iwae_k" + key[10:]] = -a[key].astype(np.float64)
     return out
+
+
+def _classifier_metrics(run: RunSummary, ident: results.SetResults) -> np.ndarray | None:
+    """accuracy, nll, brier, ece, mce and reliability of the ID set in one pass; its msp score.
+
+    M.accuracy validates the inputs; the rest repeats the operations of M.nll, M.brier_score,
+    M.reliability and _ood_scores on one softmax, so the values are the same bit for bit.
+    """
+    logits, labels = ident.arrays["logits"], ident.arrays["labels"]
+    acc = _guarded(run, f"{ident.name}/logits", M.accuracy, logits, labels)
+    if acc is None:
+        return None
+    x, y = logits.astype(np.float64), labels.astype(np.int64)
+    rows, z = np.arange(y.shape[0]), x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=1)
+    lse, p = np.log(total), e / total[:, None]  # p: M.softmax(x)
+    p[rows, y] -= 1.0
+    conf = np.minimum(1.0 / total, 1.0)
+    run.reliability = rel = M.reliability_from_confidence(conf, x.argmax(axis=1) == y, N_BINS)
+    nll, brier = np.mean(lse - z[rows, y]), np.mean(np.einsum("nc,nc->n", p, p))
+    run.metrics.update(accuracy=acc, nll=float(nll), brier=float(brier), ece=rel.ece, mce=rel.mce)
+    return -lse
 
 
 def _guarded(run: RunSummary, what: str, fn: Any, *args: Any) -> Any:
@@ -135,7 +162,7 @@ def _load_sets(run: RunSummary, run_dir: Path) -> dict[str, results.SetResults]:
     for path in paths:
         run.sets.add(path.name.split("__")[0])
         try:
-            shard = results.read_shard(path)
+            shard = results.read_shard(path, _SHARD_ATTRS)
         except results.ShardError as err:  # names the file; read_shard wraps OSError too
             run.fail("corrupt", str(err).replace(prefix, ""))
             broken.add(path.name.split("__")[0])  # don't report the hole it leaves as a gap
@@ -165,16 +192,7 @@ def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
     run.id_set = ident.name
     a = ident.arrays
     num_dims = int(ident.attrs.get("num_dims", 0))
-    if "logits" in a and "labels" in a:
-        logits, labels = a["logits"], a["labels"]
-        for col, fn in (("accuracy", M.accuracy), ("nll", M.nll), ("brier", M.brier_score)):
-            value = _guarded(run, f"{ident.name}/logits", fn, logits, labels)
-            if value is not None:
-                run.metrics[col] = value
-        rel = _guarded(run, f"{ident.name}/logits", M.reliability, logits, labels, N_BINS)
-        if rel is not None:
-            run.reliability = rel
-            run.metrics.update(ece=rel.ece, mce=rel.mce)
+    msp = _classifier_metrics(run, ident) if "logits" in a and "labels" in a else None
     if "fgsm/pred" in a and "fgsm/eps" in a and "labels" in a:
         acc = _guarded(
             run, f"{ident.name}/fgsm", M.adversarial_accuracy, a["fgsm/pred"], a["labels"]
@@ -197,7 +215,7 @@ def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
             run.metrics[f"bits_per_dim{suffix}"] = M.bits_per_dim(mean, num_dims)
     _elbo_hists(run, elbo)
 
-    score_in = _ood_scores(ident)
+    score_in = _ood_scores(ident, msp)
     for name, s in sets.items():
         if s.role != "ood":
             continue
@@ -242,7 +260,10 @@ def _lookup(cfg: dict, dotted: str) -> Any:
 
 def _stored_config(run_dir: Path, sets: dict[str, results.SetResults]) -> dict:
     """The training config of a run: a shard's config_yaml, else <run_dir>/config.yaml."""
-    text = next((s.attrs["config_yaml"] for s in sets.values() if "config_yaml" in s.attrs), None)
+    text = None
+    for s in sets.values():  # the first set whose shard has one (read only now: rarely needed)
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            text = text or results.read_attrs(s.shard_paths[0], ["config_yaml"]).get("config_yaml")
     if text is None and (run_dir / "config.yaml").is_file():
         text = (run_dir / "config.yaml").read_text()
     try:
@@ -394,15 +415,8 @@ def aggregate(
     if plots:
         from dhm import plots as P  # matplotlib only when figures are wanted
 
-        setting_names = [col for _, col in setting_keys]
-        P.write_plots(
-            summary / "plots",
-            runs,
-            rows,
-            plot_labels(runs, setting_names),
-            headline,
-            max_plot_runs,
-        )
+        labels = plot_labels(runs, [col for _, col in setting_keys])
+        P.write_plots(summary / "plots", runs, rows, labels, headline, max_plot_runs)
     report = AggregateReport(summary, rows, problems)
     if problems and not allow_partial:
         lines = "\n".join(f"  {rid}: {reason}" for rid, reason in problems)

@@ -104,7 +104,7 @@ def write_md(
 
 
 def write_h5(path: Path, columns: list[str], rows: list[dict], runs: list[RunSummary]) -> None:
-    """``table/<column>`` (float64 with NaN = empty, or UTF-8 strings) and ``runs/<run_id>/``."""
+    """``table/<column>`` (float64 with NaN = empty, or UTF-8 strings) and ``runs/`` (stacked)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         table = f.create_group("table")
         table.attrs["columns"] = json.dumps(columns)
@@ -120,31 +120,58 @@ def write_h5(path: Path, columns: list[str], rows: list[dict], runs: list[RunSum
                     data=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
                 )
             else:
-                table.create_dataset(
-                    col,
-                    data=np.array([_cell(v) for v in values], dtype=object),
-                    dtype=h5py.string_dtype("utf-8"),
-                )
-        group = f.create_group("runs")
-        bin_edges: tuple | None = None  # the same for every run: hard links, not copies
-        for run in runs:
-            g = group.create_group(run.run_id)
-            if run.fgsm is not None:
-                g["fgsm/eps"], g["fgsm/accuracy"] = run.fgsm
-            if run.reliability is not None:
-                rel = run.reliability
-                for key in ("counts", "accuracy", "confidence"):
-                    g[f"reliability/{key}"] = getattr(rel, key)
-                if bin_edges is None or not np.array_equal(bin_edges[0], rel.bin_edges):
-                    g["reliability/bin_edges"] = rel.bin_edges
-                    bin_edges = (rel.bin_edges, g["reliability/bin_edges"])
-                else:
-                    g["reliability/bin_edges"] = bin_edges[1]
-            edges = None
-            for name, counts in run.hists.items():
-                g[f"elbo_hist/{name}/counts"] = counts
-                g[f"elbo_hist/{name}/edges"] = run.hist_edges if edges is None else edges
-                edges = g[f"elbo_hist/{name}/edges"]
+                _strings(table, col, [_cell(v) for v in values])
+        _write_runs(f.create_group("runs"), runs)
+
+
+def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
+    """A variable-length UTF-8 string dataset."""
+    group.create_dataset(
+        name, data=np.array(values, dtype=object), dtype=h5py.string_dtype("utf-8")
+    )
+
+
+def _write_runs(g: h5py.Group, runs: list[RunSummary]) -> None:
+    """The per-run curves stacked over runs: row i of every ``[R, ...]`` array is runs[i].
+
+    A few datasets in all (not a group per run), so writing costs the same for 10 or 10,000
+    runs. Entries a run lacks are NaN (values, edges) or 0 (counts); see docs/results.md.
+    """
+    n = len(runs)
+    _strings(g, "run_id", [r.run_id for r in runs])
+    eps = sorted({float(e) for r in runs if r.fgsm is not None for e in r.fgsm[0]})
+    if eps:
+        where = {e: j for j, e in enumerate(eps)}
+        acc = np.full((n, len(eps)), np.nan)
+        for i, r in enumerate(runs):
+            if r.fgsm is not None:
+                acc[i, [where[float(e)] for e in r.fgsm[0]]] = r.fgsm[1]
+        g["fgsm/eps"], g["fgsm/accuracy"] = np.array(eps), acc
+    rels = [(i, r.reliability) for i, r in enumerate(runs) if r.reliability is not None]
+    if rels:
+        edges = rels[0][1].bin_edges  # linspace(0, 1, N_BINS + 1) for every run
+        stacked = {"counts": np.zeros((n, edges.size - 1), np.int64)}
+        stacked["accuracy"] = np.full((n, edges.size - 1), np.nan)
+        stacked["confidence"] = stacked["accuracy"].copy()
+        for i, rel in rels:
+            for key, array in stacked.items():
+                array[i] = getattr(rel, key)
+        g["reliability/bin_edges"] = edges
+        for key, array in stacked.items():
+            g[f"reliability/{key}"] = array
+    sets = sorted({name for r in runs for name in r.hists})
+    if sets:
+        bins = next(r.hist_edges.size for r in runs if r.hist_edges is not None) - 1
+        hist_edges = np.full((n, bins + 1), np.nan)
+        counts = {name: np.zeros((n, bins), np.int64) for name in sets}
+        for i, r in enumerate(runs):
+            if r.hist_edges is not None:
+                hist_edges[i] = r.hist_edges
+            for name, c in r.hists.items():
+                counts[name][i] = c
+        g["elbo_hist/edges"] = hist_edges
+        for name in sets:
+            g[f"elbo_hist/counts/{name}"] = counts[name]
 
 
 def read_table(path: str | Path) -> Any:

@@ -135,6 +135,15 @@ def test_metrics_match_independent_computation(sweep):
     assert row["brier"] == pytest.approx(np.mean(((p - np.eye(10)[labels]) ** 2).sum(1)))
     rel = M.reliability(logits, labels, 15)
     assert (row["ece"], row["mce"]) == pytest.approx((rel.ece, rel.mce))
+    # One softmax pass for all of them in aggregate: the same values as dhm.metrics, bit for bit.
+    x, y = ident["logits"], ident["labels"]
+    assert (row["accuracy"], row["nll"], row["brier"], row["ece"], row["mce"]) == (
+        M.accuracy(x, y),
+        M.nll(x, y),
+        M.brier_score(x, y),
+        rel.ece,
+        rel.mce,
+    )
     q = np.exp(ood["logits"] - ood["logits"].max(1, keepdims=True))
     scores = {
         "msp": (p.max(1), (q / q.sum(1, keepdims=True)).max(1)),
@@ -194,8 +203,8 @@ def test_shard_split_invariance(tmp_path):
         h5py.File(tmp_path / "s1/summary/results.h5") as f1,
         h5py.File(tmp_path / "s3/summary/results.h5") as f3,
     ):
-        for key in ("fgsm/accuracy", "reliability/counts", "elbo_hist/digits_ood/counts"):
-            np.testing.assert_array_equal(f1[f"runs/run00001/{key}"], f3[f"runs/run00001/{key}"])
+        for key in ("fgsm/accuracy", "reliability/counts", "elbo_hist/counts/digits_ood"):
+            np.testing.assert_array_equal(f1[f"runs/{key}"], f3[f"runs/{key}"])
 
 
 def test_corrupt_and_missing_runs(sweep):
@@ -305,17 +314,24 @@ def test_outputs_readable(sweep):
         plain = pd.DataFrame(
             {k: table[k].asstr()[()] if table[k].dtype.kind == "O" else table[k][()] for k in table}
         )
-        assert list(f["runs"]) == sorted(r[0] for r in GRID)
-        g = f["runs/dhm0010"]
-        assert g["fgsm/eps"].shape == g["fgsm/accuracy"].shape == (3,)
-        assert (
-            g["reliability/bin_edges"].shape == (16,) and g["reliability/counts"][()].sum() == 120
-        )
-        np.testing.assert_array_equal(
-            g["elbo_hist/digits/edges"][()], g["elbo_hist/digits_ood/edges"][()]
-        )
-        assert g["elbo_hist/digits_ood/counts"][()].sum() == 90
-        assert "fgsm" not in f["runs/vae00000"] and "elbo_hist" not in f["runs/resnet00"]
+        g = f["runs"]  # per-run curves stacked over runs, row i = results.csv row i
+        assert list(g["run_id"].asstr()[()]) == [r[0] for r in GRID] == list(csv_df["run_id"])
+        dhm, resnet, vae = 1, 2, 3
+        np.testing.assert_array_equal(g["fgsm/eps"][()], EPS.astype(np.float64))
+        acc = g["fgsm/accuracy"][()]
+        assert acc.shape == (4, 3) and np.isnan(acc[vae]).all() and not np.isnan(acc[dhm]).any()
+        np.testing.assert_array_equal(acc[dhm], csv_df.filter(like="fgsm_acc").iloc[dhm])
+        np.testing.assert_array_equal(g["reliability/bin_edges"][()], np.linspace(0, 1, 16))
+        counts = g["reliability/counts"][()]
+        assert counts.shape == (4, 15) and list(counts.sum(1)) == [120, 120, 120, 0]
+        assert g["reliability/accuracy"].shape == g["reliability/confidence"].shape == (4, 15)
+        assert np.isnan(g["reliability/confidence"][vae]).all()
+        edges = g["elbo_hist/edges"][()]
+        assert edges.shape == (4, 51) and np.isnan(edges[resnet]).all()
+        assert np.all(np.diff(edges[[0, 1, 3]], axis=1) > 0)
+        assert sorted(g["elbo_hist/counts"]) == ["digits", "digits_ood"]
+        for name, n in (("digits", 120), ("digits_ood", 90)):
+            assert list(g[f"elbo_hist/counts/{name}"][()].sum(1)) == [n, n, 0, n]
     df = read_table(summary / "results.h5")
     assert list(df.columns) == list(csv_df.columns)
     pd.testing.assert_series_equal(plain["accuracy"], csv_df["accuracy"], check_names=False)

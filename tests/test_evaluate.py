@@ -234,3 +234,35 @@ def test_a_missing_or_malformed_attribute_is_named(tmp_path, change, message):
         results.read_shard(path)
     with pytest.raises(results.ShardError, match=path.name):
         results.load_run(tmp_path)
+
+
+def test_read_shard_matches_h5py(tmp_path):
+    """read_shard's low-level reader gives what h5py.File gives, for every attribute type."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "indices": np.arange(5000),
+        "logits": rng.normal(size=(5000, 10)).astype(np.float32),
+        "neg_elbo": rng.normal(size=5000).astype(np.float32),
+        "fgsm/eps": np.float32([0, 0.1]),
+        "fgsm/pred": np.zeros((2, 5000), np.int16),
+    }
+    attrs = {"role": "id", "set_size": 5000, "start": 0, "stop": 5000, "model": "dhm",
+             "config_yaml": "model:\n  name: dhé\n", "num_dims": np.int32(3072), "alpha": 0.5,
+             "versions": {"h5py": "3"}, "shape": np.arange(3), "flag": True}  # fmt: skip
+    path = results.write_shard(tmp_path / "digits__0000000-0005000.h5", "digits", arrays, attrs)
+    with h5py.File(path, "r") as f:
+        want = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    shard = results.read_shard(path)
+    assert shard.attrs.keys() == want.keys()
+    for key, value in want.items():
+        assert type(shard.attrs[key]) is type(value), key
+        np.testing.assert_array_equal(shard.attrs[key], value, err_msg=key)
+    assert shard.arrays.keys() == arrays.keys()
+    for key, value in arrays.items():
+        assert shard.arrays[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(shard.arrays[key], value, err_msg=key)
+    few = results.read_shard(path, ["model"])  # only the checked attributes and those asked for
+    assert set(few.attrs) == {*results.REQUIRED_ATTRS, "model"}
+    assert results.read_attrs(path, ["config_yaml", "absent"]) == {
+        "config_yaml": want["config_yaml"]
+    }
