@@ -253,8 +253,13 @@ def _expand_task_field(field: str) -> list[int] | None:
 
 
 def parse_sacct(text: str) -> dict[tuple[str, int | None], str]:
-    """sacct -P -o JobID,State lines -> {(job id, array task or None): state}; later rows win."""
+    """sacct -P -o JobID,State lines -> {(job id, array task or None): state}.
+
+    A range record such as ``107_[0-1%2]`` stands for the tasks not yet split off (e.g. pending
+    ones that got cancelled together); a task's own record (``107_0``) always wins over it.
+    """
     states: dict[tuple[str, int | None], str] = {}
+    from_range: dict[tuple[str, int | None], str] = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) < 2:
@@ -263,10 +268,12 @@ def parse_sacct(text: str) -> dict[tuple[str, int | None], str]:
         if not m:
             continue  # job steps such as 123.batch
         state = parts[1].split()[0] if parts[1] else "UNKNOWN"
-        tasks = _expand_task_field(m.group(2))
+        field = m.group(2)
+        tasks = _expand_task_field(field)
+        target = from_range if field is not None and field.startswith("[") else states
         for task in tasks if tasks is not None else [None]:
-            states[(m.group(1), task)] = state
-    return states
+            target[(m.group(1), task)] = state
+    return {**from_range, **states}
 
 
 def job_states(job_ids: list[str]) -> dict[tuple[str, int | None], str]:

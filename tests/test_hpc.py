@@ -113,6 +113,9 @@ def test_sacct_output_parses_arrays_and_ranges():
     assert states[("101", 0)] == "COMPLETED" and states[("101", 1)] == "FAILED"
     assert states[("101", 3)] == "PENDING" and states[("102", None)] == "CANCELLED"
     assert states[("103", 5)] == "RUNNING"
+    # Tasks split off before the rest of the array was cancelled keep their own state.
+    split = slurm.parse_sacct("107_0|COMPLETED\n107_[0-1%2]|CANCELLED\n")
+    assert split == {("107", 0): "COMPLETED", ("107", 1): "CANCELLED"}
 
 
 def test_sbatch_calls_do_not_grow_with_the_grid(tmp_path):

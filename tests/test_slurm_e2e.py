@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from hpc import slurm
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "cluster.sh"
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -87,8 +89,10 @@ def wait_for_jobs(env: dict[str, str], job_ids: list[str], timeout: float = 900)
             ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
             env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        states = dict(line.split("|", 1) for line in out.split())
-        states = {k: v.split()[0] for k, v in states.items()}
+        states = {
+            job if task is None else f"{job}_{task}": state
+            for (job, task), state in slurm.parse_sacct(out).items()
+        }
         if states and not any(s in ("PENDING", "RUNNING", "COMPLETING") for s in states.values()):
             break
         time.sleep(1)
