@@ -147,49 +147,45 @@ def base_params(cfg: Any, name: str) -> dict[str, Any]:
     return params
 
 
-def train_params(cfg: Any) -> dict[str, Any]:
+def _stage_params(
+    cfg: Any, name: str, time_key: str, *, nodes: int, ntasks: int, cpus: int, gpus: int
+) -> dict[str, Any]:
     c = cfg.cluster
-    params = base_params(cfg, "train")
+    params = base_params(cfg, name)
     params.update(
-        time=parse_time_minutes(c.time, "cluster.time"),
-        nodes=c.nodes,
-        ntasks_per_node=ranks_per_node(c),
-        cpus_per_task=c.cpus_per_task,
+        time=parse_time_minutes(c[time_key], f"cluster.{time_key}"),
+        nodes=nodes,
+        ntasks_per_node=ntasks,
+        cpus_per_task=cpus,
     )
-    if c.gpus_per_node:
-        params["gpus_per_node"] = c.gpus_per_node
+    if gpus:
+        params["gpus_per_node"] = gpus
     if c.mem is not None:
         params["mem"] = c.mem
+    return params
+
+
+def train_params(cfg: Any) -> dict[str, Any]:
+    """One train task: nodes x ranks_per_node DDP ranks; requeued on USR2 / timeout."""
+    c = cfg.cluster
+    params = _stage_params(
+        cfg, "train", "time", nodes=c.nodes, ntasks=ranks_per_node(c), cpus=c.cpus_per_task,
+        gpus=c.gpus_per_node,
+    )  # fmt: skip
     params["additional_parameters"].setdefault("requeue", True)
     return params
 
 
 def eval_params(cfg: Any, set_name: str) -> dict[str, Any]:
     c = cfg.cluster
-    params = base_params(cfg, f"eval-{set_name}")
-    params.update(
-        time=parse_time_minutes(c.eval_time, "cluster.eval_time"),
-        nodes=1,
-        ntasks_per_node=1,
-        cpus_per_task=c.eval_cpus,
-    )
-    if c.eval_gpus:
-        params["gpus_per_node"] = c.eval_gpus
-    if c.mem is not None:
-        params["mem"] = c.mem
-    return params
+    return _stage_params(
+        cfg, f"eval-{set_name}", "eval_time", nodes=1, ntasks=1, cpus=c.eval_cpus,
+        gpus=c.eval_gpus,
+    )  # fmt: skip
 
 
 def aggregate_params(cfg: Any) -> dict[str, Any]:
-    c = cfg.cluster
-    params = base_params(cfg, "aggregate")
-    params.update(
-        time=parse_time_minutes(c.aggregate_time, "cluster.aggregate_time"),
-        nodes=1,
-        ntasks_per_node=1,
-        cpus_per_task=1,
-    )
-    return params
+    return _stage_params(cfg, "aggregate", "aggregate_time", nodes=1, ntasks=1, cpus=1, gpus=0)
 
 
 def dependency_string(kind: str, job_ids: list[str], single_task: bool) -> str:
