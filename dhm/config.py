@@ -65,7 +65,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16
     compile: bool = False
     channels_last: bool = True  # on CUDA only
-    dist_timeout_s: int = 120  # rendezvous/collective timeout, so a lost peer fails fast
+    # Rendezvous/collective timeout: a lost peer fails the job instead of hanging it for
+    # torch's default 30 min, yet long enough for a slow checkpoint write on a shared filesystem.
+    dist_timeout_s: int = 600
     progress: bool = True
     debug_nan_at_step: int | None = None  # testing aid: make the loss non-finite at this step
 
@@ -148,6 +150,9 @@ def check_run(cfg: Any) -> None:
         _fail("train.lr", t.lr, "a number > 0")
     if t.lr_decay_every < 1:
         _fail("train.lr_decay_every", t.lr_decay_every, "an integer >= 1 (epochs)")
+    for key in ("keep_checkpoints", "log_every_steps"):
+        if t[key] < 1:
+            _fail(f"train.{key}", t[key], "an integer >= 1")
     if t.checkpoint_every_steps < 0:
         _fail("train.checkpoint_every_steps", t.checkpoint_every_steps, "an integer >= 0")
     if t.device not in ("auto", "cpu", "cuda"):
@@ -155,7 +160,11 @@ def check_run(cfg: Any) -> None:
     if t.mixed_precision not in ("auto", "no", "bf16"):
         _fail("train.mixed_precision", t.mixed_precision, "auto, no or bf16")
     e = cfg.eval
-    if any(k < 1 for k in e.iwae_k):
+    if e.batch_size < 1:
+        _fail("eval.batch_size", e.batch_size, "an integer >= 1")
+    if e.shard_size < 0:
+        _fail("eval.shard_size", e.shard_size, "an integer >= 0 (0 = one shard per set)")
+    if not e.iwae_k or any(k < 1 for k in e.iwae_k):
         _fail("eval.iwae_k", list(e.iwae_k), "integers >= 1")
     if any(not 0 <= eps <= 1 for eps in e.fgsm_eps):
         _fail("eval.fgsm_eps", list(e.fgsm_eps), "values in [0, 1] (pixel units)")

@@ -28,7 +28,7 @@ from dhm.config import ConfigError
 from dhm.data import DataError
 from hpc import ledger, slurm
 from hpc.schema import MODES, register_configs
-from hpc.stages import AggregateStage, EvalStage, TrainStage
+from hpc.stages import AggregateStage, EvalStage, NoOp, TrainStage
 from hpc.sweep import Run, expand, sweep_dir, write_plan
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -49,9 +49,9 @@ class Plan:
     states: list[ledger.RunState]
     actions: dict[str, list[str]] = field(default_factory=dict)  # run_id -> lines
     train: list[Run] = field(default_factory=list)
-    eval_after_train: dict[str, list[Run]] = field(default_factory=dict)  # set -> runs
-    eval_now: dict[str, list[Run]] = field(default_factory=dict)
-    roles: dict[str, str] = field(default_factory=dict)
+    # (set, role) -> runs; a set name can be in-distribution for some runs and OOD for others.
+    eval_after_train: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
+    eval_now: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
     aggregate: bool = False
 
 
@@ -75,16 +75,16 @@ def make_plan(cfg: Any, runs: list[Run], query_slurm: bool) -> Plan:
             else:
                 lines.append(f"train: from scratch (no checkpoint){ended}")
         for set_name, done in st.eval_done.items():
-            plan.roles[set_name] = st.roles[set_name]
+            key = (set_name, st.roles[set_name])
             if done:
                 lines.append(f"eval {set_name}: skip (shards complete)")
             elif (task := st.active("eval", set_name)) is not None:
                 lines.append(f"eval {set_name}: wait (job {task.job_id} is {task.state})")
             elif will_train:
-                plan.eval_after_train.setdefault(set_name, []).append(st.run)
+                plan.eval_after_train.setdefault(key, []).append(st.run)
                 lines.append(f"eval {set_name}: after its training task")
             elif st.trained:
-                plan.eval_now.setdefault(set_name, []).append(st.run)
+                plan.eval_now.setdefault(key, []).append(st.run)
                 prev = st.tasks.get(("eval", set_name))
                 why = f"; last eval job {prev.job_id} ended {prev.state}" if prev else ""
                 lines.append(f"eval {set_name}: now (trained, shards missing{why})")
@@ -109,15 +109,34 @@ def arrays_for(cfg: Any, plan: Plan) -> list[slurm.ArraySpec]:
             [(TrainStage(), r.yaml, stage_to) for r in plan.train],
             slurm.train_params(cfg),
         ))  # fmt: skip
-    for kind, groups in (("aftercorr", plan.eval_after_train), (None, plan.eval_now)):
-        for set_name, runs in groups.items():
-            role = plan.roles[set_name]
-            specs.append(slurm.ArraySpec(
-                f"eval:{set_name}", [{"run_id": r.run_id, "set": set_name} for r in runs],
-                [(EvalStage(), r.yaml, set_name, role, r.run_id) for r in runs],
-                slurm.eval_params(cfg, set_name),
-                depends_on="train" if kind else None, dependency_kind=kind,
-            ))  # fmt: skip
+
+    def stage_name(set_name: str, role: str, groups: dict) -> str:
+        both = sum(1 for s, _ in groups if s == set_name) > 1
+        return f"eval:{set_name}:{role}" if both else f"eval:{set_name}"
+
+    for (set_name, role), runs in plan.eval_after_train.items():
+        # aftercorr pairs eval task i with train task i, so this array lists exactly the
+        # train array's runs, in its order; a run without this set gets a no-op task.
+        wanted = {r.run_id for r in runs}
+        calls = [
+            (EvalStage(), r.yaml, set_name, role, r.run_id) if r.run_id in wanted else (NoOp(),)
+            for r in plan.train
+        ]
+        tasks = [
+            {"run_id": r.run_id, "set": set_name} if r.run_id in wanted else {"noop": True}
+            for r in plan.train
+        ]
+        specs.append(slurm.ArraySpec(
+            stage_name(set_name, role, plan.eval_after_train), tasks, calls,
+            slurm.eval_params(cfg, set_name), depends_on="train", dependency_kind="aftercorr",
+        ))  # fmt: skip
+    for (set_name, role), runs in plan.eval_now.items():
+        specs.append(slurm.ArraySpec(
+            stage_name(set_name, role, plan.eval_now),
+            [{"run_id": r.run_id, "set": set_name} for r in runs],
+            [(EvalStage(), r.yaml, set_name, role, r.run_id) for r in runs],
+            slurm.eval_params(cfg, set_name),
+        ))  # fmt: skip
     if plan.aggregate:
         waits = any(s.stage != "aggregate" for s in specs)
         specs.append(slurm.ArraySpec(
@@ -197,11 +216,11 @@ def run_local(cfg: Any, plan: Plan) -> int:
             print(f"train {run.run_id} failed: {failed[run.run_id]}", file=sys.stderr)
             traceback.print_exc()
     for groups in (plan.eval_after_train, plan.eval_now):
-        for set_name, runs in groups.items():
+        for (set_name, role), runs in groups.items():
             for run in runs:
                 if run.run_id in failed:
                     continue
-                EvalStage()(run.yaml, set_name, plan.roles[set_name], run.run_id)
+                EvalStage()(run.yaml, set_name, role, run.run_id)
     if plan.aggregate:
         from dhm.aggregate import IncompleteSweepError
 
@@ -260,6 +279,8 @@ def main(cfg: DictConfig) -> int:
     on_slurm = cfg.cluster.name == "slurm"
     slurm.check_cluster(cfg, query_slurm=on_slurm and cfg.mode in ("run", "dry_run"))
     runs = expand(cfg)
+    for run in runs:
+        slurm.check_batch_split(cfg.cluster, run.cfg.train.batch_size, f"run {run.run_id}: ")
     if cfg.mode == "status":
         return status(cfg, runs)
     if cfg.mode == "cancel":

@@ -49,7 +49,7 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # lines run before each task
     extra_sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options
     stage_data: bool = False  # copy data.root to node-local scratch before training
-    scratch: str = "${oc.env:TMPDIR,/tmp}"
+    scratch: str = "$TMPDIR"  # expanded on the compute node; /tmp if it names nothing
     python: str | None = None  # interpreter on the nodes; None: this one
     signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint + requeue
     max_requeues: int = 3

@@ -56,6 +56,17 @@ def ranks_per_node(cluster: Any) -> int:
     return max(1, int(cluster.gpus_per_node))
 
 
+def check_batch_split(cluster: Any, batch_size: int, where: str) -> None:
+    """The global batch must split evenly over the DDP ranks of a train task."""
+    world = cluster.nodes * ranks_per_node(cluster)
+    if batch_size % world:
+        raise ConfigError(
+            f"{where}train.batch_size={batch_size} does not split over {world} DDP ranks "
+            f"(cluster.nodes={cluster.nodes} x {ranks_per_node(cluster)} per node): "
+            f"use a multiple of {world}"
+        )
+
+
 def known_partitions() -> list[str]:
     """Partitions that sinfo knows (the default one without its '*')."""
     out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
@@ -82,14 +93,14 @@ def check_cluster(cfg: Any, *, query_slurm: bool = True) -> None:
             f"cluster.tasks_per_node={c.tasks_per_node} with cluster.gpus_per_node="
             f"{c.gpus_per_node}: one DDP rank per GPU, so tasks_per_node must equal gpus_per_node"
         )
-    world = c.nodes * ranks_per_node(c)
-    if cfg.train.batch_size % world:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} does not split over {world} DDP ranks "
-            f"(cluster.nodes={c.nodes} x {ranks_per_node(c)} per node): use a multiple of {world}"
-        )
+    check_batch_split(c, cfg.train.batch_size, "")
     for key in ("time", "eval_time", "aggregate_time"):
         parse_time_minutes(c[key], f"cluster.{key}")
+    if c.signal_delay_s >= 60 * parse_time_minutes(c.time, "cluster.time"):
+        raise ConfigError(
+            f"cluster.signal_delay_s={c.signal_delay_s} is not allowed: it must be shorter than "
+            f"the train time limit cluster.time={c.time}"
+        )
     for key in ("partition", "account", "qos", "mem", "constraint"):
         value = c[key]
         if value is not None and not _SAFE_VALUE.match(str(value)):
@@ -113,10 +124,11 @@ def check_cluster(cfg: Any, *, query_slurm: bool = True) -> None:
             )
         if c.partition is not None:
             partitions = known_partitions()
-            if c.partition not in partitions:
+            unknown = [p for p in str(c.partition).split(",") if p not in partitions]
+            if unknown:
                 raise ConfigError(
-                    f"cluster.partition={c.partition!r} is not a partition sinfo knows: "
-                    f"{', '.join(partitions) or '(none)'}"
+                    f"cluster.partition={c.partition!r}: {', '.join(unknown)} is not a partition "
+                    f"sinfo knows: {', '.join(partitions) or '(none)'}"
                 )
 
 

@@ -72,6 +72,10 @@ def stage_data(root: str, scratch: str, local_rank: int) -> str:
     Local rank 0 copies into a temporary folder and renames it; the other ranks of the node
     wait for the rename, so nobody reads a half-copied dataset.
     """
+    # Expanded here, on the compute node: $TMPDIR is the job's node-local folder.
+    scratch = os.path.expandvars(scratch)
+    if "$" in scratch or not scratch:
+        scratch = "/tmp"
     target = Path(scratch) / f"dhm-data-{os.environ.get('SLURM_JOB_ID', 'local')}"
     if local_rank == 0 and not target.exists():
         tmp = target.with_name(target.name + ".partial")
@@ -121,6 +125,13 @@ class EvalStage:
                  if k in env}  # fmt: skip
         paths = evaluate_set(cfg, final, set_name, role, run_id=run_id, extra_attrs=extra)
         return [str(p) for p in paths]
+
+
+class NoOp:
+    """A placeholder task that keeps an eval array aligned with the train array (aftercorr)."""
+
+    def __call__(self) -> None:
+        return None
 
 
 class AggregateStage:

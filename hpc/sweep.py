@@ -117,6 +117,13 @@ def expand(cfg: Any) -> list[Run]:
             raise ConfigError(f"sweep {cfg.sweep.name!r}, point {point}: {err}") from None
         rid = run_id_of(run_cfg)
         run_cfg.run_dir = str(sweep_dir(cfg) / "runs" / rid)
+        if rid in runs and runs[rid].cfg != run_cfg:
+            raise ConfigError(
+                f"sweep {cfg.sweep.name!r}: points {runs[rid].overrides} and {point} train the "
+                f"same model (run {rid}); they differ only in keys that do not change the weights "
+                "(paths, logging, checkpoint cadence, compile, OOD sets), so sweep those by "
+                "separate launches instead"
+            )
         runs.setdefault(rid, Run(rid, point, run_cfg))
     return list(runs.values())
 

@@ -214,8 +214,31 @@ def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch
     plan = make_plan(cfg, runs, query_slurm=True)
     assert [r.run_id for r in plan.train] == [ids[1]]  # only the failed one
     assert {s: [r.run_id for r in rs] for s, rs in plan.eval_after_train.items()} == {
-        "digits": [ids[1]], "digits_ood": [ids[1]]}  # fmt: skip
+        ("digits", "id"): [ids[1]], ("digits_ood", "ood"): [ids[1]]}  # fmt: skip
     assert plan.eval_now == {}
     assert plan.actions[ids[0]][0] == "train: wait (job 500_0 is RUNNING)"
     assert "last train job 500_1 ended FAILED" in plan.actions[ids[1]][0]
     assert plan.actions[ids[3]][1] == "eval digits: wait (job 501_3 is PENDING)"
+
+
+def test_points_that_collide_on_one_run_id_but_differ_are_refused():
+    with pytest.raises(ConfigError, match="train the same model"):
+        expand(_cfg("sweep.points=[{train.compile:true},{train.compile:false}]"))
+    # Identical points are one run.
+    assert len(expand(_cfg("sweep.points=[{model.beta:2.0},{model.beta:2.0}]"))) == 1
+
+
+def test_eval_arrays_stay_aligned_with_the_train_array_across_datasets(tmp_path):
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep.points=[]",
+               "+sweep.axes={data.name:[cifar10,digits,svhn]}")  # fmt: skip
+    specs = {s.stage: s for s in arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))}
+    train_runs = [t["run_id"] for t in specs["train"].tasks]
+    for stage, spec in specs.items():
+        if stage.startswith("eval:"):
+            assert len(spec.tasks) == len(train_runs), stage
+            for task, rid in zip(spec.tasks, train_runs, strict=True):
+                assert task.get("noop") or task["run_id"] == rid
+    # cifar10 is in-distribution for one run and OOD for another: two arrays, right roles.
+    roles = {stage: {call[3] for call in spec.calls if len(call) > 1}
+             for stage, spec in specs.items() if stage.startswith("eval:cifar10:")}  # fmt: skip
+    assert roles == {"eval:cifar10:id": {"id"}, "eval:cifar10:ood": {"ood"}}
