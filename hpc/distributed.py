@@ -17,18 +17,18 @@ PORT_BASE, PORT_SPAN = 20000, 20000
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand Slurm's compressed host list: 'node[1-3,7],gpu[01-02]' -> node1 node2 ... gpu02."""
+    """Expand Slurm's compressed host list: 'node[1-3,7],gpu[01-02]-ib' -> node1 ... gpu02-ib."""
     hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", hostlist):
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            hosts.append(prefix)
+    for prefix, ranges, suffix in re.findall(r"([^,\[]*)(?:\[([^\]]+)\])?([^,\[]*),?", hostlist):
+        if not (prefix or ranges or suffix):
+            continue
+        if not ranges:
+            hosts.append(prefix + suffix)
             continue
         for part in ranges.split(","):
             lo, _, hi = part.partition("-")
-            hi = hi or lo
             width = len(lo)
-            hosts += [f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi or lo) + 1)]
     return hosts
 
 

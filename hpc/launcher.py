@@ -33,6 +33,8 @@ from hpc.sweep import Run, expand, sweep_dir, write_plan
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 USAGE_ERROR = 2
+FAILED_STATES = {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                 "BOOT_FAIL", "DEADLINE"}  # fmt: skip
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -188,16 +190,25 @@ def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
             print("    " + text.replace("\n", "\n    "))
 
 
-def submit(cfg: Any, specs: list[slurm.ArraySpec]) -> dict[str, str]:
-    """Submit the arrays in order, wiring dependencies; record each in the ledger."""
+def submit(cfg: Any, specs: list[slurm.ArraySpec], plan: Plan) -> dict[str, str]:
+    """Submit the arrays in order, wiring dependencies; record each in the ledger.
+
+    The aggregate job also waits for tasks of earlier launches that are still in flight.
+    """
     ids: dict[str, str] = {}
+    in_flight = sorted({
+        task.job_id.split("_")[0]
+        for st in plan.states for task in st.tasks.values()
+        if task.state in slurm.ACTIVE_STATES
+    })  # fmt: skip
     for spec in specs:
         dependency = None
         if spec.depends_on == "train" and "train" in ids:
             single = len(spec.tasks) == 1
             dependency = slurm.dependency_string("aftercorr", [ids["train"]], single)
-        elif spec.depends_on == "*":
-            dependency = slurm.dependency_string("afterany", list(ids.values()), False)
+        elif spec.depends_on == "*" or (spec.stage == "aggregate" and in_flight):
+            waits = list(dict.fromkeys([*ids.values(), *in_flight]))
+            dependency = slurm.dependency_string("afterany", waits, False)
         job_id = slurm.submit_array(cfg, _slurm_folder(cfg), spec, dependency)
         ids[spec.stage] = job_id
         ledger.record_submission(cfg, spec.stage, job_id, spec.tasks, dependency)
@@ -241,14 +252,19 @@ def status(cfg: Any, runs: list[Run]) -> int:
     counts: dict[str, int] = {}
     for st in states:
         done = sum(st.eval_done.values())
+        last_train = st.tasks.get(("train", ""))
         if st.trained and done == len(st.eval_done):
             stage = "done"
         elif st.trained:
             stage = f"eval {done}/{len(st.eval_done)}"
+        elif st.active("train"):
+            stage = "training"
+        elif last_train is not None and last_train.state in FAILED_STATES:
+            stage = "failed"
         else:
-            stage = "training" if st.active("train") else "train pending"
+            stage = "train pending"
         counts[stage.split()[0]] = counts.get(stage.split()[0], 0) + 1
-        task = st.active("train") or st.active("eval") or _latest(st)
+        task = st.active("train") or st.active("eval", None) or st.newest_task()
         reached, loss = ledger.progress(st.run.run_dir)
         rows.append((st.run.run_id, stage, task.state if task else "-", reached, loss,
                      task.log if task else str(st.run.run_dir / "logs")))  # fmt: skip
@@ -261,13 +277,15 @@ def status(cfg: Any, runs: list[Run]) -> int:
     return 0
 
 
-def _latest(st: ledger.RunState) -> ledger.TaskRecord | None:
-    return next(iter(st.tasks.values()), None) if st.tasks else None
-
-
 def cancel(cfg: Any) -> int:
-    tasks = ledger.latest_tasks(cfg)
-    ids = sorted({t.job_id for t in tasks.values() if t.state in slurm.ACTIVE_STATES})
+    """scancel every job of the sweep's ledger that is still pending or running."""
+    subs = ledger.submissions(cfg)
+    states = slurm.job_states([s["job_id"] for s in subs])
+    ids = sorted({
+        job if task is None else f"{job}_{task}"
+        for (job, task), state in states.items()
+        if state in slurm.ACTIVE_STATES
+    })  # fmt: skip
     slurm.cancel(ids)
     print(f"cancelled {len(ids)} task(s)" + (f": {' '.join(ids)}" if ids else ""))
     return 0
@@ -296,7 +314,7 @@ def main(cfg: DictConfig) -> int:
         if cfg.mode == "dry_run" or not specs:
             return 0
         write_plan(cfg, runs)
-        ids = submit(cfg, specs)
+        ids = submit(cfg, specs, plan)
         overrides = " ".join(a for a in sys.argv[1:] if not a.startswith("mode="))
         print(f"job ids: {' '.join(ids.values())}")
         print(f"follow: python launch.py {overrides} mode=status".replace("  ", " "))
@@ -335,3 +353,6 @@ def cli(argv: list[str]) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except slurm.SlurmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1

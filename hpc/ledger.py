@@ -14,6 +14,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,19 @@ def latest_tasks(cfg: Any, query: bool = True) -> dict[tuple[str, str, str], Tas
     states = job_states([s["job_id"] for s in subs]) if (subs and query) else {}
     folder = sweep_dir(cfg) / "slurm"
     latest: dict[tuple[str, str, str], TaskRecord] = {}
+    now = datetime.now()
     for sub in subs:
         array = len(sub["tasks"]) > 1
+        age = (now - datetime.fromisoformat(sub["time"])).total_seconds()
+        # sacct lags a fresh submission (and slurmdbd may be slow): a job it does not know yet
+        # counts as in flight for 10 minutes, so a quick relaunch cannot submit it twice.
+        unknown = "SUBMITTED" if query and age < 600 else "UNKNOWN"
         for i, task in enumerate(sub["tasks"]):
+            if task.get("noop"):
+                continue
             key = (sub["stage"].split(":")[0], task.get("run_id", ""), task.get("set", ""))
             task_id = i if array else None
-            state = states.get((sub["job_id"], task_id), "UNKNOWN")
+            state = states.get((sub["job_id"], task_id), unknown)
             name = f"{sub['job_id']}_{i}" if array else sub["job_id"]
             latest[key] = TaskRecord(name, state, str(folder / f"{name}_0_log.out"))
     return latest
@@ -104,9 +112,17 @@ class RunState:
     roles: dict[str, str]  # set name -> id | ood
     tasks: dict[tuple[str, str], TaskRecord] = field(default_factory=dict)  # (stage, set)
 
-    def active(self, stage: str, set_name: str = "") -> TaskRecord | None:
-        task = self.tasks.get((stage, set_name))
-        return task if task is not None and task.state in ACTIVE_STATES else None
+    def active(self, stage: str, set_name: str | None = "") -> TaskRecord | None:
+        """The task of ``stage`` (for ``set_name``; None: any set) that is in flight, if any."""
+        for (task_stage, task_set), task in self.tasks.items():
+            if task_stage == stage and set_name in (None, task_set):
+                if task.state in ACTIVE_STATES:
+                    return task
+        return None
+
+    def newest_task(self) -> TaskRecord | None:
+        """The most recently submitted task of this run (highest job id)."""
+        return max(self.tasks.values(), key=lambda t: int(t.job_id.split("_")[0]), default=None)
 
 
 def run_states(cfg: Any, runs: list[Run], query_slurm: bool) -> list[RunState]:

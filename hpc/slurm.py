@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from dhm.config import ConfigError
 
 ACTIVE_STATES = {
+    "SUBMITTED",  # ours: in the ledger for under 10 minutes, not yet in sacct
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
     "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING",
 }  # fmt: skip
@@ -32,6 +33,10 @@ _TIME_FORMS = (
     (re.compile(r"^(\d+)-(\d+):(\d{1,2}):(\d{1,2})$"), ("d", "h", "m", "s")),
 )
 _MINUTES = {"d": 1440.0, "h": 60.0, "m": 1.0, "s": 1 / 60}
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed (not a usage error): the message says which and why."""
 
 
 def parse_time_minutes(value: str, key: str) -> int:
@@ -291,7 +296,7 @@ def job_states(job_ids: list[str]) -> dict[tuple[str, int | None], str]:
     cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        raise RuntimeError(f"sacct failed ({out.stderr.strip()}): is slurmdbd running?")
+        raise SlurmError(f"sacct failed ({out.stderr.strip()}): is slurmdbd running?")
     return parse_sacct(out.stdout)
 
 

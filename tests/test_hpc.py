@@ -94,6 +94,7 @@ def test_time_limits_parse_like_slurm(text, minutes):
 def test_hostlists_and_torch_env():
     assert expand_hostlist("node[1-2]") == ["node1", "node2"]
     assert expand_hostlist("gpu[08-10,12],login") == ["gpu08", "gpu09", "gpu10", "gpu12", "login"]
+    assert expand_hostlist("node[01-02]-ib,gpu5") == ["node01-ib", "node02-ib", "gpu5"]
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "777",
            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)"}  # fmt: skip
     assert torch_env_from_slurm(env) == {
