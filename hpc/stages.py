@@ -128,7 +128,7 @@ class EvalStage:
 
 
 class NoOp:
-    """A placeholder task that keeps an eval array aligned with the train array (aftercorr)."""
+    """A task that does nothing: it keeps an eval array aligned with the train array (aftercorr)."""
 
     def __call__(self) -> None:
         return None
