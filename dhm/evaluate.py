@@ -8,6 +8,8 @@ function of (eval.seed, i), so the union of shards is identical whatever the spl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -64,6 +66,28 @@ def load_eval_set(cfg: Any, set_name: str, role: str) -> data_lib.ImageSet:
             data.name, data.images[: cfg.eval.max_images], data.labels[: cfg.eval.max_images]
         )
     return data
+
+
+def eval_id(cfg: Any) -> str:
+    """10 hex chars identifying the eval settings that change a shard's contents or range."""
+    e = cfg.eval
+    key = {
+        "iwae_k": sorted(int(k) for k in e.iwae_k),
+        "fgsm_eps": [float(x) for x in e.fgsm_eps],
+        "seed": int(e.seed),
+        "max_images": e.max_images,
+        "shard_size": int(e.shard_size),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def shard_eval_id(path: str | Path) -> str | None:
+    """The eval_id a shard file was written with (None if unreadable or absent)."""
+    try:
+        value = results.read_attrs(path, ["eval_id"]).get("eval_id")
+    except (OSError, KeyError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def plan_shards(cfg: Any, set_name: str, role: str, set_size: int) -> list[ShardSpec]:
@@ -157,7 +181,12 @@ def evaluate(
     """
     out_path = Path(cfg.run_dir) / "eval" / shard.filename
     if out_path.exists():
-        return out_path
+        if shard_eval_id(out_path) == eval_id(cfg):
+            return out_path
+        raise results.ShardError(
+            f"{out_path} was written with other eval settings (eval_id "
+            f"{shard_eval_id(out_path)}, now {eval_id(cfg)}); relaunching moves it to eval-stale/"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, train_cfg = load_model(checkpoint, device)
     data = load_eval_set(cfg, shard.set_name, shard.role)
@@ -211,6 +240,7 @@ def evaluate(
         "model": train_cfg.model.name,
         "config_yaml": to_yaml(train_cfg),
         "eval_config_yaml": to_yaml(cfg.eval),
+        "eval_id": eval_id(cfg),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": ckpt_io.sha256(checkpoint),
         # Dimensions of what the likelihood covers (image or split-layer activations): bits/dim.

@@ -78,6 +78,12 @@ def make_plan(cfg: Any, runs: list[Run], query_slurm: bool) -> Plan:
                 lines.append(f"train: from scratch (no checkpoint){ended}")
         for set_name, done in st.eval_done.items():
             key = (set_name, st.roles[set_name])
+            if set_name in st.stale and not st.active("eval", set_name):
+                n = len(st.stale[set_name])
+                lines.append(
+                    f"eval {set_name}: {n} shard(s) made with other eval settings, "
+                    "moved to eval-stale/ before evaluating again"
+                )
             if done:
                 lines.append(f"eval {set_name}: skip (shards complete)")
             elif (task := st.active("eval", set_name)) is not None:
@@ -308,6 +314,12 @@ def main(cfg: DictConfig) -> int:
         return run_local(cfg, Plan(states=[], aggregate=True))
     plan = make_plan(cfg, runs, query_slurm=on_slurm)
     print_plan(cfg, plan)
+    if cfg.mode == "run":
+        for st in plan.states:
+            for set_name, paths in st.stale.items():
+                if not st.active("eval", set_name):
+                    move_aside = ledger.move_aside(st.run.run_dir, paths)
+                    print(f"moved {len(paths)} stale shard(s) of {st.run.run_id} to {move_aside}")
     if on_slurm:
         specs = arrays_for(cfg, plan)
         print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 
 from dhm import checkpoint as ckpt_io
-from dhm.evaluate import eval_sets
+from dhm.evaluate import eval_id, eval_sets, shard_eval_id
 from hpc.slurm import ACTIVE_STATES, job_states
 from hpc.sweep import Run, sweep_dir
 
@@ -81,6 +81,28 @@ def latest_tasks(cfg: Any, query: bool = True) -> dict[tuple[str, str, str], Tas
     return latest
 
 
+def set_shards(eval_dir: Path, set_name: str) -> list[Path]:
+    return [
+        p
+        for p in sorted(eval_dir.glob(f"{set_name}__*.h5"))
+        if (m := _SHARD_RE.match(p.name)) and m["set"] == set_name
+    ]
+
+
+def stale_shards(eval_dir: Path, set_name: str, current_eval_id: str) -> list[Path]:
+    """Shards of a set written with other eval settings (another k, epsilon grid, split...)."""
+    return [p for p in set_shards(eval_dir, set_name) if shard_eval_id(p) != current_eval_id]
+
+
+def move_aside(run_dir: Path, paths: list[Path]) -> Path:
+    """Move stale shards to ``<run_dir>/eval-stale/<time>/``: kept, but out of the merge."""
+    target = run_dir / "eval-stale" / time.strftime("%Y%m%dT%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        path.rename(target / path.name)
+    return target
+
+
 def set_complete(eval_dir: Path, set_name: str) -> bool:
     """True when the shard files of a set cover [0, set_size) without gaps."""
     spans = sorted(
@@ -110,6 +132,7 @@ class RunState:
     resume_step: int | None
     eval_done: dict[str, bool]  # set name -> complete
     roles: dict[str, str]  # set name -> id | ood
+    stale: dict[str, list[Path]] = field(default_factory=dict)  # set -> shards of old settings
     tasks: dict[tuple[str, str], TaskRecord] = field(default_factory=dict)  # (stage, set)
 
     def active(self, stage: str, set_name: str | None = "") -> TaskRecord | None:
@@ -139,6 +162,12 @@ def run_states(cfg: Any, runs: list[Run], query_slurm: bool) -> list[RunState]:
             eval_done={name: set_complete(run.run_dir / "eval", name) for name, _ in sets},
             roles=dict(sets),
         )
+        current = eval_id(run.cfg)
+        for name, _ in sets:
+            old = stale_shards(run.run_dir / "eval", name, current)
+            if old:
+                state.stale[name] = old
+                state.eval_done[name] = False
         for (stage, run_id, set_name), task in tasks.items():
             if run_id == run.run_id:
                 state.tasks[(stage, set_name)] = task

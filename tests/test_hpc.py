@@ -187,6 +187,13 @@ def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path
     assert "eval digits: skip (shards complete)" in out and "summary:" not in out
     assert cli([*args, "mode=status"]) == 0
     assert "3 runs: 3 done; summary exists" in capsys.readouterr().out
+    # Other eval settings: the old shards are moved aside (kept) and every run re-evaluated.
+    assert cli([*args, "eval.iwae_k=[1,3]"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("made with other eval settings") == 3 * 2  # 3 runs x 2 sets
+    header = (summary / "results.csv").read_text().splitlines()[0]
+    assert "iwae_k3" in header and "iwae_k10" not in header
+    assert len(list(tmp_path.glob("demo/runs/*/eval-stale/*/*.h5"))) == 3 * 2
 
 
 def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch):
