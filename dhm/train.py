@@ -60,12 +60,8 @@ def make_accelerator(cfg: Any) -> Accelerator:
     return Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=handlers)
 
 
-def dataset_info(cfg: Any) -> data_lib.DatasetInfo:
-    return data_lib.DATASETS[cfg.data.name]
-
-
 def model_for(cfg: Any) -> DeepHybridModel:
-    info = dataset_info(cfg)
+    info = data_lib.dataset_info(cfg.data.name)
     return build_model(cfg.model, info.num_classes, info.mean, info.std)
 
 
@@ -198,7 +194,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
         model.load_state_dict(state["model"])
         return final_path, model
 
-    info = dataset_info(cfg)
+    info = data_lib.dataset_info(cfg.data.name)
     train_set = data_lib.load_split(
         cfg.data.name, cfg.data.root, "train", download=cfg.data.download,
         val_size=cfg.data.val_size, split_seed=cfg.data.split_seed,

@@ -149,7 +149,7 @@ class RunState:
 
 
 def run_states(cfg: Any, runs: list[Run], query_slurm: bool) -> list[RunState]:
-    tasks = latest_tasks(cfg, query=query_slurm) if query_slurm else latest_tasks(cfg, query=False)
+    tasks = latest_tasks(cfg, query=query_slurm)
     out = []
     for run in runs:
         ckpt_dir = run.run_dir / "checkpoints"
