@@ -1,8 +1,8 @@
 """Aggregation of many runs' shard files against plain h5py reading the same datasets.
 
 Writes a synthetic sweep (digits-sized sets: 360 in-distribution images with logits, -ELBO,
--IWAE and a 10-epsilon FGSM grid, 360 OOD images) of 1,000 runs (200 with --quick), then times
-(reference) opening every shard with h5py and reading every dataset, and (ours)
+-IWAE and a 10-epsilon FGSM grid, 360 OOD images) of ``--runs`` runs (1,000; 200 with --quick),
+then times (reference) opening every shard with h5py and reading every dataset, and (ours)
 dhm.aggregate.aggregate without and with plots. Target: ours (no plots) <= 2x the reference.
 """
 
@@ -70,7 +70,7 @@ def _read_all(sweep: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    n_runs = 200 if args.quick else 1000
+    n_runs = args.runs
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Path(tmp) / "bench"
         _write_sweep(sweep, n_runs)

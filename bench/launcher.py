@@ -1,4 +1,4 @@
-"""Launcher: planning and dry-run of a 1,000-run grid, and the sbatch calls it needs.
+"""Launcher: planning and dry-run of a 1,000-run grid (``--runs``), and its sbatch calls.
 
 Reference in the same run: the thesis workflow, one hand-written sbatch script per run and stage
 (train + one eval per set), so its sbatch count is runs x (1 + sets). Ours is constant: one
@@ -26,14 +26,16 @@ def _timed(fn):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    seeds = 20 if args.quick else 100
+    betas = ["1e-4", "1e-3", "1e-2", "1e-1", "1", "10", "100", "1e3", "1e4", "1e5"]
+    betas = betas[: min(len(betas), args.runs)]
+    seeds = -(-args.runs // len(betas))  # a seeds x betas grid of at least --runs runs
     rows = []
     with tempfile.TemporaryDirectory() as root:
         overrides = [
             "cluster=slurm", "sweep=demo", "sweep.name=bench", f"root={root}",
             "sweep.points=[]",
             f"+sweep.axes={{train.seed:[{','.join(map(str, range(seeds)))}],"
-            "model.beta:[1e-4,1e-3,1e-2,1e-1,1,10,100,1e3,1e4,1e5]}",
+            f"model.beta:[{','.join(betas)}]}}",
         ]  # fmt: skip
         cfg, t_compose = _timed(lambda: compose_config(overrides))
         check_cluster(cfg, query_slurm=False)
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.redirect_stdout(io.StringIO()):
             _, t_render = _timed(lambda: print_arrays(cfg, specs, scripts=True))
     n = len(runs)
-    sets = len(plan.roles)
     ours = len(specs)
-    thesis = n * (1 + sets)
+    # One script per run for training plus one per run and evaluated set.
+    thesis = sum(1 + len(st.roles) for st in plan.states)
     for name, seconds in [("compose config", t_compose), ("expand grid (run ids)", t_expand),
                           ("plan (disk + ledger)", t_plan), ("build arrays", t_arrays),
                           ("render sbatch scripts", t_render)]:  # fmt: skip
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dry_run_total_s": round(total, 3),
             "sbatch_calls_ours": ours,
             "sbatch_calls_per_stage": {s.stage: 1 for s in specs},
+            "tasks_per_stage": {s.stage: len(s.tasks) for s in specs},
             "sbatch_calls_one_script_per_run_and_stage": thesis,
             "ratio_sbatch_calls_reference_over_ours": round(thesis / ours, 1),
         },

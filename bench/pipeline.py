@@ -3,7 +3,8 @@
 Ours: ``dhm.data.DeviceLoader`` (uint8 set resident on the device, one batched crop + flip
 gather per batch). Reference: torchvision's per-sample PIL pipeline (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor) in a DataLoader with one worker per core, moved to the device.
-Both deliver float [B,3,32,32] batches on the device for one epoch of a 10k-image synthetic set.
+Both deliver float [B,3,32,32] batches on the device for one epoch of a synthetic set
+(``--images``, default 10k).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from bench import common
 from dhm.data import DeviceLoader
 
 TARGET_RATIO = 20.0
-NUM_IMAGES = 10_000
 SETTLE_S = 0.2  # the reference's workers refill their prefetch queue before ours is timed
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    data = common.synthetic_set(NUM_IMAGES, seed=args.seed)
+    data = common.synthetic_set(args.images, seed=args.seed)
     loader = DeviceLoader(data, args.batch, device=device, seed=args.seed, augment=True)
     per_epoch = len(loader) * args.batch
     epoch_counter = iter(range(10**9))
@@ -71,6 +71,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": f">= {TARGET_RATIO:g}x",
             "meets target": ratio >= TARGET_RATIO,
         },
-        "config": {"images": NUM_IMAGES, "batch": args.batch, "workers": common.cpu_cores()},
+        "config": {"images": args.images, "batch": args.batch, "workers": common.cpu_cores()},
         "samples_s": {"ours": ours, "ref": ref},
     }

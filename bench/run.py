@@ -1,23 +1,27 @@
 """Run the benchmarks: ``python -m bench.run [--quick] [--width W] [--batch B] [--device D]
-[--out FILE] [--only NAME,...]``.
+[--runs N] [--images N] [--out FILE] [--only NAME,...]``.
 
 Prints one table per benchmark and writes JSON (default ``bench/results/<timestamp>.json``) with
 the machine's description. Speeds are reported as ratios against a reference measured in the same
 run, so numbers from different machines are not compared directly.
 
-Adding a benchmark: write ``fn(args: argparse.Namespace) -> dict`` and register it in
-``BENCHMARKS``. ``args`` carries the resolved options: ``device`` (torch.device), ``quick``,
-``width``, ``latent_dim``, ``batch``, ``warmup``, ``repeats``, ``steps`` (timed calls per
-sample), ``seed``, ``fgsm_eps``, ``iwae_k``, and ``results`` (the dicts of the benchmarks that
-already ran, by name, for reuse). The returned dict may hold ``rows`` (a list of flat dicts,
-printed as a table), ``summary`` (a flat dict, printed as ``key: value`` lines) and anything
-JSON-serialisable besides, which goes to the JSON only. ``bench.common`` has the timers
-(``measure``/``median``: warm-up, repeats, CUDA synchronisation) and the shared fixtures.
+Adding a benchmark: write ``run(args: argparse.Namespace) -> dict`` in a module and register
+it in ``BENCHMARKS``. ``args`` carries the resolved options: ``device`` (torch.device),
+``quick``, ``width``, ``latent_dim``, ``batch``, ``runs``, ``images``, ``warmup``, ``repeats``,
+``steps`` (timed calls per sample), ``seed``, ``fgsm_eps``, ``iwae_k``, and ``results`` (the
+dicts of the benchmarks that already ran, by name, for reuse). The returned dict may hold
+``rows`` (a list of flat dicts, printed as a table), ``summary`` (a flat dict, printed as
+``key: value`` lines) and anything JSON-serialisable besides, which goes to the JSON only.
+``bench.common`` has the timers (``measure``/``median``: warm-up, repeats, CUDA
+synchronisation) and the shared fixtures. Modules are imported when their benchmark runs, so
+``--only pipeline,train_step,eval_cost,flops`` needs neither Hydra nor submitit (a GPU box
+with only torch, omegaconf and h5py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -27,18 +31,24 @@ from typing import Any
 
 import torch
 
-from bench import aggregate, common, eval_cost, flops, launcher, pipeline, train_step
+from bench import common
 
 Benchmark = Callable[[argparse.Namespace], dict[str, Any]]
 
-BENCHMARKS: dict[str, Benchmark] = {
-    "pipeline": pipeline.run,
-    "train_step": train_step.run,
-    "eval_cost": eval_cost.run,
-    "flops": flops.run,
-    "launcher": launcher.run,
-    "aggregate": aggregate.run,
+# name -> module under bench/ whose ``run(args)`` is the benchmark, in the order they run.
+BENCHMARKS: dict[str, str] = {
+    "pipeline": "bench.pipeline",
+    "train_step": "bench.train_step",
+    "eval_cost": "bench.eval_cost",
+    "flops": "bench.flops",
+    "launcher": "bench.launcher",
+    "aggregate": "bench.aggregate",
 }
+
+
+def benchmark(name: str) -> Benchmark:
+    return importlib.import_module(BENCHMARKS[name]).run
+
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -48,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CPU-sized run (~2 min on 2 cores)")
     p.add_argument("--width", type=int, help="model width (default 64; 8 with --quick)")
     p.add_argument("--batch", type=int, help="global batch (default 400; 64 with --quick)")
+    p.add_argument("--runs", type=int, help="grid size of launcher/aggregate (1000; 200)")
+    p.add_argument("--images", type=int, help="training set size of pipeline/train_step (10000)")
     p.add_argument("--latent-dim", type=int, default=256, dest="latent_dim")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/<timestamp>.json)")
@@ -68,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device)
     quick = args.quick
     defaults = {"width": (64, 8), "batch": (400, 64), "repeats": (5, 3), "warmup": (3, 1),
-                "steps": (5, 2)}  # fmt: skip
+                "steps": (5, 2), "runs": (1000, 200), "images": (10_000, 10_000)}  # fmt: skip
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
@@ -159,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for name in args.names:
         t0 = time.perf_counter()
-        result = BENCHMARKS[name](args)
+        result = benchmark(name)(args)
         timings[name] = time.perf_counter() - t0
         args.results[name] = result
         print("\n" + report(name, result, timings[name]), flush=True)

@@ -23,7 +23,6 @@ from dhm.model import DHMOutput
 from dhm.objectives import hybrid_loss, vae_terms
 from dhm.train import step_seed
 
-NUM_IMAGES = 10_000
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
 
@@ -117,7 +116,7 @@ class ThesisStep:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    data = common.synthetic_set(NUM_IMAGES, seed=args.seed)
+    data = common.synthetic_set(args.images, seed=args.seed)
     ref_loader = common.pil_loader(data, args.batch, device)
     ref_batches = common.endless(ref_loader, device)
     timing = {
