@@ -1,7 +1,8 @@
 """Benchmark ``pipeline``: images/s of the training input path.
 
-Ours: ``dhm.data.DeviceLoader`` (uint8 set resident on the device, one batched crop + flip
-gather per batch). Reference: torchvision's per-sample PIL pipeline (RandomCrop(32, padding=4),
+Ours: ``dhm.data.DeviceLoader`` (uint8 set resident on the device, padded once; a batch of
+crops + flips is one ``index_select`` of window starts, see ``dhm.data.CropWindows``).
+Reference: torchvision's per-sample PIL pipeline (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor) in a DataLoader with one worker per core, moved to the device.
 Both deliver float [B,3,32,32] batches on the device for one epoch of a synthetic set
 (``--images``, default 10k).

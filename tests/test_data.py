@@ -276,6 +276,30 @@ def test_crop_flip_matches_torchvision():
     )
 
 
+@pytest.mark.parametrize("padding", [4, 2])
+def test_crop_windows_equal_crop_flip_for_every_offset_and_flip(padding):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=g)
+    crops = D.CropWindows(images, padding=padding)
+    side = 2 * padding + 1
+    dy, dx, flip = torch.meshgrid(
+        torch.arange(side), torch.arange(side), torch.arange(2), indexing="ij"
+    )
+    offsets = torch.stack([dy.reshape(-1), dx.reshape(-1)], 1)
+    flips = flip.reshape(-1).bool()
+    for i in range(5):  # the last image at the largest offset reads the buffer's last byte
+        idx = torch.full((len(flips),), i)
+        expect = D.crop_flip(images[idx], offsets, flips, padding=padding)
+        assert crops(idx, offsets, flips).equal(expect)
+    # A shuffled batch with repeats, as the loader draws them.
+    idx = torch.randint(0, 5, (64,), generator=g)
+    offsets = torch.randint(0, side, (64, 2), generator=g)
+    flips = torch.randint(0, 2, (64,), generator=g).bool()
+    out = crops(idx, offsets, flips)
+    assert out.is_contiguous() and out.dtype == torch.uint8
+    assert out.equal(D.crop_flip(images[idx], offsets, flips, padding=padding))
+
+
 def test_loader_augmentation_wiring_and_plain_pixels():
     data = _indexed()
     plain = D.DeviceLoader(data, 8, device="cpu", seed=5, augment=False)
