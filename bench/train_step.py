@@ -2,16 +2,17 @@
 
 Ours is the body of ``dhm.train.run_training``'s loop: DeviceLoader batches, the Accelerator of
 ``dhm.train.make_accelerator`` (bf16 autocast on CUDA, fp32 on CPU), channels_last on CUDA,
-``vae_terms`` + ``hybrid_loss``, the finiteness check, backward and an Adam step. The reference
-is a thesis-style step on the same model, batch size and cores: fp32, batches from the
-per-sample PIL DataLoader, and the loss summed in a Python loop over the batch (per-sample MSE
-reconstruction + KL + CE), as the old code did.
+``vae_terms`` + ``hybrid_loss``, the deferred finiteness record (no host sync per step),
+backward and an Adam step. The reference is a thesis-style step on the same model, batch size
+and cores: fp32, batches from the per-sample PIL DataLoader, and the loss summed in a Python
+loop over the batch (per-sample MSE reconstruction + KL + CE), as the old code did.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from bench import common
 from dhm.data import DeviceLoader, ImageSet
 from dhm.model import DHMOutput
 from dhm.objectives import hybrid_loss, vae_terms
-from dhm.train import step_seed
+from dhm.train import FiniteWatch, step_seed
 
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
@@ -53,6 +54,7 @@ class OurStep:
         )
         self.batches = _device_batches(loader)
         self.seed, self.global_step = args.seed, 0
+        self.watch = FiniteWatch(self.acc.device)  # deferred, as in dhm.train: no sync per step
 
     def __call__(self) -> None:
         m = self.mcfg
@@ -70,14 +72,15 @@ class OurStep:
         loss, _terms = hybrid_loss(
             out.logits, y, vae, alpha=m.alpha, beta=m.beta, kl_coeff=m.kl_coeff
         )
-        if not torch.isfinite(self.acc.reduce(loss.detach(), "sum")):
-            raise FloatingPointError(f"non-finite loss at benchmark step {self.global_step}")
+        finite = torch.isfinite(self.acc.reduce(loss.detach(), "sum"))
+        self.watch.update(finite, _terms, self.global_step, 0, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.optimizer.step()
         self.global_step += 1
 
     def close(self) -> None:
+        self.watch.check(Path("(benchmark: no checkpoints)"))
         self.acc.free_memory()  # drop the Accelerator's references to model and optimizer
 
 

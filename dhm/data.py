@@ -385,17 +385,24 @@ class CropWindows:
             (positions, c, h, w), (1, self.hp * self.wp, self.wp, 1)
         )
 
+    def starts(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Window start positions (int64 [B], on ``idx``'s device) of images ``idx`` cropped at
+        ``offsets`` [B,2] (dy, dx) and flipped where ``flips``."""
+        offsets, flips = offsets.to(idx.device), flips.to(idx.device)
+        dx = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
+        image = idx + flips.long() * self.n
+        return image * self.image_stride + offsets[:, 0] * self.wp + dx
+
+    def gather(self, starts: torch.Tensor) -> torch.Tensor:
+        """The crops [B,C,H,W] at window ``starts`` (on the buffer's device)."""
+        return torch.index_select(self.windows, 0, starts)
+
     def __call__(
         self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor
     ) -> torch.Tensor:
         """Crops [B,C,H,W] of images ``idx`` at ``offsets`` [B,2] (dy, dx), flipped where
-        ``flips``; all on the buffer's device or moved there."""
-        dev = self.buffer.device
-        offsets, flips = offsets.to(dev), flips.to(dev)
-        dx = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
-        image = idx + flips.long() * self.n
-        starts = image * self.image_stride + offsets[:, 0] * self.wp + dx
-        return torch.index_select(self.windows, 0, starts)
+        ``flips``."""
+        return self.gather(self.starts(idx.to(self.buffer.device), offsets, flips))
 
 
 class DeviceLoader:
@@ -463,17 +470,32 @@ class DeviceLoader:
         for global batches ``start_batch .. len(self) - 1``."""
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch={start_batch} not in [0, {self.num_batches}]")
-        return self._batches(epoch, start_batch, self.permutation(epoch).to(self.device))
+        return self._batches(epoch, start_batch)
 
-    def _batches(self, epoch: int, start_batch: int, perm: torch.Tensor):
+    def _batches(self, epoch: int, start_batch: int):
         g, w, r = self.global_batch_size, self.world_size, self.rank
+        perm = self.permutation(epoch)
+        # The whole epoch's indices and crop windows are worked out on the host and copied
+        # once: a blocking host-to-device copy per batch would wait for the GPU every step.
+        spans, idx_parts, start_parts, pos = [], [], [], 0
         for b in range(start_batch, self.num_batches):
             n = min(g, self.n - b * g)  # global batch size, smaller only for the last one
             lo, hi = n * r // w, n * (r + 1) // w
             idx = perm[b * g + lo : b * g + hi]
+            idx_parts.append(idx)
             if self._crops is not None:
                 offsets, flips = augmentation_params(self.seed, epoch, b, n)
-                x = self._crops(idx, offsets[lo:hi], flips[lo:hi])
+                start_parts.append(self._crops.starts(idx, offsets[lo:hi], flips[lo:hi]))
+            spans.append((pos, pos + hi - lo))
+            pos += hi - lo
+        if not spans:
+            return
+        all_idx = torch.cat(idx_parts).to(self.device)
+        all_starts = torch.cat(start_parts).to(self.device) if start_parts else None
+        for a, z in spans:
+            idx = all_idx[a:z]
+            if all_starts is not None:
+                x = self._crops.gather(all_starts[a:z])
             else:
                 x = torch.index_select(self._flat, 0, idx).view(-1, *self.images.shape[1:])
             yield x.float().div_(255), self.labels[idx]

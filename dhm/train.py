@@ -37,6 +37,45 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
 
 
+class FiniteWatch:
+    """Records the first step whose loss was not finite, on the device, without a host sync.
+
+    ``update`` runs every step as a few tiny device ops (no ``.item()``, so a GPU never waits
+    for the host); ``check`` reads the record (one sync) and raises NonFiniteLossError naming
+    that step, its epoch and batch and every loss term. The loop checks before it logs,
+    checkpoints or returns, so a non-finite loss stops the run at the next log or checkpoint
+    step, no checkpoint holds weights updated by it, and the error names the step where it
+    happened, not where it was noticed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        # step, epoch, batch of the first non-finite loss (-1: none), as 0-d device tensors.
+        self.where = [torch.tensor(-1, device=device) for _ in range(3)]
+        self.values: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    def update(self, finite: torch.Tensor, terms: dict[str, torch.Tensor], *where: int) -> None:
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        if self.values is None:
+            self.names, self.values = list(terms), torch.zeros_like(values)
+        first = (self.where[0] < 0) & ~finite
+        # Python ints enter as kernel arguments: no host-to-device copy, so no sync.
+        self.where = [torch.where(first, n, w) for n, w in zip(where, self.where, strict=True)]
+        self.values = torch.where(first, values, self.values)
+
+    def check(self, ckpt_dir: Path) -> None:
+        step, epoch, batch = torch.stack(self.where).tolist()
+        if step >= 0:
+            assert self.values is not None
+            shown = ", ".join(
+                f"{k}={v:.4g}" for k, v in zip(self.names, self.values.tolist(), strict=True)
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {epoch}, batch {batch}): {shown}; "
+                f"the last good checkpoint in {ckpt_dir} is kept"
+            )
+
+
 def step_seed(seed: int, global_step: int, rank: int) -> int:
     """Seed of the RNG for one optimisation step of one rank (dropout, VAE noise)."""
     return (seed * 1_000_003 + global_step * 7919 + rank * 104_729) % (2**63 - 1)
@@ -275,6 +314,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
             ckpt_io.prune(ckpt_dir, t.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    watch = FiniteWatch(accelerator.device)
     try:
         model.train()
         tick, images = time.perf_counter(), 0
@@ -304,21 +344,23 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
                 if t.debug_nan_at_step is not None and global_step == t.debug_nan_at_step:
                     loss = loss * float("nan")
                     terms["loss"] = loss.detach()
-                # Every rank must agree before any of them steps, or one would wait forever.
-                if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
-                    shown = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {global_step} (epoch {epoch}, "
-                        f"batch {batch_idx}): {shown}; the last good checkpoint in "
-                        f"{ckpt_dir} is kept"
-                    )
+                # Reduced, so every rank records (and later raises) the same first bad step.
+                finite = torch.isfinite(accelerator.reduce(loss.detach(), "sum"))
+                watch.update(finite, terms, global_step, epoch, batch_idx)
                 optimizer.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optimizer.step()
                 global_step += 1
                 images += x.shape[0] * accelerator.num_processes
 
-                if global_step % t.log_every_steps == 0 or batch_idx == len(loader) - 1:
+                end_of_epoch = batch_idx == len(loader) - 1
+                log_now = global_step % t.log_every_steps == 0 or end_of_epoch
+                checkpoint_now = end_of_epoch or (
+                    t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0
+                )
+                if log_now or checkpoint_now:
+                    watch.check(ckpt_dir)  # the only host sync of a step, and not every step
+                if log_now:
                     reduced = {k: accelerator.reduce(v, "mean").item() for k, v in terms.items()}
                     if main:
                         now = time.perf_counter()
@@ -330,12 +372,9 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
                         log.write(reduced)
                         if bar is not None:
                             bar.set_postfix(loss=f"{reduced['loss']:.4g}")
-                end_of_epoch = batch_idx == len(loader) - 1
                 if end_of_epoch:
                     scheduler.step()
-                if end_of_epoch or (
-                    t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0
-                ):
+                if checkpoint_now:
                     nxt = (epoch + 1, 0) if end_of_epoch else (epoch, batch_idx + 1)
                     save_step_checkpoint(*nxt)
             start_batch = 0
@@ -343,6 +382,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
         if log is not None:
             log.close()
 
+    watch.check(ckpt_dir)
     final = {
         "format": 1,
         "model": unwrapped.state_dict(),

@@ -122,6 +122,73 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(small
     assert not (ckpt_dir / "final.pt").exists()
 
 
+def test_non_finite_loss_found_at_a_log_step_names_the_step_it_happened(small_cfg):
+    # The check is deferred (no host sync per step): here the first look is at the end of the
+    # epoch, and the error still names step 7 and its terms; nothing is saved after it.
+    cfg = small_cfg(**{"train.debug_nan_at_step": 7, "train.checkpoint_every_steps": 0,
+                       "train.log_every_steps": 1000, "train.epochs": 1})  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"step 7 \(epoch 0, batch 7\).*loss=nan"):
+        train(cfg)
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    assert not ckpt_dir.exists() or not list(ckpt_dir.iterdir())
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def _host_reads_in_dhm(monkeypatch) -> list[str]:
+    """Record 'file:line' of every tensor-to-host read made by code under dhm/."""
+    calls: list[str] = []
+    dhm_dir = str(REPO / "dhm")
+
+    def wrap(name):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(dhm_dir):
+                calls.append(f"{Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    for name in HOST_READS:
+        wrap(name)
+    return calls
+
+
+def test_training_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    # On a GPU each read is a sync that stalls the queue; their number must not grow with the
+    # number of steps. 24 and 48 steps, one log + checkpoint (the epoch end) each.
+    reads = {}
+    for batch in (50, 25):
+        cfg = small_config(tmp_path / f"b{batch}", **{
+            "train.batch_size": batch, "train.epochs": 1, "train.checkpoint_every_steps": 0,
+            "train.log_every_steps": 1000,
+        })  # fmt: skip
+        calls = _host_reads_in_dhm(monkeypatch)
+        train(cfg)
+        monkeypatch.undo()
+        reads[batch] = calls
+    assert reads[50] and len(reads[50]) == len(reads[25]), reads
+
+
+def test_loader_copies_to_the_device_once_per_epoch(monkeypatch):
+    from dhm.data import DeviceLoader
+    from tests.test_data import _indexed
+
+    loader = DeviceLoader(_indexed(64), 8, device="cpu", seed=0, augment=True)
+    batches = loader.epoch(0)
+    next(batches)  # the epoch's indices and windows are prepared here
+    moves = []
+    original = torch.Tensor.to
+    monkeypatch.setattr(
+        torch.Tensor, "to", lambda self, *a, **k: moves.append(a) or original(self, *a, **k)
+    )
+    rest = list(batches)
+    assert len(rest) == 7 and moves == []
+
+
 def test_bad_values_are_refused_before_anything_is_written(small_cfg):
     for overrides, message in [
         ({"model.name": "gan"}, "model.name='gan'"),
