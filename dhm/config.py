@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 MODEL_KINDS = ("dhm", "resnet", "vae", "zmodel")
@@ -186,6 +187,40 @@ OPERATIONAL_TRAIN_KEYS = (
 )
 
 
+class Plain(dict):
+    """Plain config data (nested dicts of YAML scalars and lists) read like a DictConfig.
+
+    ``cfg.train.lr`` and ``cfg.train["lr"]`` both work, as for a DictConfig, which is what the
+    checks here and the launcher read; building and reading one is ~100x cheaper than a
+    DictConfig, which matters for a 1,000-run sweep. Values are whatever the schema made of
+    them: build one from ``OmegaConf.to_container`` of a validated config (``Plain.of``).
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Plain:
+        return cls({k: cls.of(v) if isinstance(v, dict) else v for k, v in data.items()})
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def plain(self) -> dict[str, Any]:
+        """A deep copy as built-in dicts and lists."""
+        return {k: v.plain() if isinstance(v, Plain) else _copy_value(v) for k, v in self.items()}
+
+
+def _copy_value(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_copy_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _copy_value(x) for k, x in v.items()}
+    return v
+
+
 def training_identity(cfg: Any) -> dict[str, Any]:
     """The settings that determine a run's trained weights (model, data, train), as plain data.
 
@@ -193,7 +228,7 @@ def training_identity(cfg: Any) -> dict[str, Any]:
     match and what a sweep hashes into the run id. Paths (data.root) and operational keys
     (logging, checkpoint cadence, device choice) are left out.
     """
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in plain["data"].items() if k not in ("root", "download", "ood_sets")}
     train = {k: v for k, v in plain["train"].items() if k not in OPERATIONAL_TRAIN_KEYS}
     return {"model": plain["model"], "data": data, "train": train}
@@ -212,6 +247,15 @@ def from_yaml(text: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
 
 
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def to_yaml(cfg: Any) -> str:
-    """Resolved YAML text of a config, as stored in checkpoints and HDF5 attributes."""
+    """Resolved YAML text of a config, as stored in checkpoints and HDF5 attributes.
+
+    A ``Plain`` config is dumped with PyYAML's safe dumper (same YAML data; what ``from_yaml``
+    reads back is equal), a DictConfig by OmegaConf.
+    """
+    if isinstance(cfg, Plain):
+        return yaml.dump(cfg.plain(), Dumper=_YAML_DUMPER, sort_keys=False)
     return OmegaConf.to_yaml(cfg, resolve=True)

@@ -75,6 +75,46 @@ def test_bad_launch_values_name_the_key(overrides, message):
         expand(cfg)
 
 
+def test_fast_expansion_equals_the_schema_path_value_for_value(tmp_path):
+    # expand() validates each distinct swept value once and copies plain data per run; each
+    # run must equal the config OmegaConf builds point by point, and its YAML (what the stages
+    # receive) must read back to the same config and run id.
+    from omegaconf import OmegaConf
+
+    from dhm.config import RunConfig, from_yaml
+    from hpc.sweep import _slow_point
+
+    cfg = _cfg(
+        "+sweep.axes={model.beta:[1,0.5],train.lr:[1,2e-3],model.head_dropout:[[0,0.5]]}",
+        "sweep.points=[{model.name:resnet,model.beta:0,data.ood_sets:[digits_ood]}]",
+        f"root={tmp_path}",
+    )
+    runs = expand(cfg)
+    assert len(runs) == 5
+    base = OmegaConf.structured(RunConfig)
+    for section in ("model", "data", "train", "eval"):
+        base[section] = cfg[section]
+    for run in runs:
+        slow = _slow_point(base, run.overrides)
+        slow["run_dir"] = run.cfg.run_dir
+        assert run.cfg == slow
+        assert type(run.cfg.model.beta) is float and type(run.cfg.train.lr) is float
+        back = from_yaml(run.yaml)
+        assert OmegaConf.to_container(back) == run.cfg.plain()
+        assert run_id_of(back) == run.run_id
+
+
+def test_sweep_values_with_interpolations_resolve_per_run():
+    runs = expand(_cfg("+sweep.axes={model.alpha:[2,3]}", "sweep.points=[]",
+                       "model.beta='${model.alpha}'"))  # fmt: skip
+    assert sorted((r.cfg.model.alpha, r.cfg.model.beta) for r in runs) == [(2, 2), (3, 3)]
+
+
+def test_a_sweep_value_of_the_wrong_type_names_the_point():
+    with pytest.raises(ConfigError, match=r"sweep point .*model.width.*abc"):
+        expand(_cfg("+sweep.axes={model.width:[8,abc]}", "sweep.points=[]"))
+
+
 def test_empty_grid_is_refused():
     with pytest.raises(ConfigError, match="empty grid"):
         expand(_cfg("sweep.points=[]", "+sweep.axes={}", "sweep.name=none"))
