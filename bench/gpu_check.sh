@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU check, as one prepared script for a lent GPU box (see docs/performance.md).
+#
+#   bash bench/gpu_check.sh prepare   # here: copy the pure-Python packages the box lacks
+#                                     # (omegaconf, antlr4, hydra, submitit) into .devsite/
+#   bash bench/gpu_check.sh run       # there: GPU tests, then the GPU benchmarks
+#
+# With the device tool: run(command="bash bench/gpu_check.sh run", carry=[".devsite"],
+# timeout_s=540). The box has torch, accelerate, h5py, numpy, pyyaml, torchvision and pytest;
+# results go to $OUT (or bench/results/gpu-<time>/): gpu_tests.log, bench_gpu.json/.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+prepare)
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -rf .devsite && mkdir -p .devsite
+  for pkg in omegaconf antlr4 hydra submitit; do
+    cp -r "$site/$pkg" .devsite/ || { echo "prepare: $pkg not in $site (make setup first)"; exit 1; }
+  done
+  du -sh .devsite
+  ;;
+run)
+  out=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$out"
+  export PYTHONPATH="$PWD/.devsite:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  py=${PYTHON:-python3}
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv |
+    tee "$out/gpu.txt"
+  $py -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate",
+accelerate.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
+  # Correctness first (a fast path that is wrong is not worth timing), ~2-3 min.
+  timeout 300 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data.py \
+    tests/test_objectives.py 2>&1 | tee "$out/gpu_tests.log"
+  tests=${PIPESTATUS[0]}
+  # Then speed: width 64, batch 400 (the defaults), bf16 + channels_last, ~3-4 min.
+  timeout 300 $py -m bench.run --only pipeline,train_step,eval_cost,flops \
+    --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
+  bench=${PIPESTATUS[0]}
+  echo "gpu tests exit $tests, benchmarks exit $bench; results in $out"
+  [ "$tests" = 0 ] && [ "$bench" = 0 ]
+  ;;
+*)
+  echo "usage: bash bench/gpu_check.sh prepare|run" >&2
+  exit 2
+  ;;
+esac
