@@ -34,7 +34,9 @@ from dhm.objectives import (
 )
 
 NOISE_BLOCK = 256  # images per block of pre-drawn VAE noise
-DECODER_IMAGES = 2048  # cap on images x samples per decoder call
+# Cap on images x samples per decoder call. A GPU wants large calls (2048 bounds memory); on a
+# CPU, calls of 256 stay in cache and ran ~2x faster than 2048 (k = 10 and 100, width 8).
+DECODER_IMAGES = {"cuda": 2048, "cpu": 256}
 
 
 @dataclass(frozen=True)
@@ -128,10 +130,10 @@ def _bounds(
     """Logits (or None), -ELBO [B] and {k: -IWAE_k [B]} for one batch with noise [kmax, B, D].
 
     -ELBO uses beta = 1 and averages the reconstruction term over the kmax samples. The decoder
-    sees sub-batches of at most DECODER_IMAGES images x samples, each in one call.
+    sees sub-batches of at most DECODER_IMAGES[device type] images x samples, each in one call.
     """
     kmax = eps.shape[0]
-    per_call = max(1, DECODER_IMAGES // kmax)
+    per_call = max(1, DECODER_IMAGES.get(x.device.type, DECODER_IMAGES["cuda"]) // kmax)
     logits, neg_elbo, log_w = [], [], []
     for s in range(0, x.shape[0], per_call):
         out = model(x[s : s + per_call], eps=eps[:, s : s + per_call].to(x.device))
