@@ -34,6 +34,17 @@ MODEL_VARIANTS: tuple[tuple[str, int], ...] = (
 )
 
 
+def variant_name(kind: str, split: int) -> str:
+    return f"{kind}-s{split}" if kind == "dhm" else kind
+
+
+def selected_variants(models: list[str] | None) -> list[tuple[str, int]]:
+    """MODEL_VARIANTS, or those named in ``models`` (``--models dhm-s0,resnet``)."""
+    if not models:
+        return list(MODEL_VARIANTS)
+    return [v for v in MODEL_VARIANTS if variant_name(*v) in models]
+
+
 # ----------------------------------------------------------------------------------- timing
 
 

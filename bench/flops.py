@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = common.matmul_rate(device, args.quick)
     rates = _train_rates(args)
     rows = []
-    for kind, split in common.MODEL_VARIANTS:
-        name = f"{kind}-s{split}" if kind == "dhm" else kind
+    for kind, split in common.selected_variants(args.models):
+        name = common.variant_name(kind, split)
         if name not in rates:
             continue
         if args.width == HEADLINE_WIDTH and name == "dhm-s0":

@@ -8,7 +8,8 @@ run, so numbers from different machines are not compared directly.
 Adding a benchmark: write ``run(args: argparse.Namespace) -> dict`` in a module and register
 it in ``BENCHMARKS``. ``args`` carries the resolved options: ``device`` (torch.device),
 ``quick``, ``width``, ``latent_dim``, ``batch``, ``runs``, ``images``, ``warmup``, ``repeats``,
-``steps`` (timed calls per sample), ``seed``, ``fgsm_eps``, ``iwae_k``, and ``results`` (the
+``steps`` (timed calls per sample), ``seed``, ``fgsm_eps``, ``iwae_k``, ``models`` (None: all
+variants), ``compile``, and ``results`` (the
 dicts of the benchmarks that already ran, by name, for reuse). The returned dict may hold
 ``rows`` (a list of flat dicts, printed as a table), ``summary`` (a flat dict, printed as
 ``key: value`` lines) and anything JSON-serialisable besides, which goes to the JSON only.
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="global batch (default 400; 64 with --quick)")
     p.add_argument("--runs", type=int, help="grid size of launcher/aggregate (1000; 200)")
     p.add_argument("--images", type=int, help="training set size of pipeline/train_step (10000)")
+    p.add_argument("--models", help="train_step/flops variants, e.g. dhm-s0,resnet (default all)")
+    p.add_argument("--compile", action="store_true",
+                   help="train_step: torch.compile the model (as train.compile=true)")  # fmt: skip
     p.add_argument("--latent-dim", type=int, default=256, dest="latent_dim")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", type=Path, help="JSON file (default bench/results/<timestamp>.json)")
@@ -87,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) < (0 if key == "warmup" else 1):
             p.error(f"--{key} must be positive")
     args.iwae_k = [int(k) for k in args.iwae_k.split(",") if k.strip()]
+    if args.compile:
+        args.warmup = max(args.warmup, 3)  # the first calls compile forward, then backward
+    known = [common.variant_name(*v) for v in common.MODEL_VARIANTS]
+    args.models = [m.strip() for m in (args.models or "").split(",") if m.strip()] or None
+    if args.models and (bad := [m for m in args.models if m not in known]):
+        p.error(f"--models: unknown {', '.join(bad)}; known: {', '.join(known)}")
     names = list(BENCHMARKS)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]

@@ -49,6 +49,8 @@ class OurStep:
         optimizer = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.model.train()
+        # As dhm.train: the compiled module runs the step, the prepared one holds the state.
+        self.forward = torch.compile(self.model) if getattr(args, "compile", False) else self.model
         loader = DeviceLoader(
             data, args.batch, device=self.acc.device, seed=args.seed, augment=True
         )
@@ -62,7 +64,7 @@ class OurStep:
         torch.manual_seed(step_seed(self.seed, self.global_step, self.acc.process_index))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x, k=m.importance_num)
+        out = self.forward(x, k=m.importance_num)
         vae = None
         if out.mu is not None:
             vae = vae_terms(
@@ -127,8 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settle_s": SETTLE_S if device.type == "cpu" else 0.0,
     }  # fmt: skip
     rows, samples = [], {}
-    for kind, split in common.MODEL_VARIANTS:
-        name = f"{kind}-s{split}" if kind == "dhm" else kind
+    for kind, split in common.selected_variants(args.models):
+        name = common.variant_name(kind, split)
         ours = OurStep(kind, split, args, data)
         ref = ThesisStep(kind, split, args, ref_batches)
         t = common.measure_interleaved({"ours": ours, "ref": ref}, **timing)
@@ -156,6 +158,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = [r["ratio"] for r in rows]
     geo = torch.tensor(ratios).log().mean().exp().item()
     precision = "bf16 autocast + channels_last" if device.type == "cuda" else "fp32"
+    if args.compile:
+        precision += " + torch.compile"
     return {
         "rows": rows,
         "summary": {

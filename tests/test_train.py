@@ -113,6 +113,24 @@ def test_every_model_kind_and_split_trains(small_cfg, kind, split):
 
 
 @pytest.mark.slow
+def test_compiled_training_on_cpu_saves_plain_weights_that_evaluate(small_cfg):
+    # train.compile=true (torch.compile; inductor on CPU, ~1.5 min here): the GPU fast path's
+    # option, on the same code path. The checkpoint holds the unwrapped module's weights.
+    from dhm.evaluate import evaluate_all
+    from dhm.model import build_model
+
+    cfg = small_cfg(**{"train.compile": True, "train.epochs": 1, "train.batch_size": 100})
+    final = train(cfg)
+    state = ckpt_io.load(final)
+    eager = build_model(cfg.model, 10, (0.5,) * 3, (0.25,) * 3)
+    assert set(state["model"]) == set(eager.state_dict())  # no "_orig_mod." prefixes
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    loss = [float(r["loss"]) for r in _rows(Path(cfg.run_dir))]
+    assert len(loss) >= 2 and loss[-1] < loss[0]
+    assert evaluate_all(cfg, final)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(small_cfg):
     cfg = small_cfg(**{"train.debug_nan_at_step": 7, "train.checkpoint_every_steps": 5})
     with pytest.raises(NonFiniteLossError, match=r"step 7 \(epoch 0, batch 7\).*ce=.*kl="):
