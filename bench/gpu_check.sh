@@ -3,10 +3,12 @@
 #
 #   bash bench/gpu_check.sh prepare   # here: copy the pure-Python packages the box lacks
 #                                     # (omegaconf, antlr4, hydra, submitit) into .devsite/
-#   bash bench/gpu_check.sh run       # there: GPU tests, then the GPU benchmarks
+#   bash bench/gpu_check.sh run       # there: GPU tests, then the GPU benchmarks (~6 min)
+#   bash bench/gpu_check.sh compile   # there, if time is left: the train step under
+#                                     # torch.compile (train.compile=true), dhm-s0 and resnet
 #
 # With the device tool: run(command="bash bench/gpu_check.sh run", carry=[".devsite"],
-# timeout_s=540). The box has torch, accelerate, h5py, numpy, pyyaml, torchvision and pytest;
+# timeout_s=560). The box has torch, accelerate, h5py, numpy, pyyaml, torchvision and pytest;
 # results go to $OUT (or bench/results/gpu-<time>/): gpu_tests.log, bench_gpu.json/.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +32,7 @@ run)
   $py -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate",
 accelerate.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
   # Correctness first (a fast path that is wrong is not worth timing), ~2-3 min.
-  timeout 300 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data.py \
+  timeout 240 $py -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_data.py \
     tests/test_objectives.py 2>&1 | tee "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}
   # Then speed: width 64, batch 400 (the defaults), bf16 + channels_last, ~3-4 min.
@@ -40,8 +42,16 @@ accelerate.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
   echo "gpu tests exit $tests, benchmarks exit $bench; results in $out"
   [ "$tests" = 0 ] && [ "$bench" = 0 ]
   ;;
+compile)
+  out=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}
+  mkdir -p "$out"
+  export PYTHONPATH="$PWD/.devsite:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+  timeout 420 ${PYTHON:-python3} -m bench.run --only train_step,flops --compile \
+    --models dhm-s0,resnet --out "$out/bench_gpu_compile.json" 2>&1 |
+    tee "$out/bench_gpu_compile.log"
+  ;;
 *)
-  echo "usage: bash bench/gpu_check.sh prepare|run" >&2
+  echo "usage: bash bench/gpu_check.sh prepare|run|compile" >&2
   exit 2
   ;;
 esac
