@@ -16,7 +16,7 @@ dicts of the benchmarks that already ran, by name, for reuse). The returned dict
 ``bench.common`` has the timers (``measure``/``median``: warm-up, repeats, CUDA
 synchronisation) and the shared fixtures. Modules are imported when their benchmark runs, so
 ``--only pipeline,train_step,eval_cost,flops`` needs neither Hydra nor submitit (a GPU box
-with only torch, omegaconf and h5py).
+with torch, torchvision, accelerate, omegaconf, h5py and numpy).
 """
 
 from __future__ import annotations

@@ -247,7 +247,26 @@ def from_yaml(text: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
 
 
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+class _YamlDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+    """PyYAML's safe dumper (libyaml when present), quoting the strings that OmegaConf's loader
+    would read back as something else: ``"1e-3"`` (a float to OmegaConf, not to PyYAML)."""
+
+
+_YAML_BOOL_WORDS = {"y", "yes", "n", "no", "true", "false", "on", "off"}
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    try:
+        float(data)  # also "inf", "nan", "1_000", "1e-3"
+        numeric = True
+    except ValueError:
+        numeric = False
+    if numeric or data.lower() in _YAML_BOOL_WORDS:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="'")
+    return dumper.represent_str(data)
+
+
+_YamlDumper.add_representer(str, _represent_str)
 
 
 def to_yaml(cfg: Any) -> str:
@@ -257,5 +276,5 @@ def to_yaml(cfg: Any) -> str:
     reads back is equal), a DictConfig by OmegaConf.
     """
     if isinstance(cfg, Plain):
-        return yaml.dump(cfg.plain(), Dumper=_YAML_DUMPER, sort_keys=False)
+        return yaml.dump(cfg.plain(), Dumper=_YamlDumper, sort_keys=False)
     return OmegaConf.to_yaml(cfg, resolve=True)

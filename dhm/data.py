@@ -376,8 +376,12 @@ class CropWindows:
         n, c, h, w = images.shape
         self.n, self.padding = n, padding
         self.hp, self.wp = h + 2 * padding, w + 2 * padding
-        padded = F.pad(images, (padding,) * 4)
-        self.buffer = torch.cat([padded, padded.flip(-1)]).contiguous().view(-1)
+        # Written in place: the peak is the buffer plus one flipped copy of the set.
+        buffer = images.new_zeros((2 * n, c, self.hp, self.wp))
+        inner = (slice(None), slice(None), slice(padding, padding + h), slice(padding, padding + w))
+        buffer[:n][inner] = images
+        buffer[n:][inner] = images.flip(-1)
+        self.buffer = buffer.view(-1)
         self.image_stride = c * self.hp * self.wp
         last = (c - 1) * self.hp * self.wp + (h - 1) * self.wp + (w - 1)  # a window's span
         positions = self.buffer.numel() - last
@@ -388,9 +392,9 @@ class CropWindows:
     def starts(self, idx: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Window start positions (int64 [B], on ``idx``'s device) of images ``idx`` cropped at
         ``offsets`` [B,2] (dy, dx) and flipped where ``flips``."""
-        offsets, flips = offsets.to(idx.device), flips.to(idx.device)
+        offsets, flips = offsets.to(idx.device).long(), flips.to(idx.device)
         dx = torch.where(flips, 2 * self.padding - offsets[:, 1], offsets[:, 1])
-        image = idx + flips.long() * self.n
+        image = idx.long() + flips.long() * self.n  # int64: positions exceed 2**31 past ~220k
         return image * self.image_stride + offsets[:, 0] * self.wp + dx
 
     def gather(self, starts: torch.Tensor) -> torch.Tensor:

@@ -102,14 +102,16 @@ def expand(cfg: Any) -> list[Run]:
         raise ConfigError(
             f"sweep {cfg.sweep.name!r} has an empty grid: give sweep.axes or sweep.points"
         )
-    base_plain = OmegaConf.to_container(base, resolve=True)
-    # Interpolations (``${...}``) may refer to swept keys: such configs resolve per run.
-    base_interpolates = base_plain != OmegaConf.to_container(base, resolve=False)
+    base_plain = OmegaConf.to_container(base, resolve=False)
+    # Interpolations (``${...}``, e.g. ``data.root=${run_dir}/data``) may refer to swept keys or
+    # to run_dir: such configs go through OmegaConf per run and resolve once run_dir is set.
+    base_interpolates = _has_interpolation(base_plain)
     coerce = _Coercer(base)
     runs: dict[str, Run] = {}
     for point in points:
-        if base_interpolates or any(_has_interpolation(v) for v in point.values()):
-            run_cfg = _slow_point(base, point)
+        slow = base_interpolates or any(_has_interpolation(v) for v in point.values())
+        if slow:
+            run_cfg: Any = _updated(base, point)
         else:
             data = copy.deepcopy(base_plain)
             for key, value in point.items():
@@ -122,10 +124,14 @@ def expand(cfg: Any) -> list[Run]:
         run_cfg["run_dir"] = "unset"
         try:
             check_run(run_cfg)
+            rid = run_id_of(run_cfg)
+            run_cfg["run_dir"] = str(sweep_dir(cfg) / "runs" / rid)
+            if slow:
+                run_cfg = Plain.of(OmegaConf.to_container(run_cfg, resolve=True))
         except ConfigError as err:
             raise ConfigError(f"sweep {cfg.sweep.name!r}, point {point}: {err}") from None
-        rid = run_id_of(run_cfg)
-        run_cfg["run_dir"] = str(sweep_dir(cfg) / "runs" / rid)
+        except Exception as err:  # an interpolation that does not resolve
+            raise ConfigError(f"sweep {cfg.sweep.name!r}, point {point}: {err}") from None
         if rid in runs and runs[rid].cfg != run_cfg:
             raise ConfigError(
                 f"sweep {cfg.sweep.name!r}: points {runs[rid].overrides} and {point} train the "
@@ -164,7 +170,7 @@ class _Coercer:
         if cache_key not in self.cache:
             try:
                 OmegaConf.update(self.probe, key, value, merge=False)
-                got = OmegaConf.select(self.probe, key)
+                got = OmegaConf.select(self.probe, key, throw_on_missing=True)
                 if isinstance(got, DictConfig | ListConfig):
                     got = OmegaConf.to_container(got, resolve=True)
             except Exception as err:  # a value of the wrong type for its key
@@ -173,14 +179,15 @@ class _Coercer:
         return copy.deepcopy(self.cache[cache_key])
 
 
-def _slow_point(base: DictConfig, point: dict[str, Any]) -> Plain:
+def _updated(base: DictConfig, point: dict[str, Any]) -> DictConfig:
+    """The base config with a point's values, each validated by OmegaConf (not resolved)."""
     run_cfg = base.copy()
     try:
         for key, value in point.items():
             OmegaConf.update(run_cfg, key, value, merge=False)
-        return Plain.of(OmegaConf.to_container(run_cfg, resolve=True))
-    except Exception as err:  # a value of the wrong type for its key, a bad interpolation
+    except Exception as err:  # a value of the wrong type for its key
         raise ConfigError(f"sweep point {point}: {err}") from None
+    return run_cfg
 
 
 def swept_keys(runs: list[Run]) -> list[str]:

@@ -29,6 +29,18 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one state per process: CPU tests before these set fp32 on the CPU."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    common.accelerator_for.cache_clear()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    common.accelerator_for.cache_clear()
+
+
 def test_crop_windows_on_the_gpu_equal_the_cpu_definition():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -82,7 +82,7 @@ def test_fast_expansion_equals_the_schema_path_value_for_value(tmp_path):
     from omegaconf import OmegaConf
 
     from dhm.config import RunConfig, from_yaml
-    from hpc.sweep import _slow_point
+    from hpc.sweep import _updated
 
     cfg = _cfg(
         "+sweep.axes={model.beta:[1,0.5],train.lr:[1,2e-3],model.head_dropout:[[0,0.5]]}",
@@ -95,19 +95,43 @@ def test_fast_expansion_equals_the_schema_path_value_for_value(tmp_path):
     for section in ("model", "data", "train", "eval"):
         base[section] = cfg[section]
     for run in runs:
-        slow = _slow_point(base, run.overrides)
+        slow = _updated(base, run.overrides)
         slow["run_dir"] = run.cfg.run_dir
-        assert run.cfg == slow
+        assert run.cfg == OmegaConf.to_container(slow, resolve=True)
         assert type(run.cfg.model.beta) is float and type(run.cfg.train.lr) is float
         back = from_yaml(run.yaml)
         assert OmegaConf.to_container(back) == run.cfg.plain()
         assert run_id_of(back) == run.run_id
 
 
-def test_sweep_values_with_interpolations_resolve_per_run():
+def test_sweep_values_with_interpolations_resolve_per_run(tmp_path):
     runs = expand(_cfg("+sweep.axes={model.alpha:[2,3]}", "sweep.points=[]",
                        "model.beta='${model.alpha}'"))  # fmt: skip
     assert sorted((r.cfg.model.alpha, r.cfg.model.beta) for r in runs) == [(2, 2), (3, 3)]
+    # A path under the run's own folder: resolved once the run id (and run_dir) is known.
+    runs = expand(_cfg("sweep=demo", f"root={tmp_path}", "data.root='${run_dir}/data'"))
+    assert len(runs) == 4
+    for run in runs:
+        assert run.cfg.data.root == f"{tmp_path}/demo/runs/{run.run_id}/data"
+        assert "${" not in run.yaml
+    assert [r.run_id for r in runs] == [r.run_id for r in expand(_cfg("sweep=demo"))]
+
+
+def test_strings_that_look_like_numbers_survive_the_yaml_round_trip():
+    from omegaconf import OmegaConf
+
+    from dhm.config import from_yaml
+
+    for text in ["1e-3", "1e3", "-2E5", "inf", "nan", ".5", "1_000", "yes", "Off", "null", "~"]:
+        run = expand(_cfg("sweep=single", f"model.warm_start='{text}'"))[0]
+        back = from_yaml(run.yaml)
+        assert back.model.warm_start == text, text
+        assert OmegaConf.to_container(back) == run.cfg.plain()
+
+
+def test_a_missing_sweep_value_is_refused():
+    with pytest.raises(ConfigError, match="Missing mandatory value: model.name"):
+        expand(_cfg("+sweep.axes={model.name:['???']}", "sweep.points=[]"))
 
 
 def test_a_sweep_value_of_the_wrong_type_names_the_point():
