@@ -22,7 +22,7 @@ from bench import common
 from dhm.data import DeviceLoader, ImageSet
 from dhm.model import DHMOutput
 from dhm.objectives import hybrid_loss, vae_terms
-from dhm.train import FiniteWatch, step_seed
+from dhm.train import FiniteWatch, make_optimizer, step_seed
 
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
@@ -46,7 +46,7 @@ class OurStep:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        optimizer = make_optimizer(params, tcfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.model.train()
         # As dhm.train: the compiled module runs the step, the prepared one holds the state.
