@@ -1,7 +1,7 @@
 """Benchmark ``flops``: FLOPs of one DHM training image and model FLOP utilisation (MFU).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward
-of the real model and loss (``vae_terms`` + ``hybrid_loss``) at batch 2, divided by 2 (matmul and
+of the real model and loss (``dhm.train.training_loss``) at batch 2, divided by 2 (matmul and
 convolution FLOPs only; elementwise work and the Adam update are not counted). The headline is
 dhm at width 64 (~10 GFLOP: three ResNet-18 trunks, forward + backward ~ 3x forward).
 
@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import common
-from dhm.objectives import hybrid_loss, vae_terms
+from dhm.train import training_loss
 
 HEADLINE_WIDTH = 64
 COUNT_BATCH = 2
@@ -33,12 +33,7 @@ def train_flops_per_image(
     x = torch.rand(COUNT_BATCH, 3, 32, 32, device=device)
     y = torch.randint(0, common.CIFAR.num_classes, (COUNT_BATCH,), device=device)
     with FlopCounterMode(display=False) as counter:
-        out = model(x, k=m.importance_num)
-        vae = None
-        if out.mu is not None:
-            vae = vae_terms(out.target, out.recon, out.z, out.mu, out.logvar, out.log_sigma,
-                            kl_coeff=m.kl_coeff)  # fmt: skip
-        loss, _ = hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta, kl_coeff=m.kl_coeff)
+        loss, _ = training_loss(model(x, k=m.importance_num), y, m)
         loss.backward()
     return counter.get_total_flops() / COUNT_BATCH
 

@@ -2,7 +2,7 @@
 
 Ours is the body of ``dhm.train.run_training``'s loop: DeviceLoader batches, the Accelerator of
 ``dhm.train.make_accelerator`` (bf16 autocast on CUDA, fp32 on CPU), channels_last on CUDA,
-``vae_terms`` + ``hybrid_loss``, the deferred finiteness record (no host sync per step),
+``training_loss``, the deferred finiteness record (no host sync per step),
 backward and an Adam step. The reference is a thesis-style step on the same model, batch size
 and cores: fp32, batches from the per-sample PIL DataLoader, and the loss summed in a Python
 loop over the batch (per-sample MSE reconstruction + KL + CE), as the old code did.
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from bench import common
 from dhm.data import DeviceLoader, ImageSet
 from dhm.model import DHMOutput
-from dhm.objectives import hybrid_loss, vae_terms
-from dhm.train import FiniteWatch, make_optimizer, step_seed
+from dhm.train import FiniteWatch, make_optimizer, step_seed, training_loss
 
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
@@ -65,17 +64,9 @@ class OurStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.forward(x, k=m.importance_num)
-        vae = None
-        if out.mu is not None:
-            vae = vae_terms(
-                out.target, out.recon, out.z, out.mu, out.logvar, out.log_sigma,
-                kl_coeff=m.kl_coeff,
-            )  # fmt: skip
-        loss, _terms = hybrid_loss(
-            out.logits, y, vae, alpha=m.alpha, beta=m.beta, kl_coeff=m.kl_coeff
-        )
+        loss, terms = training_loss(out, y, m)
         finite = torch.isfinite(self.acc.reduce(loss.detach(), "sum"))
-        self.watch.update(finite, _terms, self.global_step, 0, self.global_step)
+        self.watch.update(finite, terms, self.global_step, 0, self.global_step)
         self.optimizer.zero_grad(set_to_none=True)
         self.acc.backward(loss)
         self.optimizer.step()

@@ -87,6 +87,19 @@ def make_optimizer(params: list[torch.nn.Parameter], t: Any) -> torch.optim.Adam
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
 
 
+def training_loss(
+    out: Any, y: torch.Tensor, m: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective of a forward pass ``out`` (DHMOutput) for model config ``m``:
+    ``vae_terms`` when the model has a VAE, then ``hybrid_loss``; (loss, detached terms)."""
+    vae = None
+    if out.mu is not None:
+        vae = vae_terms(
+            out.target, out.recon, out.z, out.mu, out.logvar, out.log_sigma, kl_coeff=m.kl_coeff
+        )
+    return hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta, kl_coeff=m.kl_coeff)
+
+
 def step_seed(seed: int, global_step: int, rank: int) -> int:
     """Seed of the RNG for one optimisation step of one rank (dropout, VAE noise)."""
     return (seed * 1_000_003 + global_step * 7919 + rank * 104_729) % (2**63 - 1)
@@ -342,16 +355,7 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
                 if accelerator.device.type == "cuda" and t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 out = forward(x, k=cfg.model.importance_num)
-                vae = None
-                if out.mu is not None:
-                    vae = vae_terms(
-                        out.target, out.recon, out.z, out.mu, out.logvar, out.log_sigma,
-                        kl_coeff=cfg.model.kl_coeff,
-                    )  # fmt: skip
-                loss, terms = hybrid_loss(
-                    out.logits, y, vae, alpha=cfg.model.alpha, beta=cfg.model.beta,
-                    kl_coeff=cfg.model.kl_coeff,
-                )  # fmt: skip
+                loss, terms = training_loss(out, y, cfg.model)
                 if t.debug_nan_at_step is not None and global_step == t.debug_nan_at_step:
                     loss = loss * float("nan")
                     terms["loss"] = loss.detach()
