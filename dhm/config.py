@@ -209,16 +209,8 @@ class Plain(dict):
             raise AttributeError(key) from None
 
     def plain(self) -> dict[str, Any]:
-        """A deep copy as built-in dicts and lists."""
-        return {k: v.plain() if isinstance(v, Plain) else _copy_value(v) for k, v in self.items()}
-
-
-def _copy_value(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_copy_value(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _copy_value(x) for k, x in v.items()}
-    return v
+        """The same data as built-in dicts (what PyYAML's safe dumper can write)."""
+        return {k: v.plain() if isinstance(v, Plain) else v for k, v in self.items()}
 
 
 def training_identity(cfg: Any) -> dict[str, Any]:

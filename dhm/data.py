@@ -454,7 +454,7 @@ class DeviceLoader:
         self._crops = CropWindows(self.images) if augment else None
         self.labels = data.labels.to(self.device)
         self.n, self.global_batch_size = n, global_batch_size
-        self.seed, self.augment, self.shuffle = seed, augment, shuffle
+        self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:

@@ -128,9 +128,7 @@ def expand(cfg: Any) -> list[Run]:
             run_cfg["run_dir"] = str(sweep_dir(cfg) / "runs" / rid)
             if slow:
                 run_cfg = Plain.of(OmegaConf.to_container(run_cfg, resolve=True))
-        except ConfigError as err:
-            raise ConfigError(f"sweep {cfg.sweep.name!r}, point {point}: {err}") from None
-        except Exception as err:  # an interpolation that does not resolve
+        except Exception as err:  # a ConfigError, or an interpolation that does not resolve
             raise ConfigError(f"sweep {cfg.sweep.name!r}, point {point}: {err}") from None
         if rid in runs and runs[rid].cfg != run_cfg:
             raise ConfigError(
