@@ -87,13 +87,19 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    """One training run: what ``dhm.train.train`` receives."""
+class RunSections:
+    """The four sections of a run's settings, shared by RunConfig and hpc's LaunchConfig."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class RunConfig(RunSections):
+    """One training run: what ``dhm.train.train`` receives."""
+
     run_dir: str = MISSING
 
 

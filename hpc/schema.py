@@ -11,7 +11,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from dhm.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
+from dhm.config import RunSections
 
 MODES = ("run", "dry_run", "status", "cancel", "aggregate")
 CLUSTERS = ("local", "slurm")
@@ -56,11 +56,7 @@ class ClusterConfig:
 
 
 @dataclass
-class LaunchConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+class LaunchConfig(RunSections):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     root: str = "outputs"
