@@ -90,6 +90,19 @@ def stage_data(root: str, scratch: str, local_rank: int) -> str:
     return str(target)
 
 
+def end_process_group() -> None:
+    """Tear down this task's torch.distributed group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads were destroyed while still joinable: a rank
+    that had finished and reported success then aborted ("terminate called without an active
+    exception"), and Slurm marked the whole task FAILED.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class TrainStage(submitit.helpers.Checkpointable):
     """Train one run (every DDP rank of it). On USR2 / time limit submitit calls checkpoint(),
     inherited from Checkpointable: it resubmits this same call, which resumes from the newest
@@ -107,7 +120,11 @@ class TrainStage(submitit.helpers.Checkpointable):
             cfg.data.root = stage_data(
                 cfg.data.root, stage_to, int(os.environ.get("LOCAL_RANK", 0))
             )
-        return str(train(cfg))
+        try:
+            return str(train(cfg))
+        finally:
+            if in_slurm_job():
+                end_process_group()
 
 
 class EvalStage:

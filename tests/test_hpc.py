@@ -314,3 +314,16 @@ def test_eval_arrays_stay_aligned_with_the_train_array_across_datasets(tmp_path)
     roles = {stage: {call[3] for call in spec.calls if len(call) > 1}
              for stage, spec in specs.items() if stage.startswith("eval:cifar10:")}  # fmt: skip
     assert roles == {"eval:cifar10:id": {"id"}, "eval:cifar10:ood": {"ood"}}
+
+
+def test_train_stage_ends_the_process_group(tmp_path):
+    # Left to interpreter exit, gloo's threads aborted a finished rank (Slurm then said FAILED).
+    import torch.distributed as dist
+
+    from hpc.stages import end_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()
+    end_process_group()  # nothing to end: no error
