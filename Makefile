@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench slurm-up slurm-down clean-outputs
+.PHONY: setup demo test lint bench slurm-up slurm-down browser clean-outputs
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps torchattacks==3.5.1
 	touch $@
 
 demo: $(STAMP)
@@ -28,7 +29,16 @@ slurm-up:
 slurm-down:
 	bash slurm/cluster.sh down
 
-test: $(STAMP) lint slurm-up
+# The report's tests open it in a real browser: Debian's chromium, headless.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing chromium (apt) for the report's browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	else echo "not root: the browser tests will skip (chromium is not installed)"; fi
+
+test: $(STAMP) lint slurm-up browser
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

@@ -1,9 +1,10 @@
-"""Checkpoint files: atomic writes, safe loads, and finding the newest one.
+"""Checkpoint files: atomic writes, safe loads, cheap completeness checks, finding the newest.
 
 A checkpoint is a plain dict of tensors, numbers and strings saved with ``torch.save`` and read
 with ``torch.load(weights_only=True)``, so loading never runs pickled code. Files are written to
-a temporary name in the same folder and renamed, so a killed job never leaves a partial file
-under a final name.
+a temporary name in the same folder and renamed (``dhm.fsutil.atomic_path``), so a killed job
+never leaves a partial file under a final name. torch is imported only by the functions that
+save or load, so the launcher can ask "is this run trained?" without importing it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from dhm.fsutil import atomic_path
 
 FINAL_NAME = "final.pt"
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
@@ -26,24 +28,18 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save to ``path`` through a temporary file in the same folder, fsync and a rename."""
+    import torch
+
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (weights_only); CheckpointError names the file on failure."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -56,6 +52,33 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config_yaml" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model/config_yaml)")
     return ckpt
+
+
+def looks_complete(path: str | Path) -> bool:
+    """True when ``path`` is a whole torch zip archive: a central directory that names a
+    ``data.pkl`` record and every record inside the file's length.
+
+    Reads only the archive's directory (microseconds, not the weights), so the launcher can
+    check thousands of runs; a truncated file (a copy cut short, a full disk outside the atomic
+    writer) loses the directory at its end and fails. ``load`` is the full check.
+    """
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return any(i.filename.endswith("/data.pkl") for i in infos) and all(
+        i.header_offset + i.compress_size <= size for i in infos
+    )
+
+
+def set_aside(path: str | Path, why: str) -> Path:
+    """Rename an unusable checkpoint to ``<name>.<why>-<time>`` (kept for inspection); return it."""
+    path = Path(path)
+    target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.rename(target)
+    return target
 
 
 def step_path(checkpoint_dir: str | Path, global_step: int) -> Path:
@@ -74,6 +97,14 @@ def step_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
 def newest(checkpoint_dir: str | Path) -> Path | None:
     found = step_checkpoints(checkpoint_dir)
     return found[-1][1] if found else None
+
+
+def newest_complete(checkpoint_dir: str | Path) -> tuple[int, Path] | None:
+    """The newest step checkpoint that ``looks_complete``, as (global_step, path)."""
+    for step, path in reversed(step_checkpoints(checkpoint_dir)):
+        if looks_complete(path):
+            return step, path
+    return None
 
 
 def prune(checkpoint_dir: str | Path, keep: int) -> None:

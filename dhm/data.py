@@ -11,7 +11,6 @@ offline sets built from files scikit-learn ships: ``digits`` (``load_digits``, 8
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,61 +20,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dhm.datasets import (
+    DATASETS,
+    DIGITS_HELDOUT,
+    OOD_SETS,
+    SPLITS,
+    DataError,
+    DatasetInfo,
+    explain_files,
+)
 
-class DataError(ValueError):
-    """A dataset is unknown, missing or unreadable; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static description of an in-distribution dataset."""
-
-    name: str
-    num_classes: int
-    mean: tuple[float, float, float]  # per-channel, of [0, 1] pixels; applied inside the model
-    std: tuple[float, float, float]
-    augment: bool  # random crop (pad 4) + horizontal flip during training
-    ood_sets: tuple[str, ...]  # default OOD sets evaluated against this dataset
-
-
-# Hard-coded from channel_stats() of the 1437-image digits training pool (train + val, test
-# excluded); tests/test_data.py recomputes them so a change in the conversion is caught.
-_DIGITS_MEAN = 0.304798
-_DIGITS_STD = 0.323207
-
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2023, 0.1994, 0.2010),
-        augment=True,
-        ood_sets=("svhn", "cifar100"),
-    ),
-    "svhn": DatasetInfo(
-        name="svhn",
-        num_classes=10,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-        augment=False,
-        ood_sets=("cifar10", "cifar100"),
-    ),
-    "digits": DatasetInfo(
-        name="digits",
-        num_classes=10,
-        mean=(_DIGITS_MEAN,) * 3,
-        std=(_DIGITS_STD,) * 3,
-        augment=False,  # digit identity is position/orientation sensitive: no crop/flip
-        ood_sets=("digits_ood",),
-    ),
-}
-OOD_SETS: tuple[str, ...] = ("cifar10", "cifar100", "svhn", "digits_ood")
-# Default validation-set size carved out of each official training set.
-DEFAULT_VAL_SIZE: dict[str, int] = {"cifar10": 8000, "svhn": 14652, "digits": 237}
-SPLITS = ("train", "val", "test")
+__all__ = ["DATASETS", "OOD_SETS", "DataError", "DatasetInfo", "ImageSet"]
 
 _DIGITS_TEST_SEED = 2024  # fixed: the digits test set must not move with split_seed
-_DIGITS_TEST_SIZE = 360
+_DIGITS_TEST_SIZE = 360  # of all 1,797 images; the classes 0-7 among them are the test set
 
 
 @dataclass
@@ -120,32 +78,6 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 # ---------------------------------------------------------------- file-based sets (torchvision)
 
 
-@dataclass(frozen=True)
-class _FileSpec:
-    title: str
-    folder: str  # subfolder of root holding the files ("" = root itself)
-    train_files: tuple[str, ...]  # what torchvision needs for train=True (checks included)
-    test_files: tuple[str, ...]
-    archive: str  # how to obtain the files by hand
-
-
-_CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-_FILE_SPECS = {
-    # torchvision's CIFAR integrity check covers the train and test files for either split.
-    "cifar10": _FileSpec(
-        "CIFAR-10", "cifar-10-batches-py", _CIFAR10_FILES, _CIFAR10_FILES,
-        "extract https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into <root>/",
-    ),
-    "cifar100": _FileSpec(
-        "CIFAR-100", "cifar-100-python", ("train", "test", "meta"), ("train", "test", "meta"),
-        "extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into <root>/",
-    ),
-    "svhn": _FileSpec(
-        "SVHN", "", ("train_32x32.mat",), ("test_32x32.mat",),
-        "download train_32x32.mat / test_32x32.mat from http://ufldl.stanford.edu/housenumbers/"
-        " into <root>/",
-    ),
-}  # fmt: skip
 _FILE_CACHE: dict[tuple[str, str, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -155,43 +87,7 @@ def clear_cache() -> None:
     _digits_all.cache_clear()
     _digits_pool.cache_clear()
     _digits_ood.cache_clear()
-
-
-def _parses(path: Path, name: str) -> bool:
-    try:
-        if name == "svhn":
-            import scipy.io
-
-            scipy.io.loadmat(path)
-        else:
-            with open(path, "rb") as f:
-                pickle.load(f, encoding="latin1")
-    except Exception:
-        return False
-    return True
-
-
-def _explain(name: str, root: Path, train: bool, download: bool, err: Exception) -> str:
-    """Say which folder/file is the problem; only runs on the error path, so re-parsing is ok."""
-    spec = _FILE_SPECS[name]
-    folder = root / spec.folder if spec.folder else root
-    files = spec.train_files if train else spec.test_files
-    if not folder.is_dir():
-        problem = f"folder {folder}/ does not exist"
-    elif missing := [str(folder / f) for f in files if not (folder / f).is_file()]:
-        problem = "missing file(s) " + ", ".join(missing)
-    elif bad := [str(folder / f) for f in files if not _parses(folder / f, name)]:
-        problem = "truncated or corrupt file(s) " + ", ".join(bad)
-    else:
-        problem = (
-            f"files in {folder}/ failed torchvision's checksum check (corrupt or other version)"
-        )
-    tried = " (download=true was set and failed: no internet?)" if download else ""
-    return (
-        f"cannot load {spec.title} {'training' if train else 'test'} set: {problem}{tried}. "
-        f"Fix: set data.download=true, or {spec.archive.replace('<root>', str(root))} "
-        f"so that {folder}/ holds {', '.join(files)}. [{type(err).__name__}: {err}]"
-    )
+    _digits_heldout.cache_clear()
 
 
 def _load_file_set(name: str, root: Path, train: bool, download: bool):
@@ -211,7 +107,7 @@ def _load_file_set(name: str, root: Path, train: bool, download: bool):
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
             labels = torch.tensor(ds.targets, dtype=torch.int64)
     except Exception as e:  # any failure (checks, parsing, download) gets an actionable message
-        raise DataError(_explain(name, root, train, download, e)) from e
+        raise DataError(explain_files(name, root, train, download, e)) from e
     _FILE_CACHE[key] = images, labels
     return images, labels
 
@@ -231,14 +127,31 @@ def _digits_all() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(d.target.astype(np.int64))
 
 
+def _digits_test_mask() -> torch.Tensor:
+    """bool [1797]: the fixed 360-image test portion (a frozen permutation, any class)."""
+    n = len(_digits_all()[1])
+    # RandomState's stream is frozen by NumPy's compatibility policy, so the split never moves.
+    perm = torch.from_numpy(np.random.RandomState(_DIGITS_TEST_SEED).permutation(n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[perm[:_DIGITS_TEST_SIZE]] = True
+    return mask
+
+
 @lru_cache(maxsize=2)
 def _digits_pool(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official digits split: 360 test images by a fixed permutation, the rest is training."""
+    """Digits 0-7: the test images of the fixed test portion, or all the others (training)."""
     x, y = _digits_all()
-    # RandomState's stream is frozen by NumPy's compatibility policy, so the split never moves.
-    perm = torch.from_numpy(np.random.RandomState(_DIGITS_TEST_SEED).permutation(len(y)))
-    idx = (perm[_DIGITS_TEST_SIZE:] if train else perm[:_DIGITS_TEST_SIZE]).sort().values
+    known = ~torch.isin(y, torch.tensor(DIGITS_HELDOUT))
+    idx = torch.nonzero(known & (_digits_test_mask() != train)).flatten()
     return x[idx], y[idx]
+
+
+@lru_cache(maxsize=1)
+def _digits_heldout() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of the held-out digits 8 and 9 (never trained on): the near-OOD set."""
+    x, y = _digits_all()
+    idx = torch.nonzero(torch.isin(y, torch.tensor(DIGITS_HELDOUT))).flatten()
+    return x[idx], torch.full((len(idx),), -1, dtype=torch.int64)
 
 
 @lru_cache(maxsize=1)
@@ -265,6 +178,8 @@ def _raw(name: str, root: str | Path, train: bool, download: bool):
         return _digits_pool(train)  # root is ignored: the data ships with scikit-learn
     if name == "digits_ood":
         return _digits_ood()
+    if name == "digits_heldout":
+        return _digits_heldout()
     return _load_file_set(name, Path(root).expanduser().resolve(), train, download)
 
 
@@ -288,7 +203,7 @@ def load_split(
     """Load ``split`` ("train", "val" or "test") of dataset ``name`` as uint8 [N,3,32,32].
 
     train/val partition the official training set by a seeded permutation (``split_seed``);
-    ``val_size=None`` uses ``DEFAULT_VAL_SIZE[name]``. Missing/corrupt files raise DataError.
+    ``val_size=None`` uses ``DATASETS[name].val_size``. Missing/corrupt files raise DataError.
     """
     dataset_info(name)
     if split not in SPLITS:
@@ -296,7 +211,7 @@ def load_split(
     images, labels = _raw(name, root, split != "test", download)
     if split == "test":
         return ImageSet(name, images, labels)
-    vs = DEFAULT_VAL_SIZE[name] if val_size is None else val_size
+    vs = DATASETS[name].val_size if val_size is None else val_size
     train_idx, val_idx = split_indices(len(labels), vs, split_seed)
     idx = train_idx if split == "train" else val_idx
     return ImageSet(name, images[idx], labels[idx])
@@ -432,6 +347,7 @@ class DeviceLoader:
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -456,6 +372,7 @@ class DeviceLoader:
         self.n, self.global_batch_size = n, global_batch_size
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
+        self.dtype = dtype or torch.get_default_dtype()
 
     def __len__(self) -> int:
         return self.num_batches
@@ -470,7 +387,8 @@ class DeviceLoader:
     def epoch(
         self, epoch: int, start_batch: int = 0
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x float32 [B_local,3,32,32] in [0,1], y int64 [B_local]) on the device,
+        """Yield (x [B_local,3,32,32] in [0,1] of ``dtype`` (default: torch's default float),
+        y int64 [B_local]) on the device,
         for global batches ``start_batch .. len(self) - 1``."""
         if not 0 <= start_batch <= self.num_batches:
             raise ValueError(f"start_batch={start_batch} not in [0, {self.num_batches}]")
@@ -502,7 +420,7 @@ class DeviceLoader:
                 x = self._crops.gather(all_starts[a:z])
             else:
                 x = torch.index_select(self._flat, 0, idx).view(-1, *self.images.shape[1:])
-            yield x.float().div_(255), self.labels[idx]
+            yield x.to(self.dtype).div_(255), self.labels[idx]
 
 
 def iterate_batches(
@@ -512,19 +430,33 @@ def iterate_batches(
     device: torch.device | str,
     start: int = 0,
     stop: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Sequential evaluation batches over ``data[start:stop]`` (slice semantics, no augmentation).
+    """Evaluation batches over ``data[start:stop]``: the fixed blocks ``[k*B, (k+1)*B)`` of the
+    whole set (B = ``batch_size``; the last block may be shorter), no augmentation.
 
-    Yields (indices int64 [B], x float32 [B,3,32,32] in [0,1], y int64 [B]), all on ``device``.
+    An image always shares its batch with the same neighbours however a set is sharded, so
+    per-image outputs do not depend on the sharding even where a kernel's arithmetic depends
+    on the batch size (oneDNN picks kernels per shape). ``start`` must be a block boundary and
+    ``stop`` a block boundary or the set's end. Yields (indices int64 [B], x [B,3,32,32] in
+    [0,1] of ``dtype`` (default: torch's default float), y int64 [B]), all on ``device``.
     """
-    if batch_size < 1 or start < 0:
-        raise ValueError(f"need batch_size >= 1 and start >= 0, got {batch_size}, {start}")
-    stop = len(data) if stop is None else min(stop, len(data))
+    n = len(data)
+    stop = n if stop is None else min(stop, n)
+    if batch_size < 1 or not 0 <= start <= stop:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= start <= stop, got {batch_size}, {start}, {stop}"
+        )
+    if start < stop and (start % batch_size or (stop % batch_size and stop != n)):
+        raise ValueError(
+            f"[{start}, {stop}) is not a union of whole evaluation blocks of {batch_size} images"
+        )
+    dtype = dtype or torch.get_default_dtype()
 
     def gen():
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
-            x = data.images[lo:hi].to(device).float().div_(255)  # move uint8, convert there
+            x = data.images[lo:hi].to(device).to(dtype).div_(255)  # move uint8, convert there
             yield torch.arange(lo, hi, device=device), x, data.labels[lo:hi].to(device)
 
     return gen()

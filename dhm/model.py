@@ -8,7 +8,13 @@
 Inputs are pixels in [0, 1]; the dataset's normalization is a buffer of the model, so attacks
 and OOD sets share one input space. With ``vae_split_layer`` s >= 1 the VAE encodes the
 classifier's activations entering stage s and its decoder reconstructs them (a stop-gradient
-target, so the classifier cannot shrink its activations to make reconstruction trivial).
+target, so the classifier cannot shrink its activations to make reconstruction trivial). The
+VAE's loss then also trains the classifier trunk below stage s through the encoder's input,
+unless ``vae_trunk_grad=False`` gives the encoder a stop-gradient copy too (the trunk then
+learns from the cross-entropy alone).
+
+The observation model's sigma is ``log_sigma``: a scalar (``sigma="global"``, learned; or
+``"fixed"``, not trained) or one value per channel of the target (``"channel"``, learned).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dhm.nets import ResNetDecoder, ResNetEncoder
+from dhm.nets import ResNetDecoder, ResNetEncoder, encoder_stage_shape
 
 
 @dataclass
@@ -33,7 +39,7 @@ class DHMOutput:
     z: torch.Tensor | None  # [k, B, D]
     recon: torch.Tensor | None  # [k, B, *target] decoder means
     target: torch.Tensor | None  # [B, *target] what the decoder reconstructs
-    log_sigma: torch.Tensor | None = None  # [] log std of the Gaussian observation model
+    log_sigma: torch.Tensor | None = None  # [] or [C, 1, 1]: log std of the observation model
 
 
 def _head(
@@ -59,7 +65,8 @@ class DeepHybridModel(nn.Module):
         latent_dim: int = 256,
         vae_split_layer: int = 0,
         obs_sigma: float = 0.1,
-        learn_sigma: bool = False,
+        sigma: str = "fixed",
+        vae_trunk_grad: bool = True,
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
         norm: str = "batch",
@@ -67,6 +74,7 @@ class DeepHybridModel(nn.Module):
     ):
         super().__init__()
         self.kind, self.split = kind, vae_split_layer
+        self.sigma, self.vae_trunk_grad = sigma, vae_trunk_grad
         self.has_classifier = kind in ("dhm", "resnet")
         self.has_vae = kind in ("dhm", "vae", "zmodel")
         self.has_head = kind != "vae"
@@ -74,8 +82,8 @@ class DeepHybridModel(nn.Module):
             raise ValueError(
                 f"vae_split_layer={vae_split_layer} needs a classifier; {kind} has none"
             )
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
         feat = 8 * width
         self.classifier = ResNetEncoder(width, norm=norm) if self.has_classifier else None
         if self.has_vae:
@@ -83,8 +91,12 @@ class DeepHybridModel(nn.Module):
             self.fc_mu = nn.Linear(feat, latent_dim)
             self.fc_logvar = nn.Linear(feat, latent_dim)
             self.decoder = ResNetDecoder(latent_dim, width, last_stage=vae_split_layer, norm=norm)
+            if sigma not in ("global", "channel", "fixed"):
+                raise ValueError(f"sigma={sigma!r} is not allowed: global, channel or fixed")
+            channels = encoder_stage_shape(vae_split_layer, width)[0]
+            shape = (channels,) if sigma == "channel" else ()
             self.log_sigma = nn.Parameter(
-                torch.tensor(math.log(obs_sigma)), requires_grad=learn_sigma
+                torch.full(shape, math.log(obs_sigma)), requires_grad=sigma != "fixed"
             )
         if self.has_head:
             head_in = {"dhm": feat + latent_dim, "resnet": feat, "zmodel": latent_dim}[kind]
@@ -102,6 +114,8 @@ class DeepHybridModel(nn.Module):
             feats, stage_inputs = self.classifier.stage_inputs(xn)
             if self.split:
                 enc_in, target = stage_inputs[self.split], stage_inputs[self.split].detach()
+                if not self.vae_trunk_grad:
+                    enc_in = target
         return feats, enc_in, target
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +149,12 @@ class DeepHybridModel(nn.Module):
         logits = self._logits(feats, mu) if self.has_head else None
         if not self.has_vae:
             return DHMOutput(logits, None, None, None, None, None)
-        return DHMOutput(logits, mu, logvar, z, recon, target, self.log_sigma)
+        return DHMOutput(logits, mu, logvar, z, recon, target, self.observation_log_sigma())
+
+    def observation_log_sigma(self) -> torch.Tensor:
+        """log sigma shaped to broadcast against one target [B, C, H, W]: [] or [C, 1, 1]."""
+        ls = self.log_sigma
+        return ls.view(-1, 1, 1) if ls.ndim == 1 else ls
 
 
 def build_model(model_cfg: Any, num_classes: int, mean, std) -> DeepHybridModel:
@@ -147,7 +166,9 @@ def build_model(model_cfg: Any, num_classes: int, mean, std) -> DeepHybridModel:
         latent_dim=model_cfg.latent_dim,
         vae_split_layer=model_cfg.vae_split_layer,
         obs_sigma=model_cfg.obs_sigma,
-        learn_sigma=model_cfg.learn_sigma,
+        # The thesis objective does not involve sigma: it is fitted for evaluation instead.
+        sigma="fixed" if model_cfg.likelihood == "thesis" else model_cfg.sigma,
+        vae_trunk_grad=model_cfg.vae_trunk_grad,
         mean=tuple(mean),
         std=tuple(std),
         norm=model_cfg.norm,

@@ -1,10 +1,19 @@
-"""Likelihoods, bounds and the hybrid loss, as tensor functions (all in nats, float32).
+"""Likelihoods, bounds and the hybrid loss, as tensor functions (all in nats).
 
 Conventions: a batch dimension B comes first; a leading k dimension holds importance samples.
-The VAE's observation model is a Gaussian N(x; x_hat, sigma^2 I) over every element of its
-target (the [0,1] image for vae_split_layer 0, classifier activations otherwise), so -ELBO is a
-real negative log-likelihood bound in nats per image, unlike the thesis code's mean MSE.
+Inputs in bf16 (autocast) are computed in float32; float32 and float64 keep their precision.
 No function loops over batch items or samples in Python.
+
+Two VAE objectives (``model.likelihood``):
+
+* ``gaussian``: the observation model N(target; decoder mean, sigma^2 I) over every element of
+  the target (the [0,1] image for vae_split_layer 0, classifier activations otherwise), so
+  -ELBO is a negative log-likelihood bound in nats per image. The training objective is the
+  beta-VAE one, rec_nll + kl_coeff * KL (or the IWAE bound with the KL terms so weighted).
+* ``thesis``: what the thesis code minimized, the mean squared error per element of the
+  normalized image (or of the activations) plus kl_coeff times the KL averaged over latent
+  dimensions. Not a likelihood and without units; kept so the thesis' beta grid is reproduced
+  as it was run. docs/results.md maps its beta onto the Gaussian one.
 """
 
 from __future__ import annotations
@@ -18,16 +27,21 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: half types widen, float32 and float64 stay as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def gaussian_log_likelihood(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor | float
 ) -> torch.Tensor:
     """log N(x; mean, sigma^2 I), summed over all non-batch dims.
 
-    x, mean: [B, ...] (broadcastable to each other); log_sigma: scalar or broadcastable to x.
-    Returns [B] in nats.
+    x, mean: [B, ...] (broadcastable to each other); log_sigma: a scalar, or broadcastable to
+    x's trailing dims (e.g. [C, 1, 1] for one sigma per channel). Returns [B] in nats.
     """
-    x, mean = x.float(), mean.float()
-    log_sigma = torch.as_tensor(log_sigma, dtype=torch.float32, device=x.device)
+    x, mean = wide(x), wide(mean)
+    log_sigma = wide(torch.as_tensor(log_sigma, device=x.device))
     z = (x - mean) * torch.exp(-log_sigma)
     log_p = -0.5 * z.square() - log_sigma - 0.5 * LOG_2PI
     return log_p.flatten(1).sum(1)
@@ -35,19 +49,19 @@ def gaussian_log_likelihood(
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) summed over latent dims: [B, D] -> [B] nats."""
-    mu, logvar = mu.float(), logvar.float()
+    mu, logvar = wide(mu), wide(logvar)
     return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1)
 
 
 def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, diag(exp(logvar))) summed over the last dim: [..., D] -> [...] nats."""
-    z, mu, logvar = z.float(), mu.float(), logvar.float()
+    z, mu, logvar = wide(z), wide(mu), wide(logvar)
     return -0.5 * ((z - mu).square() * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last dim: [..., D] -> [...] nats."""
-    z = z.float()
+    z = wide(z)
     return -0.5 * (z.square() + LOG_2PI).sum(-1)
 
 
@@ -63,14 +77,45 @@ def iwae_bound(
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """Effective sample size (sum w)^2 / sum w^2 of importance weights: log_w [k, B] -> [B].
+
+    1 means one sample carries all the weight (the IWAE estimate has not converged); k means
+    the weights are equal.
+    """
+    log_w = wide(log_w)
+    return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))
+
+
+def thesis_objective(
+    target: torch.Tensor,
+    recon: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    kl_coeff: float,
+    target_scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """The thesis' VAE term per image [B]: mean over elements and the k samples of
+    ((recon - target) / target_scale)^2, plus kl_coeff x the KL averaged over latent dims.
+
+    target [B, ...]; recon [k, B, ...]; ``target_scale`` the pixel std per channel ([C, 1, 1])
+    for images, so the error is the one of the normalized image the thesis code computed.
+    """
+    diff = (wide(recon) - wide(target).unsqueeze(0)) / torch.as_tensor(
+        target_scale, device=target.device
+    )
+    mse = diff.square().flatten(2).mean(2).mean(0)
+    return mse + kl_coeff * gaussian_kl(mu, logvar) / mu.shape[-1]
+
+
 @dataclass
 class VAETerms:
-    """Per-image VAE quantities, each [B] in nats."""
+    """Per-image VAE quantities, each [B] (nats except ``objective`` under the thesis one)."""
 
-    rec_nll: torch.Tensor  # -E_q log p(x|z), mean over the k samples
+    rec_nll: torch.Tensor  # -E_q log p(target|z) under the Gaussian with the model's sigma
     kl: torch.Tensor  # analytic KL(q(z|x) || p(z))
     neg_elbo: torch.Tensor  # rec_nll + kl: -ELBO with beta = 1
-    neg_iwae: torch.Tensor | None  # -IWAE bound over the k samples (None when k = 1)
+    objective: torch.Tensor  # what training minimizes (see vae_terms)
 
 
 def vae_terms(
@@ -81,12 +126,16 @@ def vae_terms(
     logvar: torch.Tensor,
     log_sigma: torch.Tensor | float,
     kl_coeff: float = 1.0,
+    likelihood: str = "gaussian",
+    target_scale: torch.Tensor | float = 1.0,
 ) -> VAETerms:
-    """Reconstruction, KL, -ELBO and -IWAE for one batch.
+    """Reconstruction, KL, -ELBO and the training objective for one batch.
 
     target [B, ...]; recon [k, B, ...] decoder means for z [k, B, D]; mu, logvar [B, D].
-    ``kl_coeff`` weights log p(z) - log q(z|x) inside the importance weights (a beta-VAE IWAE;
-    1 gives the true bound). The -ELBO reported here always uses beta = 1.
+    ``objective``: ``gaussian`` with k = 1, rec_nll + kl_coeff * KL (beta-VAE); with k > 1,
+    -IWAE with kl_coeff weighting log p(z) - log q(z|x) inside the importance weights (the true
+    bound only when kl_coeff = 1); ``thesis``, :func:`thesis_objective`. The -ELBO reported
+    always uses beta = 1.
     """
     k, b = recon.shape[:2]
     target_k = target.unsqueeze(0).expand(k, *target.shape)
@@ -96,13 +145,16 @@ def vae_terms(
         log_sigma,
     ).view(k, b)
     kl = gaussian_kl(mu, logvar)
-    neg_iwae = None
-    if k > 1:
+    rec_nll = -log_px.mean(0)
+    if likelihood == "thesis":
+        objective = thesis_objective(target, recon, mu, logvar, kl_coeff, target_scale)
+    elif k > 1:
         log_pz = standard_normal_log_prob(z)
         log_qz = diag_gaussian_log_prob(z, mu.unsqueeze(0), logvar.unsqueeze(0))
-        neg_iwae = -iwae_bound(log_px, kl_coeff * log_pz, kl_coeff * log_qz)
-    rec_nll = -log_px.mean(0)
-    return VAETerms(rec_nll=rec_nll, kl=kl, neg_elbo=rec_nll + kl, neg_iwae=neg_iwae)
+        objective = -iwae_bound(log_px, kl_coeff * log_pz, kl_coeff * log_qz)
+    else:
+        objective = rec_nll + kl_coeff * kl
+    return VAETerms(rec_nll=rec_nll, kl=kl, neg_elbo=rec_nll + kl, objective=objective)
 
 
 def hybrid_loss(
@@ -112,31 +164,26 @@ def hybrid_loss(
     *,
     alpha: float,
     beta: float,
-    kl_coeff: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """alpha * CE + beta * (-ELBO_kl_coeff, or -IWAE when k > 1), batch means.
+    """alpha * CE + beta * (the VAE objective), batch means.
 
     Returns the scalar loss and a dict of detached terms (ce, accuracy, rec_nll, kl, neg_elbo,
-    neg_iwae, loss); a term is absent when the model lacks the branch it comes from.
+    vae_objective, loss); a term is absent when the model lacks the branch it comes from.
     """
     terms: dict[str, torch.Tensor] = {}
     loss = torch.zeros((), device=labels.device)
     if logits is not None:
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = F.cross_entropy(wide(logits), labels)
         terms["ce"] = ce.detach()
-        terms["accuracy"] = (logits.argmax(1) == labels).float().mean()
+        terms["accuracy"] = (logits.argmax(1) == labels).to(ce.dtype).mean()
         if alpha:
             loss = loss + alpha * ce
     if vae is not None:
-        vae_objective = (
-            vae.neg_iwae if vae.neg_iwae is not None else vae.rec_nll + kl_coeff * vae.kl
-        )
         terms["rec_nll"] = vae.rec_nll.mean().detach()
         terms["kl"] = vae.kl.mean().detach()
         terms["neg_elbo"] = vae.neg_elbo.mean().detach()
-        if vae.neg_iwae is not None:
-            terms["neg_iwae"] = vae.neg_iwae.mean().detach()
+        terms["vae_objective"] = vae.objective.mean().detach()
         if beta:
-            loss = loss + beta * vae_objective.mean()
+            loss = loss + beta * vae.objective.mean()
     terms["loss"] = loss.detach()
     return loss, terms

@@ -1,20 +1,24 @@
 """The HDF5 record of an evaluation: one file per shard, merged per run by sample index.
 
 A shard file ``<run_dir>/eval/<set>__<start>-<stop>.h5`` holds one group named after the set
-(e.g. ``/digits``, ``/svhn``) with datasets keyed by sample index (see docs/results.md):
+(e.g. ``/digits``, ``/svhn``, ``/digits-val``) with datasets keyed by sample index (see
+docs/results.md for every dataset, its units and when it is present):
 
     indices [N] int64          positions in the full set (the merge key)
-    labels [N] int64           class labels (in-distribution set)
+    labels [N] int64           class labels (in-distribution and validation sets)
     logits [N, C] float32      models with a classifier
     neg_elbo [N] float32       -ELBO in nats per image (beta = 1), models with a VAE
     neg_iwae_k<K> [N] float32  -IWAE bound with K samples, nats
-    fgsm/eps [E] float32       epsilons in [0, 1] pixel units (in-distribution set)
-    fgsm/pred [E, N] int16     prediction of every image at every epsilon
-    fgsm/accuracy [E] float64  accuracy over this shard's images
+    iwae_ess [N] float32       effective sample size of the largest K's importance weights
+    complexity_bits [N]        PNG size of the 8-bit image in bits (image likelihoods)
+    fgsm/eps, pgd/eps [E]      epsilons in [0, 1] pixel units (in-distribution set)
+    fgsm/pred, pgd/pred [E, N] prediction of every image at every epsilon (int16)
+    images/{inputs,recon,samples} [n, 3, 32, 32] uint8   in the shard holding image 0
 
-File attributes carry provenance: schema_version, run_id, set, role (id | ood), set_size,
-start, stop, config_yaml, checkpoint, checkpoint_sha256, git_commit, versions (JSON), device,
-created. Files are written under a temporary name and renamed when complete.
+File attributes carry provenance (schema_version, run_id, set, role, set_size, start, stop,
+config_yaml, checkpoint_sha256, git_commit, versions, sigma, ...). Files are written under a
+temporary name and renamed when complete. Which sets a run evaluates, with which settings, and
+whether a set is done is ``dhm.layout``'s answer (no h5py needed for it).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +34,22 @@ from typing import Any
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
-ROLES = ("id", "ood")
-_PER_SAMPLE_PREFIXES = ("indices", "labels", "logits", "neg_elbo", "neg_iwae_k", "fgsm/pred")
+from dhm.fsutil import atomic_path
+from dhm.layout import (  # noqa: F401 - the layout's names, part of this module's API
+    ROLES,
+    SCHEMA_VERSION,
+    eval_id,
+    eval_sets,
+    set_complete,
+    set_shards,
+    shard_name,
+)
+
+_PER_SAMPLE_PREFIXES = (
+    "indices", "labels", "logits", "neg_elbo", "neg_iwae_k", "iwae_ess", "complexity_bits",
+    "fgsm/pred", "pgd/pred",
+)  # fmt: skip
+
 REQUIRED_ATTRS = ("schema_version", "set", "role", "set_size", "start", "stop")  # read_shard checks
 _TEXT = h5py.string_dtype()
 _SCALAR_TYPES = (  # attributes: (type in the file, type to read it as, numpy dtype)
@@ -53,10 +69,6 @@ class ShardGapError(ShardError):
     """Images of a set that no shard covers: the evaluation is incomplete, not corrupt."""
 
 
-def shard_name(set_name: str, start: int, stop: int) -> str:
-    return f"{set_name}__{start:07d}-{stop:07d}.h5"
-
-
 def _per_sample(key: str) -> bool:
     return key.startswith(_PER_SAMPLE_PREFIXES)
 
@@ -73,31 +85,23 @@ def write_shard(
     missing = {"role", "set_size", "start", "stop"} - set(attrs)
     if missing:
         raise ValueError(f"shard attributes missing: {sorted(missing)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["set"] = set_name
-            for key, value in attrs.items():
-                f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
-            group = f.create_group(set_name)
-            for key, value in arrays.items():
-                value = np.asarray(value)
-                big = _per_sample(key) and value.size > 4096
-                group.create_dataset(
-                    key,
-                    data=value,
-                    chunks=True if big else None,
-                    compression="gzip" if big else None,
-                    compression_opts=4 if big else None,
-                    shuffle=big,
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["set"] = set_name
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
+        group = f.create_group(set_name)
+        for key, value in arrays.items():
+            value = np.asarray(value)
+            big = _per_sample(key) and value.size > 4096
+            group.create_dataset(
+                key,
+                data=value,
+                chunks=True if big else None,
+                compression="gzip" if big else None,
+                compression_opts=4 if big else None,
+                shuffle=big,
+            )
     return path
 
 
@@ -226,7 +230,7 @@ def read_shard(path: str | Path, attrs: Iterable[str] | None = None) -> Shard:
     if n != stop - start:
         raise ShardError(f"{path}: {n} indices for the range [{start}, {stop})")
     for key, value in arrays.items():
-        if _per_sample(key) and value.shape[-1 if key == "fgsm/pred" else 0] != n:
+        if _per_sample(key) and value.shape[-1 if key.endswith("/pred") else 0] != n:
             raise ShardError(f"{path}: {key} has shape {value.shape}, expected {n} samples")
     return Shard(path, set_name, found, arrays)
 
@@ -265,15 +269,17 @@ def merge_shards(shards: list[Shard]) -> SetResults:
         for key in ("set_size", "role"):
             if shard.attrs[key] != first.attrs[key]:
                 raise ShardError(f"{shard.path}: {key} differs from {first.path.name}")
-        if shard.arrays.keys() != first.arrays.keys():
+        if _merged_keys(shard) != _merged_keys(first):
             raise ShardError(f"{shard.path}: datasets differ from {first.path.name}")
         covered = int(shard.attrs["stop"])
     if covered != size:
         raise ShardGapError(f"set {first.set_name}: images [{covered}, {size}) have no shard")
     merged: dict[str, np.ndarray] = {}
     for key in first.arrays:
+        if key.startswith("images/"):
+            continue
         parts = [s.arrays[key] for s in order]
-        if key == "fgsm/pred":
+        if key.endswith("/pred"):
             merged[key] = np.concatenate(parts, axis=1)
         elif _per_sample(key):
             merged[key] = np.concatenate(parts, axis=0)
@@ -281,11 +287,18 @@ def merge_shards(shards: list[Shard]) -> SetResults:
             merged[key] = parts[0]  # per-set constants such as fgsm/eps
     if not np.array_equal(merged["indices"], np.arange(size)):
         raise ShardError(f"set {first.set_name}: indices are not 0..{size - 1} in order")
+    for shard in order:  # the report's image grids, from the shard that holds image 0
+        merged.update({k: v for k, v in shard.arrays.items() if k.startswith("images/")})
     merged.pop("fgsm/accuracy", None)  # shard-level; recomputed over the full set
+    merged.pop("pgd/accuracy", None)
     attrs = {k: v for k, v in first.attrs.items() if k not in ("start", "stop", "created")}
     return SetResults(
         first.set_name, str(first.attrs["role"]), merged, attrs, [s.path for s in order]
     )
+
+
+def _merged_keys(shard: Shard) -> set[str]:
+    return {k for k in shard.arrays if not k.startswith("images/")}
 
 
 def load_run(eval_dir: str | Path) -> dict[str, SetResults]:
@@ -299,3 +312,25 @@ def load_run(eval_dir: str | Path) -> dict[str, SetResults]:
         shard = read_shard(path)
         by_set.setdefault(shard.set_name, []).append(shard)
     return {name: merge_shards(shards) for name, shards in sorted(by_set.items())}
+
+
+def shard_eval_id(path: str | Path) -> str | None:
+    """The eval_id a shard file was written with (None if unreadable or absent)."""
+    try:
+        value = read_attrs(path, ["eval_id"]).get("eval_id")
+    except (OSError, KeyError, ValueError):
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def stale_shards(eval_dir: str | Path, set_name: str, current_eval_id: str) -> list[Path]:
+    """Shards of a set written with other eval settings (another k, epsilon grid, split...)."""
+    return [p for *_, p in set_shards(eval_dir, set_name) if shard_eval_id(p) != current_eval_id]
+
+
+def shard_set_size(path: str | Path) -> int | None:
+    """The set_size attribute of one shard (None: unreadable)."""
+    try:
+        return int(read_attrs(path, ["set_size"])["set_size"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -6,13 +6,19 @@ Resume is exact: the data order is a function of (seed, epoch), and every step r
 from (seed, global step, rank), so a checkpoint's position (epoch, batch, step) together with
 model/optimizer/scheduler state determines the rest of the run. (That reseeding replaces saving
 generator states: they are derivable, and they would not survive a change of world size.)
+
+The run is three pieces, as MAE splits its ``main`` from ``train_one_epoch``: ``resume_or_init``
+(the run's state, from the newest checkpoint or from scratch), ``train_one_epoch`` and
+``save_checkpoint`` (one builder of the checkpoint dict). A ``StopRequest`` set from outside
+(a signal handler) makes the loop write a checkpoint of its exact position and raise
+``TrainingStopped``, so a requeued task loses nothing whatever the checkpoint cadence.
 """
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,81 +29,73 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from dhm import checkpoint as ckpt_io
 from dhm import data as data_lib
+from dhm import validation as val_lib
 from dhm.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
+from dhm.fsutil import atomic_write_text
 from dhm.model import DeepHybridModel, build_model, warm_start_from_resnet
+from dhm.monitor import (  # noqa: F401 - NonFiniteLossError is part of this module's API
+    FiniteWatch,
+    MetricLog,
+    NonFiniteLossError,
+    assert_replicas_in_sync,
+)
 from dhm.objectives import hybrid_loss, vae_terms
 
-METRIC_FIELDS = (
-    "step", "epoch", "lr", "loss", "ce", "accuracy", "rec_nll", "kl", "neg_elbo", "neg_iwae",
-    "images_per_s",
-)  # fmt: skip
+CHECKPOINT_FORMAT = 2  # 2: torch_threads, eval_log_sigma; 1 is read as well
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the step and the terms."""
+class TrainingStopped(RuntimeError):
+    """Training stopped on request at ``step``; ``checkpoint`` holds its exact position."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped on request at step {step}; resume from {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
-class FiniteWatch:
-    """Records the first step whose loss was not finite, on the device, without a host sync.
+class StopRequest:
+    """Set ``requested`` (e.g. from a signal handler) to make training stop at a step boundary.
 
-    ``update`` runs every step as a few tiny device ops (no ``.item()``, so a GPU never waits
-    for the host); ``check`` reads the record (one sync) and raises NonFiniteLossError naming
-    that step, its epoch and batch and every loss term. The loop checks before it logs,
-    checkpoints or returns, so a non-finite loss stops the run at the next log or checkpoint
-    step, no checkpoint holds weights updated by it, and the error names the step where it
-    happened, not where it was noticed.
+    A single process stops after the step in progress; DDP ranks agree at the next log step (a
+    signal reaches ranks at slightly different moments, and they must stop at the same step).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        # step, epoch, batch of the first non-finite loss (-1: none), as 0-d device tensors.
-        self.where = [torch.tensor(-1, device=device) for _ in range(3)]
-        self.values: torch.Tensor | None = None
-        self.names: list[str] = []
-
-    def update(self, finite: torch.Tensor, terms: dict[str, torch.Tensor], *where: int) -> None:
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
-        if self.values is None:
-            self.names, self.values = list(terms), torch.zeros_like(values)
-        first = (self.where[0] < 0) & ~finite
-        # Python ints enter as kernel arguments: no host-to-device copy, so no sync.
-        self.where = [torch.where(first, n, w) for n, w in zip(where, self.where, strict=True)]
-        self.values = torch.where(first, values, self.values)
-
-    def check(self, ckpt_dir: Path) -> None:
-        step, epoch, batch = torch.stack(self.where).tolist()
-        if step >= 0:
-            assert self.values is not None
-            shown = ", ".join(
-                f"{k}={v:.4g}" for k, v in zip(self.names, self.values.tolist(), strict=True)
-            )
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {epoch}, batch {batch}): {shown}; "
-                f"the last good checkpoint in {ckpt_dir} is kept"
-            )
+    def __init__(self) -> None:
+        self.requested = False
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: Any) -> torch.optim.Adam:
     """Adam for cfg.train ``t``, multi-tensor (``foreach``): a few ops over all parameters per
     step instead of a few per parameter tensor, and bitwise the same result as the for-loop.
 
-    Not ``fused=True``: on torch 2.14's CPU kernel its weights after 4 steps differed from the
-    for-loop's by up to 17% of their movement (foreach: 0), and a 2-process DDP run from a
-    1-process one by up to 49% (foreach: 0.7%).
+    Not ``fused=True``: on torch 2.14's CPU kernel it diverged from the for-loop Adam (see
+    docs/performance.md), which foreach does not.
     """
     return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, foreach=True)
 
 
 def training_loss(
-    out: Any, y: torch.Tensor, m: Any
+    out: Any, y: torch.Tensor, m: Any, model: DeepHybridModel | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective of a forward pass ``out`` (DHMOutput) for model config ``m``:
-    ``vae_terms`` when the model has a VAE, then ``hybrid_loss``; (loss, detached terms)."""
+    ``vae_terms`` when the model has a VAE, then ``hybrid_loss``; (loss, detached terms).
+    ``model`` supplies the pixel std the thesis objective normalizes images by."""
     vae = None
     if out.mu is not None:
+        scale = 1.0
+        if m.likelihood == "thesis" and m.vae_split_layer == 0 and model is not None:
+            scale = model.pixel_std.view(-1, 1, 1)
         vae = vae_terms(
-            out.target, out.recon, out.z, out.mu, out.logvar, out.log_sigma, kl_coeff=m.kl_coeff
+            out.target,
+            out.recon,
+            out.z,
+            out.mu,
+            out.logvar,
+            out.log_sigma,
+            kl_coeff=m.kl_coeff,
+            likelihood=m.likelihood,
+            target_scale=scale,
         )
-    return hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta, kl_coeff=m.kl_coeff)
+    return hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta)
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -129,7 +127,7 @@ def model_for(cfg: Any) -> DeepHybridModel:
 
 
 def prepare_run_dir(cfg: Any) -> Path:
-    """Create the run dir and its config.yaml, or check that an existing one trains the same model.
+    """Check that an existing run dir's config.yaml trains the same model as ``cfg``.
 
     Raises ConfigError naming the differing keys, before anything in the folder is touched.
     """
@@ -137,7 +135,7 @@ def prepare_run_dir(cfg: Any) -> Path:
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         old = from_yaml(config_file.read_text())
-        diff = _identity_diff(training_identity(old), training_identity(cfg))
+        diff = identity_diff(old, cfg)
         if diff:
             raise ConfigError(
                 f"{config_file} was written for another training config ({'; '.join(diff)}); "
@@ -146,129 +144,146 @@ def prepare_run_dir(cfg: Any) -> Path:
     return run_dir
 
 
-def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+def identity_diff(old: Any, new: Any) -> list[str]:
+    """'key: a there, b here' for every training-identity field that differs."""
+    return _diff(training_identity(old, full=True), training_identity(new, full=True))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _identity_diff(a, b, f"{prefix}{key}.")
+            out += _diff(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} there, {b!r} here")
     return out
 
 
-def _check_checkpoint_matches(path: Path, state: dict[str, Any], cfg: Any) -> None:
-    diff = _identity_diff(
-        training_identity(from_yaml(state["config_yaml"])), training_identity(cfg)
-    )
+def check_checkpoint_matches(path: Path, state: dict[str, Any], cfg: Any) -> None:
+    diff = identity_diff(from_yaml(state["config_yaml"]), cfg)
     if diff:
         raise ckpt_io.CheckpointError(
             f"{path} belongs to another training config: {'; '.join(diff)}"
         )
 
 
-def _load_warm_start(model: DeepHybridModel, path: str) -> None:
+def load_warm_start(path: str, key: str = "model.warm_start") -> dict[str, Any]:
+    """A warm-start checkpoint's state: a resnet or dhm checkpoint that loads.
+    CheckpointError names the key, the file and what is wrong."""
     state = ckpt_io.load(path)
     kind = from_yaml(state["config_yaml"]).model.name
     if kind not in ("resnet", "dhm"):
         raise ckpt_io.CheckpointError(
-            f"model.warm_start={path} is a {kind} checkpoint; a resnet (or dhm) one is needed"
+            f"{key}={path} is a {kind} checkpoint; a resnet (or dhm) one is needed"
         )
+    return state
+
+
+def apply_warm_start(model: DeepHybridModel, path: str) -> None:
+    """Load ``path``'s classifier trunk and head into ``model`` (CheckpointError if it does
+    not fit). The launcher calls this on a CPU copy of each run's model before submitting."""
+    state = load_warm_start(path)
     try:
         warm_start_from_resnet(model, state["model"])
     except ValueError as err:
         raise ckpt_io.CheckpointError(f"model.warm_start={path}: {err}") from None
 
 
-class _MetricLog:
-    """CSV + TensorBoard per-step metrics, written by the main process only."""
+@dataclass
+class RunState:
+    """Everything one rank holds while training a run."""
 
-    def __init__(self, log_dir: Path, resume_step: int):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = log_dir / "metrics.csv"
-        rows = []
-        if self.csv_path.exists() and resume_step > 0:
-            # Rows past the resumed step were logged by the interrupted attempt and are redone.
-            with open(self.csv_path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        self._file = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self._csv = csv.DictWriter(self._file, fieldnames=METRIC_FIELDS)
-        from torch.utils.tensorboard import SummaryWriter
+    cfg: Any
+    accelerator: Accelerator
+    model: Any  # as prepared by Accelerate (DDP-wrapped under DDP)
+    unwrapped: DeepHybridModel
+    forward: Any  # model, or its torch.compile'd version
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: data_lib.DeviceLoader
+    val_set: data_lib.ImageSet | None
+    ckpt_dir: Path
+    cfg_yaml: str
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    log: MetricLog | None = None
+    watch: FiniteWatch | None = None
+    last_val: val_lib.ValStats | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-        self._tb = SummaryWriter(str(log_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, row: dict[str, float]) -> None:
-        self._csv.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
-        self._file.flush()
-        for key, value in row.items():
-            if key not in ("step", "epoch"):
-                self._tb.add_scalar(f"train/{key}", value, row["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-def assert_replicas_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Raise if the DDP ranks' weights differ (bitwise), e.g. after a non-deterministic step.
+def checkpoint_state(rs: RunState, *, final: bool = False) -> dict[str, Any]:
+    """The one checkpoint dict: weights, optimizer and schedule (not in final.pt), position."""
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model": rs.unwrapped.state_dict(),
+        "epoch": rs.epoch,
+        "batch": rs.batch,
+        "global_step": rs.step,
+        "seed": rs.cfg.train.seed,
+        "world_size": rs.accelerator.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "config_yaml": rs.cfg_yaml,
+        **rs.extra,
+    }
+    if not final:
+        state["optimizer"] = rs.optimizer.state_dict()
+        state["scheduler"] = rs.scheduler.state_dict()
+    return state
 
-    Compares a float64 fingerprint of every parameter across ranks (buffers such as BatchNorm
-    running statistics are per process on CPU); one small all-gather, at checkpoint time only.
-    """
-    if accelerator.num_processes == 1:
-        return
-    tensors = [p.detach() for p in model.parameters()]
-    weights = torch.arange(1, len(tensors) + 1, dtype=torch.float64, device=accelerator.device)
-    sums = torch.stack([t.double().sum() for t in tensors]) * weights
-    squares = torch.stack([t.double().square().sum() for t in tensors])
-    fingerprint = torch.stack([sums.sum(), squares.sum()])
-    gathered = accelerator.gather(fingerprint.unsqueeze(0))
-    if not torch.equal(gathered, fingerprint.unsqueeze(0).expand_as(gathered)):
-        raise RuntimeError(
-            f"DDP replicas diverged: weight fingerprints per rank {gathered.tolist()}"
+
+def save_checkpoint(rs: RunState, path: Path, *, final: bool = False) -> Path:
+    """Check the replicas agree, write ``path`` on the main process, wait for every rank."""
+    assert_replicas_in_sync(rs.accelerator, rs.unwrapped)
+    if rs.main:
+        ckpt_io.atomic_save(checkpoint_state(rs, final=final), path)
+        if not final:
+            ckpt_io.prune(rs.ckpt_dir, rs.cfg.train.keep_checkpoints)
+    rs.accelerator.wait_for_everyone()
+    return path
+
+
+def _resume_point(cfg: Any, ckpt_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    path = ckpt_io.newest(ckpt_dir)
+    if path is None:
+        return None, None
+    state = ckpt_io.load(path)
+    check_checkpoint_matches(path, state, cfg)
+    threads, now = state.get("torch_threads"), torch.get_num_threads()
+    if threads is not None and threads != now and not torch.cuda.is_available():
+        print(
+            f"warning: resuming {path} with {now} torch threads; it was written with "
+            f"{threads}: CPU kernels split work by thread count, so the weights will not be "
+            "bit-identical to an uninterrupted run (give the task the same cpus_per_task)",
+            file=sys.stderr,
+            flush=True,
         )
+    return path, state
 
 
-def train(cfg: Any) -> Path:
-    """Train one model described by a RunConfig; return the path of its final checkpoint."""
-    return run_training(cfg)[0]
-
-
-def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
-    """train(cfg), also returning this rank's trained (unwrapped) model.
-
-    Writes ``<run_dir>/config.yaml``, ``checkpoints/step_*.pt`` (every
-    train.checkpoint_every_steps and at every epoch end; the newest train.keep_checkpoints kept),
-    ``checkpoints/final.pt`` when done, and ``logs/metrics.csv`` + ``logs/tensorboard/``.
-    Resumes from the newest step checkpoint; returns at once if final.pt exists.
-    """
-    check_run(cfg)
-    run_dir = prepare_run_dir(cfg)
+def resume_or_init(cfg: Any) -> RunState:
+    """The run's state on this rank: from the newest step checkpoint, or fresh (with the
+    warm start, if any). Reads the training data and places everything on the device."""
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    final_path = ckpt_dir / ckpt_io.FINAL_NAME
-    if final_path.exists():
-        state = ckpt_io.load(final_path)
-        _check_checkpoint_matches(final_path, state, cfg)
-        model = model_for(cfg)
-        model.load_state_dict(state["model"])
-        return final_path, model
-
     info = data_lib.dataset_info(cfg.data.name)
     train_set = data_lib.load_split(
-        cfg.data.name, cfg.data.root, "train", download=cfg.data.download,
-        val_size=cfg.data.val_size, split_seed=cfg.data.split_seed,
-    )  # fmt: skip
-    resume_path = ckpt_io.newest(ckpt_dir)
-    resume = ckpt_io.load(resume_path) if resume_path else None
-    if resume is not None:
-        _check_checkpoint_matches(resume_path, resume, cfg)
-
+        cfg.data.name,
+        cfg.data.root,
+        "train",
+        download=cfg.data.download,
+        val_size=cfg.data.val_size,
+        split_seed=cfg.data.split_seed,
+    )
+    resume_path, resume = _resume_point(cfg, ckpt_dir)
     accelerator = make_accelerator(cfg)
-    t = cfg.train
     if accelerator.device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest kernels (exact resume is a CPU promise).
         torch.backends.cudnn.benchmark = True
@@ -277,13 +292,12 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
     if resume is not None:
         model.load_state_dict(resume["model"])
     elif cfg.model.warm_start:
-        _load_warm_start(model, cfg.model.warm_start)
+        apply_warm_start(model, cfg.model.warm_start)
     if cfg.model.sync_batchnorm and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if accelerator.device.type == "cuda" and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     # The scheduler steps once per epoch and is not handed to Accelerate, which would step
     # it once per process.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, gamma=t.lr_decay)
@@ -291,123 +305,227 @@ def run_training(cfg: Any) -> tuple[Path, torch.nn.Module]:
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-    forward = torch.compile(model) if t.compile else model
-
     try:
         loader = data_lib.DeviceLoader(
-            train_set, t.batch_size, device=accelerator.device, seed=t.seed,
-            augment=info.augment, rank=accelerator.process_index,
+            train_set,
+            t.batch_size,
+            device=accelerator.device,
+            seed=t.seed,
+            augment=info.augment,
+            rank=accelerator.process_index,
             world_size=accelerator.num_processes,
-        )  # fmt: skip
+        )
     except ValueError as err:  # a batch larger than the set, or not divisible by the ranks
         raise ConfigError(f"train.batch_size={t.batch_size}: {err}") from None
-    start_epoch, start_batch, global_step = 0, 0, 0
+    if t.compile and accelerator.device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        # On CPU, the channels-last layouts inductor picks for convolutions hung in the second
+        # convolution_backward (torch 2.14.1, oneDNN, AMD EPYC); plain layouts train fine.
+        inductor_config.layout_optimization = False
+    rs = RunState(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        unwrapped=accelerator.unwrap_model(model),
+        forward=torch.compile(model) if t.compile else model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        val_set=val_lib.validation_set(cfg, t.val_max_images),
+        ckpt_dir=ckpt_dir,
+        cfg_yaml=to_yaml(cfg),
+    )
     if resume is not None:
-        start_epoch, start_batch = resume["epoch"], resume["batch"]
-        global_step = resume["global_step"]
-
-    main = accelerator.is_main_process
-    cfg_yaml = to_yaml(cfg)
-    if main:
-        where = f"resuming from {resume_path} (step {global_step})" if resume else "starting"
-        print(f"train {run_dir}: {where}, {accelerator.num_processes} process(es) on "
-              f"{accelerator.device}", flush=True)  # fmt: skip
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rs.epoch, rs.batch, rs.step = resume["epoch"], resume["batch"], resume["global_step"]
+    if rs.main:
+        where = f"resuming from {resume_path} (step {rs.step})" if resume else "starting"
+        print(
+            f"train {run_dir}: {where}, {accelerator.num_processes} process(es) on "
+            f"{accelerator.device}",
+            flush=True,
+        )
         if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(cfg_yaml)
-    log = _MetricLog(run_dir / "logs", global_step) if main else None
-    show_bar = main and t.progress and sys.stderr.isatty()
-    unwrapped = accelerator.unwrap_model(model)
+            atomic_write_text(run_dir / "config.yaml", rs.cfg_yaml)
+        rs.log = MetricLog(run_dir / "logs", rs.step)
+    rs.watch = FiniteWatch(accelerator.device)
+    return rs
 
-    def save_step_checkpoint(next_epoch: int, next_batch: int) -> None:
-        assert_replicas_in_sync(accelerator, unwrapped)
-        state = {
-            "format": 1,
-            "model": unwrapped.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": next_epoch,
-            "batch": next_batch,
-            "global_step": global_step,
-            "seed": t.seed,
-            "world_size": accelerator.num_processes,
-            "config_yaml": cfg_yaml,
-        }
-        if main:
-            ckpt_io.atomic_save(state, ckpt_io.step_path(ckpt_dir, global_step))
-            ckpt_io.prune(ckpt_dir, t.keep_checkpoints)
-        accelerator.wait_for_everyone()
 
-    watch = FiniteWatch(accelerator.device)
-    try:
-        model.train()
-        tick, images = time.perf_counter(), 0
-        for epoch in range(start_epoch, t.epochs):
-            batches = loader.epoch(epoch, start_batch=start_batch)
-            bar = None
-            if show_bar:
-                from tqdm import tqdm
+def _stop_agreed(rs: RunState, stop: StopRequest | None, log_now: bool) -> bool:
+    if stop is None:
+        return False
+    if rs.accelerator.num_processes == 1:
+        return stop.requested
+    if not log_now:
+        return False
+    flag = torch.tensor(float(stop.requested), device=rs.accelerator.device)
+    return bool(rs.accelerator.reduce(flag, "sum").item() > 0)
 
-                bar = tqdm(batches, total=len(loader), initial=start_batch, desc=f"epoch {epoch}")
-                batches = bar
-            for batch_idx, (x, y) in enumerate(batches, start=start_batch):
-                torch.manual_seed(step_seed(t.seed, global_step, accelerator.process_index))
-                if accelerator.device.type == "cuda" and t.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out = forward(x, k=cfg.model.importance_num)
-                loss, terms = training_loss(out, y, cfg.model)
-                if t.debug_nan_at_step is not None and global_step == t.debug_nan_at_step:
-                    loss = loss * float("nan")
-                    terms["loss"] = loss.detach()
-                # Reduced, so every rank records (and later raises) the same first bad step.
-                finite = torch.isfinite(accelerator.reduce(loss.detach(), "sum"))
-                watch.update(finite, terms, global_step, epoch, batch_idx)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                optimizer.step()
-                global_step += 1
-                images += x.shape[0] * accelerator.num_processes
 
-                end_of_epoch = batch_idx == len(loader) - 1
-                log_now = global_step % t.log_every_steps == 0 or end_of_epoch
-                checkpoint_now = end_of_epoch or (
-                    t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0
+def train_one_epoch(rs: RunState, stop: StopRequest | None = None) -> None:
+    """Train from ``rs``'s position to the end of its epoch; checkpoint, log and validate on
+    the way. Raises TrainingStopped (after a checkpoint) when ``stop`` is agreed on."""
+    t, acc, watch = rs.cfg.train, rs.accelerator, rs.watch
+    epoch, n_batches = rs.epoch, len(rs.loader)
+    batches: Any = rs.loader.epoch(epoch, start_batch=rs.batch)
+    bar = None
+    if rs.main and t.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        batches = bar = tqdm(batches, total=n_batches, initial=rs.batch, desc=f"epoch {epoch}")
+    tick, images = time.perf_counter(), 0
+    rs.model.train()
+    for batch_idx, (x, y) in enumerate(batches, start=rs.batch):
+        torch.manual_seed(step_seed(t.seed, rs.step, acc.process_index))
+        if acc.device.type == "cuda" and t.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = rs.forward(x, k=rs.cfg.model.importance_num)
+        loss, terms = training_loss(out, y, rs.cfg.model, rs.unwrapped)
+        if t.debug_nan_at_step is not None and rs.step == t.debug_nan_at_step:
+            loss = loss * float("nan")
+            terms["loss"] = loss.detach()
+        # Reduced, so every rank records (and later raises) the same first bad step.
+        finite = torch.isfinite(acc.reduce(loss.detach(), "sum"))
+        watch.update(finite, terms, rs.step, epoch, batch_idx)
+        rs.optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        rs.optimizer.step()
+        rs.step += 1
+        images += x.shape[0] * acc.num_processes
+        rs.epoch, rs.batch = epoch, batch_idx + 1
+
+        end_of_epoch = batch_idx == n_batches - 1
+        log_now = rs.step % t.log_every_steps == 0 or end_of_epoch
+        stopping = _stop_agreed(rs, stop, log_now)
+        checkpoint_now = (
+            end_of_epoch
+            or stopping
+            or (t.checkpoint_every_steps and rs.step % t.checkpoint_every_steps == 0)
+        )
+        if log_now or checkpoint_now:
+            watch.check(rs.ckpt_dir)  # the only host sync of a step, and not every step
+        if log_now:
+            reduced = {k: acc.reduce(v, "mean").item() for k, v in terms.items()}
+            if rs.log is not None:
+                now = time.perf_counter()
+                reduced.update(
+                    step=rs.step,
+                    epoch=epoch,
+                    lr=rs.scheduler.get_last_lr()[0],
+                    images_per_s=images / max(now - tick, 1e-9),
                 )
-                if log_now or checkpoint_now:
-                    watch.check(ckpt_dir)  # the only host sync of a step, and not every step
-                if log_now:
-                    reduced = {k: accelerator.reduce(v, "mean").item() for k, v in terms.items()}
-                    if main:
-                        now = time.perf_counter()
-                        reduced.update(
-                            step=global_step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                            images_per_s=images / max(now - tick, 1e-9),
-                        )  # fmt: skip
-                        tick, images = now, 0
-                        log.write(reduced)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{reduced['loss']:.4g}")
-                if end_of_epoch:
-                    scheduler.step()
-                if checkpoint_now:
-                    nxt = (epoch + 1, 0) if end_of_epoch else (epoch, batch_idx + 1)
-                    save_step_checkpoint(*nxt)
-            start_batch = 0
-    finally:
-        if log is not None:
-            log.close()
+                tick, images = now, 0
+                rs.log.write(reduced)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{reduced['loss']:.4g}")
+        if end_of_epoch:
+            rs.scheduler.step()
+            rs.epoch, rs.batch = epoch + 1, 0
+            _maybe_validate(rs)
+        if checkpoint_now:
+            path = save_checkpoint(rs, ckpt_io.step_path(rs.ckpt_dir, rs.step))
+            if stopping:
+                raise TrainingStopped(rs.step, path)
 
-    watch.check(ckpt_dir)
-    final = {
-        "format": 1,
-        "model": unwrapped.state_dict(),
-        "global_step": global_step,
-        "epoch": t.epochs,
-        "config_yaml": cfg_yaml,
-        "world_size": accelerator.num_processes,
-    }
-    assert_replicas_in_sync(accelerator, unwrapped)
-    if main:
-        ckpt_io.atomic_save(final, final_path)
-    accelerator.wait_for_everyone()
-    return final_path, unwrapped
+
+def _maybe_validate(rs: RunState) -> None:
+    """Validation after epoch ``rs.epoch - 1`` when due (and always after the last epoch)."""
+    every, last = rs.cfg.train.val_every_epochs, rs.epoch == rs.cfg.train.epochs
+    if rs.val_set is None or not (last or (every and rs.epoch % every == 0)):
+        return
+    acc = rs.accelerator
+    stats = val_lib.validation_pass(
+        rs.unwrapped,
+        rs.val_set,
+        rs.cfg.eval.batch_size,
+        acc.device,
+        seed=rs.cfg.train.seed,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
+    )
+    rs.last_val = stats
+    if rs.log is not None:
+        rs.log.write({"step": rs.step, "epoch": rs.epoch - 1, **stats.metrics()})
+        grids = val_lib.image_grids(rs.unwrapped, rs.val_set.images[:16], seed=0, device=acc.device)
+        if grids:
+            from torchvision.utils import make_grid
+
+            for name in ("recon", "samples"):
+                rs.log.tb.add_image(f"images/{name}", make_grid(grids[name], nrow=8), rs.step)
+    rs.model.train()
+
+
+def _eval_sigma(rs: RunState) -> dict[str, Any]:
+    """The sigma evaluation uses, for final.pt: the learned one, or fitted on validation."""
+    m = rs.unwrapped
+    if not m.has_vae:
+        return {}
+    if m.log_sigma.requires_grad:
+        return {"eval_sigma_source": "learned"}
+    acc = rs.accelerator
+
+    def fit(data: data_lib.ImageSet) -> val_lib.ValStats:
+        return val_lib.validation_pass(
+            m,
+            data,
+            rs.cfg.eval.batch_size,
+            acc.device,
+            seed=rs.cfg.train.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
+        )
+
+    if rs.val_set is not None:
+        stats = rs.last_val or fit(rs.val_set)
+        source = f"fitted on {int(stats.sums['images'])} validation images"
+    else:  # no validation split: fit on (up to 10,000) training images, and say so
+        n = min(10000, rs.loader.n)
+        stats = fit(
+            data_lib.ImageSet("train", rs.loader.images[:n].cpu(), rs.loader.labels[:n].cpu())
+        )
+        source = f"fitted on {n} training images (no validation split)"
+    return {"eval_log_sigma": stats.fitted_log_sigma(), "eval_sigma_source": source}
+
+
+def train(cfg: Any, stop: StopRequest | None = None) -> Path:
+    """Train one model described by a RunConfig; return the path of its final checkpoint."""
+    return run_training(cfg, stop)[0]
+
+
+def run_training(cfg: Any, stop: StopRequest | None = None) -> tuple[Path, torch.nn.Module]:
+    """train(cfg), also returning this rank's trained (unwrapped) model.
+
+    Writes ``<run_dir>/config.yaml``, ``checkpoints/step_*.pt`` (every
+    train.checkpoint_every_steps and at every epoch end; the newest train.keep_checkpoints kept),
+    ``checkpoints/final.pt`` when done, and ``logs/metrics.csv`` + ``logs/tensorboard/``.
+    Resumes from the newest step checkpoint; returns at once if a readable final.pt exists
+    (an unreadable one is renamed aside and training resumes).
+    """
+    check_run(cfg)
+    ckpt_dir = prepare_run_dir(cfg) / "checkpoints"
+    final_path = ckpt_dir / ckpt_io.FINAL_NAME
+    if final_path.exists():
+        try:
+            state = ckpt_io.load(final_path)
+        except ckpt_io.CheckpointError as err:
+            aside = ckpt_io.set_aside(final_path, "unreadable")
+            print(f"warning: {err}; moved to {aside.name}, training resumes", file=sys.stderr)
+        else:
+            check_checkpoint_matches(final_path, state, cfg)
+            model = model_for(cfg)
+            model.load_state_dict(state["model"])
+            return final_path, model
+    rs = resume_or_init(cfg)
+    try:
+        while rs.epoch < cfg.train.epochs:
+            train_one_epoch(rs, stop)
+    finally:
+        if rs.log is not None:
+            rs.log.close()
+    rs.watch.check(ckpt_dir)
+    rs.extra.update(_eval_sigma(rs))
+    save_checkpoint(rs, final_path, final=True)
+    return final_path, rs.unwrapped

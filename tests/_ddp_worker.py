@@ -1,6 +1,7 @@
 """One rank of a CPU (gloo) DDP training, started by tests/test_train.py with RANK etc. set.
 
 argv: run_dir, JSON of dotted overrides, output folder for this rank's final weights.
+DHM_TEST_FLOAT64=1 trains in float64 (torch's default dtype), for bitwise-bounded comparisons.
 """
 
 import json
@@ -8,6 +9,9 @@ import os
 import sys
 
 import torch
+
+if os.environ.get("DHM_TEST_FLOAT64"):
+    torch.set_default_dtype(torch.float64)  # the whole run in float64, through the same code
 
 from dhm.train import run_training
 from tests.conftest import small_config

@@ -171,12 +171,13 @@ def test_unknown_names():
 
 def test_digits_splits():
     tr, va, te = (D.load_split("digits", "ignored", s) for s in D.SPLITS)
-    assert (len(tr), len(va), len(te)) == (1200, 237, 360)
+    # Digits 0-7 (8 and 9 are the held-out near-OOD set): 284 of the fixed 360 test images.
+    assert (len(tr), len(va), len(te)) == (959, 200, 284)
     for s in (tr, va, te):
         assert s.images.shape[1:] == (3, 32, 32) and s.images.dtype == torch.uint8
         assert s.labels.dtype == torch.int64
         assert s.images[:, 0].equal(s.images[:, 2])  # gray replicated to 3 channels
-    assert set(tr.labels.tolist()) == set(range(10)) == set(te.labels.tolist())
+    assert set(tr.labels.tolist()) == set(range(8)) == set(te.labels.tolist())
     assert tr.images.max() == 255 and tr.images.min() == 0
     # Test set is fixed; train/val move with split_seed but always partition the same pool.
     te2 = D.load_split("digits", "other", "test")
@@ -198,7 +199,45 @@ def test_digits_ood():
     assert (ood.labels == -1).all()
     assert not ood.images[:, 0].equal(ood.images[:, 1])  # colour photos, unlike digits
     assert len(ood.images.flatten(1).unique(dim=0)) == 360
-    assert D.DATASETS["digits"].ood_sets == ("digits_ood",)
+    assert D.DATASETS["digits"].ood_sets == ("digits_heldout", "digits_ood")
+
+
+def test_held_out_digits_are_every_8_and_9_and_never_trained_on():
+    from sklearn.datasets import load_digits
+
+    held = D.load_ood("digits_heldout", "ignored")
+    target = load_digits().target
+    assert len(held) == int(((target == 8) | (target == 9)).sum()) == 354
+    assert (held.labels == -1).all()
+    train = {img.numpy().tobytes() for img in D.load_split("digits", ".", "train").images}
+    assert not any(img.numpy().tobytes() in train for img in held.images)
+
+
+def _auroc(pos, neg) -> float:
+    """P(pos > neg) + ties / 2, either direction: the best a threshold on this statistic does."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    a = roc_auc_score(y, np.r_[pos, neg])
+    return max(a, 1 - a)
+
+
+def test_the_near_ood_set_is_not_separated_by_trivial_image_statistics():
+    # The photo patches are told apart from the gray digits by their colour alone (AUROC 1.0):
+    # a test an OOD detector passes without modelling anything. The held-out digits are not.
+    test = D.load_split("digits", ".", "test").images.double() / 255
+    held = D.load_ood("digits_heldout", ".").images.double() / 255
+    far = D.load_ood("digits_ood", ".").images.double() / 255
+    stats = {
+        "mean colour": lambda x: x.mean((1, 2, 3)),
+        "dark fraction": lambda x: (x < 0.1).double().mean((1, 2, 3)),
+        "contrast": lambda x: x.std((1, 2, 3)),
+        "channel spread": lambda x: (x.amax(1) - x.amin(1)).mean((1, 2)),
+    }
+    for name, stat in stats.items():
+        assert _auroc(stat(test).numpy(), stat(held).numpy()) < 0.9, name
+    spread = stats["channel spread"]
+    assert _auroc(spread(test).numpy(), spread(far).numpy()) > 0.99
 
 
 def _indexed(n: int = 53, seed: int = 0) -> D.ImageSet:
@@ -313,13 +352,17 @@ def test_loader_augmentation_wiring_and_plain_pixels():
         assert xa.equal(expect)
 
 
-def test_iterate_batches_covers_range_in_order():
+def test_iterate_batches_are_fixed_blocks_of_the_set():
     data = _indexed(23)
-    batches = list(D.iterate_batches(data, 5, device="cpu", start=3, stop=17))
+    batches = list(D.iterate_batches(data, 5, device="cpu", start=5, stop=23))
     idx = torch.cat([i for i, _, _ in batches])
-    assert idx.equal(torch.arange(3, 17)) and [len(i) for i, _, _ in batches] == [5, 5, 4]
+    assert idx.equal(torch.arange(5, 23)) and [len(i) for i, _, _ in batches] == [5, 5, 5, 3]
     for i, x, y in batches:
         assert y.equal(i) and x.equal(data.images[i].float() / 255)
+    # A range that would put an image in a batch with other neighbours is refused.
+    for start, stop in [(3, 10), (5, 12)]:
+        with pytest.raises(ValueError, match="not a union of whole evaluation blocks of 5"):
+            list(D.iterate_batches(data, 5, device="cpu", start=start, stop=stop))
     assert torch.cat([i for i, _, _ in D.iterate_batches(data, 10, device="cpu")]).equal(
         torch.arange(23)
     )

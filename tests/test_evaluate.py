@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,7 +66,8 @@ def trained(tmp_path_factory):
     """A tiny dhm trained for one epoch, with its run config."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     cfg = small_config(
-        run_dir, **{"train.epochs": 1, "eval.iwae_k": [1, 3], "eval.max_images": 150}
+        run_dir, **{"train.epochs": 1, "eval.iwae_k": [1, 3], "eval.max_images": 150,
+                    "eval.fgsm_eps": [0.0, 0.02, 0.05], "eval.pgd_steps": 3}
     )
     return cfg, train(cfg)
 
@@ -74,16 +76,18 @@ def trained(tmp_path_factory):
 def test_shard_split_does_not_change_the_union(trained, tmp_path):
     cfg, ckpt = trained
     merged = {}
-    for shard_size in (0, 40):
+    # Bitwise by construction: a batch is a fixed block of 32 images of the set and a shard a
+    # union of whole blocks, so every image meets the same neighbours (and kernels) either way.
+    for shard_size in (0, 64):
         local = cfg.copy()
         local.run_dir = str(tmp_path / f"split{shard_size}")
         local.eval.shard_size = shard_size
-        local.eval.batch_size = 32  # batches straddle shard edges
+        local.eval.batch_size = 32
         paths = evaluate_all(local, ckpt)
-        assert len(paths) == (2 if shard_size == 0 else 2 * 4)
+        assert len(paths) == (4 if shard_size == 0 else 4 * 3)  # 150 images: 3 shards a set
         merged[shard_size] = results.load_run(Path(local.run_dir) / "eval")
-    whole, split = merged[0], merged[40]
-    assert whole.keys() == split.keys() == {"digits", "digits_ood"}
+    whole, split = merged[0], merged[64]
+    assert whole.keys() == split.keys() == {"digits", "digits-val", "digits_heldout", "digits_ood"}
     for name in whole:
         assert whole[name].arrays.keys() == split[name].arrays.keys()
         for key, value in whole[name].arrays.items():
@@ -96,21 +100,34 @@ def test_shard_contents_and_provenance(trained):
     paths = evaluate_all(cfg, ckpt, run_id="r1")
     sets = results.load_run(Path(cfg.run_dir) / "eval")
     digits = sets["digits"].arrays
-    assert digits["logits"].shape == (150, 10) and digits["logits"].dtype == np.float32
+    assert digits["logits"].shape == (150, 8) and digits["logits"].dtype == np.float32
     assert digits["neg_elbo"].shape == digits["neg_iwae_k3"].shape == (150,)
     assert digits["fgsm/pred"].shape == (len(cfg.eval.fgsm_eps), 150)
     # eps = 0 is the clean prediction.
     np.testing.assert_array_equal(digits["fgsm/pred"][0], digits["logits"].argmax(1))
     # IWAE with more samples is a tighter bound on average.
     assert digits["neg_iwae_k3"].mean() <= digits["neg_iwae_k1"].mean()
-    assert (
-        "labels" not in sets["digits_ood"].arrays and "fgsm/pred" not in sets["digits_ood"].arrays
-    )
+    assert (digits["iwae_ess"] >= 1 - 1e-5).all() and (digits["iwae_ess"] <= 3 + 1e-5).all()
+    # PGD is never weaker than FGSM: an image it leaves correct, FGSM left correct too.
+    for e in range(3):
+        pgd_ok = digits["pgd/pred"][e] == digits["labels"]
+        fgsm_ok = digits["fgsm/pred"][e] == digits["labels"]
+        assert not (pgd_ok & ~fgsm_ok).any()
+    np.testing.assert_array_equal(digits["pgd/pred"][0], digits["logits"].argmax(1))
+    assert digits["images/recon"].shape == (16, 3, 32, 32) and digits["images/samples"].dtype == np.uint8
+    assert (digits["complexity_bits"] > 0).all()
+    val = sets["digits-val"].arrays
+    assert set(val) == {"indices", "labels", "logits"} and sets["digits-val"].role == "val"
+    ood = sets["digits_ood"].arrays
+    assert "labels" not in ood and "fgsm/pred" not in ood and "neg_elbo" in ood
     with h5py.File(paths[0]) as f:
         assert f.attrs["run_id"] == "r1" and f.attrs["role"] == "id"
         assert len(f.attrs["checkpoint_sha256"]) == 64
         assert "model:" in f.attrs["config_yaml"] and f.attrs["git_commit"]
         assert f.attrs["num_dims"] == 3 * 32 * 32
+        assert f.attrs["likelihood_space"] == "pixels-dequantized" and f.attrs["pixel_levels"] == 255
+        # Trained with the default learned sigma: evaluation uses it, and says so.
+        assert f.attrs["sigma_source"] == "learned" and len(json.loads(f.attrs["sigma"])) == 1
     # Evaluating again keeps the complete files.
     mtimes = [p.stat().st_mtime_ns for p in paths]
     assert [p.stat().st_mtime_ns for p in evaluate_all(cfg, ckpt, run_id="r1")] == mtimes
@@ -127,15 +144,18 @@ def test_schema_follows_the_model_kind(tmp_path, kind):
     arrays = results.load_run(tmp_path / kind / "eval")["digits"].arrays
     if kind == "resnet":
         assert "logits" in arrays and "fgsm/pred" in arrays and "neg_elbo" not in arrays
+        assert (tmp_path / kind / "eval").glob("digits-val__*.h5")
     else:
         assert "neg_elbo" in arrays and "logits" not in arrays and "fgsm/pred" not in arrays
+        assert not list((tmp_path / kind / "eval").glob("digits-val__*.h5"))  # no classifier
 
 
 def test_plan_shards_cover_each_set_once(small_cfg):
     cfg = small_cfg(**{"eval.shard_size": 100})
     shards = plan_shards(cfg, "digits", "id", 360)
     assert [(s.start, s.stop) for s in shards] == [(0, 100), (100, 200), (200, 300), (300, 360)]
-    assert eval_sets(cfg) == [("digits", "id"), ("digits_ood", "ood")]
+    assert eval_sets(cfg) == [("digits", "id"), ("digits-val", "val"),
+                              ("digits_heldout", "ood"), ("digits_ood", "ood")]
     assert ShardSpec("svhn", "ood", 0, 10, 10).filename == "svhn__0000000-0000010.h5"
 
 
@@ -266,3 +286,82 @@ def test_read_shard_matches_h5py(tmp_path):
     assert results.read_attrs(path, ["config_yaml", "absent"]) == {
         "config_yaml": want["config_yaml"]
     }
+
+
+def _attack_model():
+    torch.manual_seed(3)
+    from dhm.model import DeepHybridModel
+
+    model = DeepHybridModel("dhm", num_classes=8, width=4, latent_dim=6).eval()
+
+    class Logits(torch.nn.Module):  # what torchattacks attacks: pixels in [0, 1] -> logits
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.classify(x)
+
+    x = torch.rand(64, 3, 32, 32)
+    with torch.no_grad():
+        y = model.classify(x).argmax(1)  # clean accuracy 1: every failure is the attack's
+    return Logits().eval(), x, y
+
+
+def test_fgsm_and_pgd_agree_with_torchattacks():
+    # An implementation nobody here wrote. FGSM is deterministic: the same images flip.
+    # PGD (from x, no random start, same step): torchattacks reports its final iterate; ours
+    # counts an image broken at any iterate (or under FGSM), so it breaks at least those.
+    import torchattacks
+
+    from dhm.attacks import pgd_predictions
+
+    net, x, y = _attack_model()
+    for eps in (0.01, 0.03, 8 / 255):
+        theirs = net(torchattacks.FGSM(net, eps=eps)(x, y)).argmax(1)
+        ours = fgsm_predictions(net, x, y, [eps])[0]
+        assert torch.equal(ours, theirs), eps
+        alpha, steps = eps / 4, 5
+        adv = torchattacks.PGD(net, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+        theirs_wrong = net(adv).argmax(1) != y
+        ours = pgd_predictions(net, x, y, [eps], steps, alpha, random_start=False)[0]
+        assert not (theirs_wrong & (ours == y)).any(), eps
+        assert (ours != y).float().mean() >= theirs_wrong.float().mean()
+
+
+def test_pgd_is_never_weaker_than_fgsm_and_its_start_is_seeded():
+    from dhm.attacks import pgd_predictions
+
+    net, x, y = _attack_model()
+    eps = [0.0, 0.01, 0.03]
+    fgsm = fgsm_predictions(net, x, y, eps)
+    pgd = pgd_predictions(net, x, y, eps, 3, seed=7, fgsm_pred=fgsm)
+    assert ((pgd == y) <= (fgsm == y)).all()  # correct under PGD => correct under FGSM
+    assert torch.equal(pgd[0], y)  # eps 0: the clean prediction
+    again = pgd_predictions(net, x, y, eps, 3, seed=7, fgsm_pred=fgsm)
+    assert torch.equal(pgd, again)
+
+
+def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    # Collaborators on a shared project folder must be able to read the results.
+    from dhm import checkpoint as ckpt_io
+    from dhm.fsutil import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        shard = results.write_shard(tmp_path / "digits__0000000-0000002.h5", "digits",
+                                    {"indices": np.arange(2)},
+                                    {"role": "id", "set_size": 2, "start": 0, "stop": 2})
+        ckpt = ckpt_io.atomic_save({"model": {}, "config_yaml": ""}, tmp_path / "final.pt")
+        text = atomic_write_text(tmp_path / "plan.json", "{}")
+    finally:
+        os.umask(old)
+    for path in (shard, ckpt, text):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+    os.umask(0o002)
+    try:
+        again = atomic_write_text(tmp_path / "other.json", "{}")
+    finally:
+        os.umask(old)
+    assert again.stat().st_mode & 0o777 == 0o664

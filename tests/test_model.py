@@ -130,3 +130,35 @@ def test_both_coefficients_zero_and_branch_mismatches_are_rejected():
         check_model(run_config(**{"model.name": "resnet"}).model)
     with pytest.raises(ConfigError, match="no classifier"):
         check_model(run_config(**{"model.name": "zmodel", "model.vae_split_layer": 2}).model)
+
+
+@pytest.mark.parametrize("trunk_grad", [True, False])
+def test_the_vae_loss_trains_the_classifier_trunk_below_the_split_only_if_asked(trunk_grad):
+    # vae_split_layer = 2: the VAE encodes the activations entering stage 2. Its loss reaches
+    # the stem and stage 1 through the encoder's input (vae_trunk_grad=True), or not at all
+    # (False); the target is stop-gradient either way, and stage 2 onwards never sees it.
+    torch.manual_seed(0)
+    model = DeepHybridModel("dhm", width=4, latent_dim=6, vae_split_layer=2,
+                            vae_trunk_grad=trunk_grad)
+    out = model(torch.rand(3, 3, 32, 32))
+    assert not out.target.requires_grad
+    vae_loss = (out.recon - out.target.unsqueeze(0)).square().mean() + out.mu.square().mean()
+    vae_loss.backward()
+    below = [p.grad for p in model.classifier.stem.parameters()]
+    below += [p.grad for p in model.classifier.stages[0].parameters()]
+    above = [p.grad for p in model.classifier.stages[1].parameters()]
+    reached = any(g is not None and g.abs().sum() > 0 for g in below)
+    assert reached == trunk_grad
+    assert all(g is None or g.abs().sum() == 0 for g in above)
+
+
+def test_sigma_is_a_learned_scalar_a_learned_vector_per_channel_or_fixed():
+    for sigma, shape, learned in (("global", (), True), ("channel", (3,), True),
+                                  ("fixed", (), False)):
+        model = DeepHybridModel("vae", width=4, latent_dim=6, sigma=sigma, obs_sigma=0.2)
+        assert model.log_sigma.shape == shape and model.log_sigma.requires_grad == learned
+        assert torch.allclose(model.log_sigma.exp(), torch.tensor(0.2))
+        out = model(torch.rand(2, 3, 32, 32))
+        assert out.log_sigma.shape == (() if sigma != "channel" else (3, 1, 1))
+    split = DeepHybridModel("dhm", width=4, latent_dim=6, vae_split_layer=3, sigma="channel")
+    assert split.log_sigma.shape == (8,)  # one per channel of the activations entering stage 3

@@ -1,0 +1,143 @@
+"""The on-disk layout of a sweep, and what in it means done, without h5py, numpy or torch.
+
+    <sweep>/plan.json, ledger.jsonl, slurm/
+    <sweep>/runs/<run_id>/{config.yaml, checkpoints/, logs/, eval/<set>__<start>-<stop>.h5}
+    <sweep>/summary/{results.csv, cells.csv, results.md, results.h5, plots/, report.html,
+                     manifest.json}
+
+The launcher asks this module which sets a run evaluates (``eval_sets``), with which settings
+(``eval_id``), whether a set's shards cover it (``set_complete``: from the file names and the
+set's size, known from the dataset; a shard is opened only when the size is not known) and
+whether a summary is done (``summary_complete``: its manifest lists files that all exist, and
+it is newer than every shard). ``dhm.results`` reads and writes the files themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 2  # 2: val role, iwae_ess, complexity_bits, pgd, images, dequantized pixels
+ROLES = ("id", "val", "ood")
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^(?P<set>.+)__(?P<start>\d{7})-(?P<stop>\d{7})\.h5$")
+
+
+def shard_name(set_name: str, start: int, stop: int) -> str:
+    return f"{set_name}__{start:07d}-{stop:07d}.h5"
+
+
+def eval_sets(cfg: Any) -> list[tuple[str, str]]:
+    """(set name, role) pairs of a run: its test set, its validation split (models with a
+    classifier, for temperature scaling), then the OOD sets."""
+    from dhm.datasets import DATASETS
+
+    ood = cfg.eval.ood_sets or cfg.data.ood_sets or DATASETS[cfg.data.name].ood_sets
+    sets = [(cfg.data.name, "id")]
+    if cfg.model.name != "vae":
+        sets.append((f"{cfg.data.name}-val", "val"))
+    return sets + [(name, "ood") for name in ood]
+
+
+def expected_size(cfg: Any, set_name: str, role: str) -> int | None:
+    """Images the set will have when evaluated (None: not known without reading it)."""
+    from dhm.datasets import DATASETS, TEST_SIZES
+
+    if role == "val":
+        info = DATASETS[cfg.data.name]
+        size = info.val_size if cfg.data.val_size is None else cfg.data.val_size
+    else:
+        size = TEST_SIZES.get(set_name)
+    if size is None:
+        return None
+    cap = cfg.eval.max_images
+    return min(size, cap) if cap is not None else size
+
+
+def eval_id(cfg: Any) -> str:
+    """10 hex chars identifying the eval settings that change a shard's contents or range."""
+    e = cfg.eval
+    key = {
+        "schema": SCHEMA_VERSION,
+        "iwae_k": sorted(int(k) for k in e.iwae_k),
+        "fgsm_eps": [float(x) for x in e.fgsm_eps],
+        "pgd": [int(e.pgd_steps), e.pgd_step_size],
+        "seed": int(e.seed),
+        "max_images": e.max_images,
+        "shard_size": int(e.shard_size),
+        "batch_size": int(e.batch_size),
+        "images": int(e.images),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def set_shards(eval_dir: str | Path, set_name: str) -> list[tuple[int, int, Path]]:
+    """(start, stop, path) of a set's shard files, by start."""
+    folder = Path(eval_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (int(m["start"]), int(m["stop"]), folder / entry.name)
+        for entry in os.scandir(folder)
+        if (m := _SHARD_RE.match(entry.name)) and m["set"] == set_name
+    )
+
+
+def set_complete(eval_dir: str | Path, set_name: str, size: int | None = None) -> bool:
+    """True when the set's shard files cover [0, size) without gaps. ``size`` None: read it
+    from the first shard (the only case that opens a file)."""
+    spans = set_shards(eval_dir, set_name)
+    if not spans:
+        return False
+    covered = 0
+    for start, stop, _ in spans:
+        if start != covered:
+            return False
+        covered = stop
+    if size is None or covered != size:
+        from dhm.results import shard_set_size
+
+        size = shard_set_size(spans[0][2])
+    return covered == size
+
+
+def newest_shard_mtime(sweep_dir: Path, run_ids: list[str] | None = None) -> float:
+    ids = run_ids if run_ids is not None else [p.name for p in (sweep_dir / "runs").glob("*")]
+    newest = 0.0
+    for rid in ids:
+        try:
+            for entry in os.scandir(sweep_dir / "runs" / rid / "eval"):
+                if entry.name.endswith(".h5"):
+                    newest = max(newest, entry.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+def summary_ok_count(summary_dir: Path) -> int | None:
+    """How many ok runs the summary in ``summary_dir`` has (None: no complete summary)."""
+    try:
+        return int(json.loads((summary_dir / MANIFEST).read_text())["ok"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def summary_complete(sweep_dir: str | Path, run_ids: list[str] | None = None) -> tuple[bool, str]:
+    """(done, why not): a summary is done when its manifest lists files that all exist and it
+    is newer than every shard of the sweep (of ``run_ids``, if given)."""
+    summary = Path(sweep_dir) / "summary"
+    try:
+        manifest = json.loads((summary / MANIFEST).read_text())
+        stamp = (summary / MANIFEST).stat().st_mtime
+    except (OSError, ValueError):
+        return False, "no summary" if not summary.exists() else "summary incomplete (no manifest)"
+    missing = [f for f in manifest.get("files", []) if not (summary / f).exists()]
+    if missing:
+        return False, f"summary incomplete ({len(missing)} file(s) missing, e.g. {missing[0]})"
+    if newest_shard_mtime(Path(sweep_dir), run_ids) > stamp:
+        return False, "summary older than the newest evaluation shard"
+    return True, "summary complete"

@@ -1,0 +1,1 @@
+"""Test-only helpers: reference implementations, fakes of external programs, a browser driver."""
