@@ -1,16 +1,19 @@
-"""Sweep aggregation: every run's full-set metrics in one summary (CSV, Markdown, HDF5, plots).
+"""Sweep aggregation: every run's full-set metrics in one summary (CSV, Markdown, HDF5, plots,
+report).
 
 ``aggregate(sweep_dir)`` reads ``<sweep_dir>/runs/<run_id>/eval/*.h5`` (the shards written by
 ``dhm.evaluate``), merges each set over its shards, computes every metric ONCE over the full
 merged set (never per batch: AUROC and ECE do not decompose into batch means), and writes
-``<sweep_dir>/summary/{results.csv, results.md, results.h5, plots/}``. Column names, units and
-conventions are documented in docs/results.md.
+``<sweep_dir>/summary/``: results.csv (a row per run), cells.csv (runs that differ only in
+train.seed, as mean, std and n), results.md, results.h5, plots/, report.html and, last,
+manifest.json. Column names, units and conventions are documented in docs/results.md.
 
 A run whose shards are missing or unreadable is still a row (``status`` missing | corrupt, the
-reason in ``problem``); every other run is aggregated, the summary is written, and only then
+reason in ``problem``, or the reason the launcher gives, e.g. the exception of its failed
+training task); every other run is aggregated, the summary is written, and only then
 ``IncompleteSweepError`` is raised (unless ``allow_partial``), so a batch job exits non-zero.
-Per run the work is a few vectorized numpy passes over arrays h5py has already read, and the
-number of figures is capped, so a 1,000-run sweep costs about what reading its shards costs.
+A summary with fewer complete runs than the one already there is not written unless
+``replace_fewer`` (``SummaryKeptError``): refreshing never loses a good summary.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +33,43 @@ import yaml
 from dhm import metrics as M
 from dhm import results
 from dhm.config import RunConfig
+from dhm.fsutil import atomic_write_text
+from dhm.layout import MANIFEST, summary_ok_count
+from dhm.layout import summary_complete as summary_complete  # re-exported
 from dhm.summary_io import plain, plot_labels, write_csv, write_h5, write_md
 from dhm.summary_io import read_table as read_table  # re-exported: docs/results.md uses it
 
 N_BINS = 15  # reliability bins (top-label, equal width on [0, 1])
 HIST_BINS = 50  # -ELBO histogram bins per run
 HIST_QUANTILES = (0.001, 0.999)  # histogram range over the pooled sets; outliers go to end bins
+HEADLINE_EPS = 8 / 255  # the adversarial column of the headline table
+HEADLINE_SCORES = ("msp", "elbo", "complexity")
+BOOTSTRAP_REPLICATES = 1000
 _NO_PLAN = ("name", "alpha", "beta", "vae_split_layer", "importance_num", "kl_coeff")
 NO_PLAN_KEYS = tuple(f"model.{k}" for k in _NO_PLAN)  # setting columns when there is no plan
+SEED_KEY = "train.seed"
 _SPECIAL_NAMES = {"model.name": "model", "data.name": "dataset"}
-_FIXED = ("accuracy", "nll", "brier", "ece", "mce", "neg_elbo_nats", "bits_per_dim")
+_FIXED = (
+    "accuracy",
+    "nll",
+    "brier",
+    "ece",
+    "mce",
+    "temperature",
+    "nll_ts",
+    "ece_ts",
+    "neg_elbo_nats",
+    "bits_per_dim",
+    "nats_per_dim",
+    "iwae_ess",
+    "elbo_iwae_gap",
+)
+_PER_SET = ("neg_elbo_nats", "bits_per_dim", "nats_per_dim", "iwae_ess", "elbo_iwae_gap")
+_OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per run
-_SHARD_ATTRS = ("num_dims", "model")  # read besides the checked ones; config_yaml only if needed
+_SHARD_ATTRS = ("num_dims", "model", "likelihood_space", "pixel_levels")
 
 
 class IncompleteSweepError(RuntimeError):
@@ -56,16 +83,21 @@ class IncompleteSweepError(RuntimeError):
         self.report = report
 
 
+class SummaryKeptError(RuntimeError):
+    """The existing summary has more complete runs than this aggregation: it was kept."""
+
+
 @dataclass
 class AggregateReport:
     summary_dir: Path
     rows: list[dict]  # one per run (failed ones too), column -> value (None = empty cell)
     problems: list[tuple[str, str]]  # (run_id, reason)
+    cells: list[dict] = field(default_factory=list)  # one per seed cell
 
 
 @dataclass
 class RunSummary:
-    """One run's row values and the per-run arrays behind results.h5 and the plots."""
+    """One run's row values and the per-run arrays behind results.h5, the plots and report."""
 
     run_id: str
     status: str = "ok"
@@ -75,10 +107,14 @@ class RunSummary:
     scores: set[str] = field(default_factory=set)  # OOD scores measured (msp, elbo, ...)
     id_set: str | None = None
     fgsm: tuple[np.ndarray, np.ndarray] | None = None  # eps [E] (pixel units), accuracy [E]
+    pgd: tuple[np.ndarray, np.ndarray] | None = None
     reliability: M.Reliability | None = None
     hist_edges: np.ndarray | None = None  # [HIST_BINS + 1] nats, shared by the sets
     hists: dict[str, np.ndarray] = field(default_factory=dict)  # set -> counts [HIST_BINS]
     sets: set[str] = field(default_factory=set)  # every set with a shard file, readable or not
+    images: dict[str, np.ndarray] = field(default_factory=dict)  # inputs, recon, samples
+    cell: str = ""  # the settings other than train.seed, as text
+    extra: Any = None  # (ID set, msp, ID scores, OOD sets), kept for the bootstrap
 
     def fail(self, status: str, reason: str) -> None:
         if _STATUS_RANK[status] > _STATUS_RANK[self.status]:
@@ -93,14 +129,19 @@ def format_eps(eps: float) -> str:
 
 
 def _score_key(score: str) -> tuple[int, int]:
-    return (2, int(score[6:])) if score.startswith("iwae_k") else ({"msp": 0, "elbo": 1}[score], 0)
+    if score.startswith("iwae_k"):
+        return (2, int(score[6:]))
+    return ({"msp": 0, "elbo": 1, "complexity": 3}[score], 0)
 
 
-def _ood_scores(s: results.SetResults, msp: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _ood_scores(
+    s: results.SetResults, msp: np.ndarray | None = None, num_dims: int = 0
+) -> dict[str, np.ndarray]:
     """OOD scores of one set, higher = more in-distribution, each ``[N]`` float64.
 
     msp is taken as the max log-softmax: a monotone function of max p(y|x), so AUROC/AUPR/FPR95
     are the same, but confident predictions do not collapse into float ties at p = 1.
+    complexity (Serra et al. 2020): the PNG length minus the model's code length, both in bits.
     """
     a, out = s.arrays, {}
     if msp is not None:
@@ -113,6 +154,9 @@ def _ood_scores(s: results.SetResults, msp: np.ndarray | None = None) -> dict[st
         out["elbo"] = -a["neg_elbo"].astype(np.float64)
     for key in sorted((k for k in a if k.startswith("neg_iwae_k")), key=lambda k: int(k[10:])):
         out["iwae_k" + key[10:]] = -a[key].astype(np.float64)
+    if "complexity_bits" in a and "neg_elbo" in a and num_dims:
+        model_bits = a["neg_elbo"].astype(np.float64) / math.log(2) + num_dims * math.log2(255)
+        out["complexity"] = a["complexity_bits"].astype(np.float64) - model_bits
     return out
 
 
@@ -137,6 +181,18 @@ def _classifier_metrics(run: RunSummary, ident: results.SetResults) -> np.ndarra
     nll, brier = np.mean(lse - z[rows, y]), np.mean(np.einsum("nc,nc->n", p, p))
     run.metrics.update(accuracy=acc, nll=float(nll), brier=float(brier), ece=rel.ece, mce=rel.mce)
     return -lse
+
+
+def _temperature(run: RunSummary, ident: results.SetResults, val: results.SetResults) -> None:
+    """Temperature fitted on the validation logits; NLL and ECE of the test set after it."""
+    t = _guarded(
+        run, f"{val.name}/logits", M.fit_temperature, val.arrays["logits"], val.arrays["labels"]
+    )
+    if t is None:
+        return
+    scaled, labels = ident.arrays["logits"].astype(np.float64) / t, ident.arrays["labels"]
+    ece = M.expected_calibration_error(scaled, labels)
+    run.metrics.update(temperature=t, nll_ts=M.nll(scaled, labels), ece_ts=ece)
 
 
 def _guarded(run: RunSummary, what: str, fn: Any, *args: Any) -> Any:
@@ -180,6 +236,50 @@ def _load_sets(run: RunSummary, run_dir: Path) -> dict[str, results.SetResults]:
     return sets
 
 
+def _attack_metrics(run: RunSummary, ident: results.SetResults) -> None:
+    a = ident.arrays
+    for kind in ("fgsm", "pgd"):
+        if f"{kind}/pred" not in a or f"{kind}/eps" not in a or "labels" not in a:
+            continue
+        acc = _guarded(
+            run, f"{ident.name}/{kind}", M.adversarial_accuracy, a[f"{kind}/pred"], a["labels"]
+        )
+        if acc is None:
+            continue
+        eps = a[f"{kind}/eps"].astype(np.float64)
+        setattr(run, kind, (eps, acc))
+        for e, value in zip(eps, acc, strict=True):
+            run.metrics[f"{kind}_acc_eps{format_eps(e)}"] = float(value)
+
+
+def _likelihood_metrics(
+    run: RunSummary, sets: dict[str, results.SetResults], ident: results.SetResults
+) -> None:
+    num_dims = int(ident.attrs.get("num_dims", 0))
+    space = ident.attrs.get("likelihood_space", "pixels-dequantized")
+    levels = int(ident.attrs.get("pixel_levels", 255))
+    elbo = {n: s.arrays["neg_elbo"] for n, s in sets.items() if "neg_elbo" in s.arrays}
+    for name, values in elbo.items():
+        suffix = "" if name == ident.name else f"_{name}"
+        mean = float(np.mean(values, dtype=np.float64))
+        if not math.isfinite(mean):
+            run.fail("corrupt", f"{name}/neg_elbo: non-finite values")
+            continue
+        run.metrics[f"neg_elbo_nats{suffix}"] = mean
+        if num_dims > 0 and space == "activations":
+            run.metrics[f"nats_per_dim{suffix}"] = mean / num_dims
+        elif num_dims > 0:
+            run.metrics[f"bits_per_dim{suffix}"] = M.bits_per_dim(mean, num_dims, levels)
+        a = sets[name].arrays
+        if "iwae_ess" in a:
+            run.metrics[f"iwae_ess{suffix}"] = float(np.mean(a["iwae_ess"], dtype=np.float64))
+        iwae = sorted((k for k in a if k.startswith("neg_iwae_k")), key=lambda k: int(k[10:]))
+        if iwae:
+            gap = np.mean(values.astype(np.float64) - a[iwae[-1]].astype(np.float64))
+            run.metrics[f"elbo_iwae_gap{suffix}"] = float(gap)
+    _elbo_hists(run, elbo)
+
+
 def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
     """Every metric of one run over its full merged sets (see docs/results.md for columns)."""
     ids = [s for s in sets.values() if s.role == "id"]
@@ -191,35 +291,19 @@ def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
     ident = ids[0]
     run.id_set = ident.name
     a = ident.arrays
-    num_dims = int(ident.attrs.get("num_dims", 0))
+    run.images = {k[7:]: v for k, v in a.items() if k.startswith("images/")}
     msp = _classifier_metrics(run, ident) if "logits" in a and "labels" in a else None
-    if "fgsm/pred" in a and "fgsm/eps" in a and "labels" in a:
-        acc = _guarded(
-            run, f"{ident.name}/fgsm", M.adversarial_accuracy, a["fgsm/pred"], a["labels"]
-        )
-        if acc is not None:
-            eps = a["fgsm/eps"].astype(np.float64)
-            run.fgsm = (eps, acc)
-            for e, value in zip(eps, acc, strict=True):
-                run.metrics[f"fgsm_acc_eps{format_eps(e)}"] = float(value)
-
-    elbo = {n: s.arrays["neg_elbo"] for n, s in sets.items() if "neg_elbo" in s.arrays}
-    for name, values in elbo.items():
-        suffix = "" if name == ident.name else f"_{name}"
-        mean = float(np.mean(values, dtype=np.float64))
-        if not math.isfinite(mean):
-            run.fail("corrupt", f"{name}/neg_elbo: non-finite values")
-            continue
-        run.metrics[f"neg_elbo_nats{suffix}"] = mean
-        if num_dims > 0:
-            run.metrics[f"bits_per_dim{suffix}"] = M.bits_per_dim(mean, num_dims)
-    _elbo_hists(run, elbo)
-
-    score_in = _ood_scores(ident, msp)
+    val = next((s for s in sets.values() if s.role == "val"), None)
+    if msp is not None and val is not None and "logits" in val.arrays:
+        _temperature(run, ident, val)
+    _attack_metrics(run, ident)
+    _likelihood_metrics(run, sets, ident)
+    num_dims = int(ident.attrs.get("num_dims", 0))
+    score_in = _ood_scores(ident, msp, num_dims)
     for name, s in sets.items():
         if s.role != "ood":
             continue
-        for score, out in _ood_scores(s).items():
+        for score, out in _ood_scores(s, num_dims=num_dims).items():
             if score not in score_in:
                 continue
             om = _guarded(run, f"{name} {score}", M.ood_metrics, score_in[score], out)
@@ -228,7 +312,38 @@ def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
             run.scores.add(score)
             run.metrics[f"auroc_{name}_{score}"] = om.auroc
             run.metrics[f"aupr_in_{name}_{score}"] = om.aupr_in
+            run.metrics[f"aupr_out_{name}_{score}"] = om.aupr_out
             run.metrics[f"fpr95_{name}_{score}"] = om.fpr_at_95_tpr
+    run.extra = (ident, msp, score_in, {n: s for n, s in sets.items() if s.role == "ood"})
+
+
+def _intervals(run: RunSummary, boot: M.Bootstrap, headline: list[str]) -> None:
+    """95% bootstrap intervals of the run's headline metrics (one-seed cells only)."""
+    if run.extra is None:
+        return
+    ident, msp, score_in, oods = run.extra
+    a, tag = ident.arrays, ident.name
+    out: dict[str, tuple[float, float]] = {}
+    if msp is not None:
+        correct = a["logits"].argmax(1) == a["labels"]
+        out["accuracy"] = boot.mean(correct, tag)
+        out["ece"] = boot.ece(np.exp(msp), correct, tag, N_BINS)
+    for kind in ("fgsm", "pgd"):
+        col = f"{kind}_acc_eps{format_eps(HEADLINE_EPS)}"
+        if col in headline and col in run.metrics and getattr(run, kind) is not None:
+            eps = getattr(run, kind)[0]
+            e = int(np.argmin(np.abs(eps - HEADLINE_EPS)))
+            out[col] = boot.mean(a[f"{kind}/pred"][e] == a["labels"], tag)
+    for name, s in oods.items():
+        scores_out = _ood_scores(s, num_dims=int(ident.attrs.get("num_dims", 0)))
+        for score in HEADLINE_SCORES:
+            col = f"auroc_{name}_{score}"
+            if col in run.metrics and score in scores_out and col in headline:
+                out[col] = boot.auroc(
+                    score_in[score], scores_out[score], run.metrics[col], tag, name
+                )
+    for col, (lo, hi) in out.items():
+        run.metrics[f"{col}_ci_lo"], run.metrics[f"{col}_ci_hi"] = lo, hi
 
 
 def _elbo_hists(run: RunSummary, elbo: dict[str, np.ndarray]) -> None:
@@ -302,6 +417,9 @@ def summarize_run(
         run.values["model"] = model if model is not None else stored("model.name")
     if "dataset" not in run.values:
         run.values["dataset"] = run.id_set or stored("data.name")
+    run.cell = json.dumps(
+        {k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, default=str
+    )
     return run
 
 
@@ -324,10 +442,12 @@ def _check_sets(runs: list[RunSummary]) -> None:
             have.setdefault(run.id_set, set()).update(run.sets)
     for run in runs:
         for name in sorted(have.get(run.id_set or "", set()) - run.sets):
+            if name.endswith("-val") and run.values.get("model") == "vae":
+                continue  # a validation set is evaluated for temperature scaling: classifiers only
             run.fail("missing", f"no eval shards for set {name} (other {run.id_set} runs have it)")
 
 
-def _discover(sweep_dir: Path) -> tuple[list[str] | None, list[tuple[str, dict]], int]:
+def discover(sweep_dir: Path) -> tuple[list[str] | None, list[tuple[str, dict]], int]:
     """(swept keys or None, [(run_id, overrides)], run folders not in the plan)."""
     runs_dir = sweep_dir / "runs"
     folders = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
@@ -351,27 +471,93 @@ def _columns(
 ) -> tuple[list[str], list[str]]:
     """(results.csv columns, headline metrics): the documented order, present columns only.
 
-    Headline (results.md subset, heatmaps): accuracy, ece, FGSM accuracy at the largest eps and
-    the AUROC of every score against the first (alphabetical) OOD set.
+    Headline (results.md subset, heatmaps, report): accuracy, ece, ece after temperature
+    scaling, FGSM and PGD accuracy at 8/255 (the largest epsilon if 8/255 is not in the grid),
+    and the AUROC of msp, elbo and complexity against every OOD set.
     """
     head = ["run_id", "status", *(col for _, col in setting_cols)]
     head += [c for c in ("model", "dataset") if c not in head]
     present = {c for run in runs for c in run.metrics}
-    sets = sorted({name for run in runs for name in run.sets})
+    ood_sets = sorted({n for r in runs for n in r.sets})  # absent columns are dropped below
     scores = sorted({sc for run in runs for sc in run.scores}, key=_score_key)
-    eps = sorted({float(e) for run in runs if run.fgsm is not None for e in run.fgsm[0]})
-    fgsm = list(dict.fromkeys(f"fgsm_acc_eps{format_eps(e)}" for e in eps))
-    metrics = [*_FIXED, *(f"{m}_{o}" for o in sets for m in ("neg_elbo_nats", "bits_per_dim"))]
-    metrics += [
-        f"{m}_{o}_{sc}" for m in ("auroc", "aupr_in", "fpr95") for o in sets for sc in scores
-    ]
-    metrics = [c for c in metrics + fgsm if c in present]
-    aurocs: list[str] = []
-    for o in sets:  # the first OOD set (alphabetical) with any AUROC
-        aurocs = aurocs or [c for c in (f"auroc_{o}_{sc}" for sc in scores) if c in present]
-    fgsm = [c for c in fgsm if c in present]
-    headline = [c for c in ("accuracy", "ece") if c in present] + fgsm[-1:] + aurocs
-    return [*head, *metrics, "problem"], headline
+    metrics = [*_FIXED, *(f"{m}_{o}" for o in ood_sets for m in _PER_SET)]
+    metrics += [f"{m}_{o}_{sc}" for m in _OOD_METRICS for o in ood_sets for sc in scores]
+    attacks = []
+    for kind in ("fgsm", "pgd"):
+        eps = sorted(
+            {float(e) for r in runs if getattr(r, kind) is not None for e in getattr(r, kind)[0]}
+        )
+        attacks += list(dict.fromkeys(f"{kind}_acc_eps{format_eps(e)}" for e in eps))
+    metrics = [c for c in metrics + attacks if c in present]
+    headline = [c for c in ("accuracy", "ece", "ece_ts") if c in present]
+    for kind in ("fgsm", "pgd"):
+        cols = [c for c in attacks if c.startswith(kind) and c in present]
+        want = f"{kind}_acc_eps{format_eps(HEADLINE_EPS)}"
+        headline += [want] if want in cols else cols[-1:]
+    aurocs = [f"auroc_{o}_{sc}" for o in ood_sets for sc in HEADLINE_SCORES]
+    headline += [c for c in aurocs if c in present]
+    cis = [f"{c}_ci_{b}" for c in headline for b in ("lo", "hi")]
+    return [*head, *metrics, *[c for c in cis if c in present], "problem"], headline
+
+
+def _estimates(sweep_dir: Path) -> dict[str, float]:
+    """{run id: device-hours the plan estimated}, from plan.json (empty without one)."""
+    try:
+        plan = json.loads((sweep_dir / "plan.json").read_text())
+        return {
+            str(r["run_id"]): float(r["estimated_hours"])
+            for r in plan["runs"]
+            if r.get("estimated_hours")
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _add_cost_columns(
+    runs: list[RunSummary],
+    columns: list[str],
+    states: dict[str, dict] | None,
+    estimates: dict[str, float],
+) -> list[str]:
+    """``<unit>_hours`` (what each run's Slurm tasks used, from the launcher's states) and
+    ``<unit>_hours_estimated`` (the plan's estimate) before ``problem``, when known."""
+    states = states or {}
+    used = {rid: st["hours"] for rid, st in states.items() if st.get("hours") is not None}
+    if not used and not estimates:
+        return columns
+    unit = next((st.get("unit") for st in states.values() if st.get("unit")), "gpu").lower()
+    extra = []
+    if used:
+        extra.append(f"{unit}_hours")
+    if estimates:
+        extra.append(f"{unit}_hours_estimated")
+    for run in runs:
+        if run.run_id in used:
+            run.metrics[f"{unit}_hours"] = float(used[run.run_id])
+        if run.run_id in estimates:
+            run.metrics[f"{unit}_hours_estimated"] = estimates[run.run_id]
+    return [*columns[:-1], *extra, columns[-1]]
+
+
+def _write_hparams(summary: Path, runs: list[RunSummary], rows: list[dict],
+                   settings: list[str], headline: list[str]) -> list[str]:  # fmt: skip
+    """One TensorBoard run per sweep run under summary/tensorboard/, holding its settings
+    (hparams) and headline metrics, so TensorBoard's HParams tab compares the sweep."""
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = summary / "tensorboard"
+    shutil.rmtree(folder, ignore_errors=True)  # derived from the rows: rewritten whole
+    written = []
+    for run, row in zip(runs, rows, strict=True):
+        hparams = {c: row[c] for c in settings if isinstance(row.get(c), int | float | str | bool)}
+        hparams["status"] = row["status"]
+        metrics = {f"hparam/{m}": float(row[m]) for m in headline if row.get(m) is not None}
+        with SummaryWriter(str(folder / run.run_id)) as writer:
+            writer.add_hparams(hparams, metrics, run_name=".")
+        written.append(f"tensorboard/{run.run_id}")
+    return written
 
 
 def _row(run: RunSummary, columns: list[str]) -> dict[str, Any]:
@@ -381,48 +567,143 @@ def _row(run: RunSummary, columns: list[str]) -> dict[str, Any]:
     return {c: cells.get(c) for c in columns}
 
 
+def seed_cells(
+    runs: list[RunSummary], rows: list[dict], setting_cols: list[str], metrics: list[str]
+) -> list[dict]:
+    """Per cell (runs whose settings other than train.seed agree, in plan order): the cell's
+    settings, ``n`` (ok runs), ``runs`` (their ids) and per metric ``<m>_mean`` and ``<m>_std``
+    (sample std, ddof = 1; empty for n < 2) over the ok runs that have it."""
+    order: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        order.setdefault(run.cell, []).append(i)
+    keep = [c for c in setting_cols if c != "seed" and c != SEED_KEY]
+    cells = []
+    for members in order.values():
+        ok = [i for i in members if rows[i]["status"] == "ok"]
+        cell: dict[str, Any] = {c: rows[members[0]].get(c) for c in keep}
+        cell.update(n=len(ok), runs=" ".join(rows[i]["run_id"] for i in members))
+        for m in metrics:
+            vals = np.array([rows[i][m] for i in ok if rows[i].get(m) is not None], np.float64)
+            cell[f"{m}_mean"] = float(vals.mean()) if vals.size else None
+            cell[f"{m}_std"] = float(vals.std(ddof=1)) if vals.size >= 2 else None
+        cells.append(cell)
+    return cells
+
+
 def aggregate(
     sweep_dir: str | Path,
     *,
     allow_partial: bool = False,
     max_plot_runs: int = 12,
     plots: bool = True,
+    report: bool = True,
+    reasons: dict[str, str] | None = None,
+    run_ids: list[str] | None = None,
+    summary_dir: str | Path | None = None,
+    replace_fewer: bool = False,
+    states: dict[str, dict] | None = None,
+    bootstrap: int = BOOTSTRAP_REPLICATES,
+    tensorboard: bool = True,
 ) -> AggregateReport:
     """Summarize every run of a sweep into ``<sweep_dir>/summary/`` (see docs/results.md).
 
     Runs come from ``plan.json`` when present (a planned run without a folder or shards is
-    reported missing), else from every folder under ``runs/``. Problems never stop the other
-    runs; after writing, ``IncompleteSweepError`` is raised if any run has one, unless
-    ``allow_partial``. ``max_plot_runs`` caps the per-run figures and the FGSM plot's lines.
+    reported missing), else from every folder under ``runs/``; ``run_ids`` keeps a subset.
+    ``reasons`` (run id -> text, from the launcher's ledger) replaces the generic reason of a
+    run that has no shards; ``states`` (run id -> stage, Slurm state, reason, log tail) goes
+    to the report. Problems never stop the other runs; after writing, IncompleteSweepError is
+    raised if any run has one, unless ``allow_partial``. ``max_plot_runs`` caps the per-run
+    PNGs and the FGSM plot's lines. ``tensorboard`` writes ``summary/tensorboard/<run_id>/``
+    with each run's swept settings and headline metrics, for TensorBoard's HParams tab.
     """
     sweep_dir = Path(sweep_dir)
-    swept, planned, ignored = _discover(sweep_dir)
+    swept, planned, ignored = discover(sweep_dir)
+    if run_ids is not None:
+        wanted = set(run_ids)
+        planned = [(rid, o) for rid, o in planned if rid in wanted]
     setting_keys = _setting_columns(swept)
     runs = [
         summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys)
         for rid, overrides in planned
     ]
     _check_sets(runs)
+    for run in runs:
+        why = (reasons or {}).get(run.run_id)
+        if why and run.status != "ok":
+            run.reasons = [why] + [r for r in run.reasons if not r.startswith("no eval shards")]
+    setting_cols = [col for _, col in setting_keys]
     columns, headline = _columns(runs, setting_keys)
+    sizes: dict[str, int] = {}
+    for run in runs:
+        sizes[run.cell] = sizes.get(run.cell, 0) + 1
+    boot = M.Bootstrap(bootstrap, seed=0)
+    for run in runs:
+        if sizes[run.cell] == 1 and bootstrap:
+            _intervals(run, boot, headline)
+    columns, headline = _columns(runs, setting_keys)
+    columns = _add_cost_columns(runs, columns, states, _estimates(sweep_dir))
     rows = [_row(run, columns) for run in runs]
+    metric_cols = [
+        c
+        for c in columns[columns.index("dataset") + 1 : -1]
+        if "_ci_" not in c and not c.endswith("_hours_estimated")
+    ]
+    cells = seed_cells(runs, rows, setting_cols, metric_cols)
     problems = [(run.run_id, reason) for run in runs for reason in run.reasons]
+    n_ok = sum(r["status"] == "ok" for r in rows)
 
-    summary = sweep_dir / "summary"
+    summary = Path(summary_dir) if summary_dir is not None else sweep_dir / "summary"
+    old_ok = summary_ok_count(summary)
+    if old_ok is not None and n_ok < old_ok and not replace_fewer:
+        raise SummaryKeptError(
+            f"{summary} has {old_ok} complete runs, this aggregation {n_ok}: the summary there "
+            f"is kept (problems: {'; '.join(f'{r}: {p}' for r, p in problems[:3])}). "
+            "Pass replace_summary=true to replace it."
+        )
     summary.mkdir(parents=True, exist_ok=True)
+    (summary / MANIFEST).unlink(missing_ok=True)  # not done until every file is rewritten
+    files = ["results.csv", "cells.csv", "results.md", "results.h5"]
     write_csv(summary / "results.csv", columns, rows)
-    write_md(summary / "results.md", columns, rows, headline, problems, ignored)
-    write_h5(summary / "results.h5", columns, rows, runs)
+    cell_cols = list(cells[0]) if cells else []
+    write_csv(summary / "cells.csv", cell_cols, cells)
+    write_md(summary / "results.md", columns, rows, headline, problems, ignored, cells)
+    from dhm import provenance
+
+    attrs = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sweep": sweep_dir.name,
+        "git_commit": provenance.git_commit(),
+        "headline": json.dumps(headline),
+    }
+    write_h5(summary / "results.h5", columns, rows, runs, cells, attrs)
     if plots:
         from dhm import plots as P  # matplotlib only when figures are wanted
 
-        labels = plot_labels(runs, [col for _, col in setting_keys])
-        P.write_plots(summary / "plots", runs, rows, labels, headline, max_plot_runs)
-    report = AggregateReport(summary, rows, problems)
+        labels = plot_labels(runs, setting_cols)
+        written = P.write_plots(
+            summary / "plots", runs, rows, labels, headline, max_plot_runs, setting_cols
+        )
+        files += [f"plots/{p.name}" for p in written]
+    if tensorboard:
+        files += _write_hparams(summary, runs, rows, setting_cols, headline)
+    if report:
+        from dhm import report as R
+
+        R.write_report(sweep_dir, states=states, summary_dir=summary)
+        files.append("report.html")
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": len(rows),
+        "ok": n_ok,
+        "files": files,
+    }
+    atomic_write_text(summary / MANIFEST, json.dumps(manifest, indent=1))
+    result = AggregateReport(summary, rows, problems, cells)
     if problems and not allow_partial:
         lines = "\n".join(f"  {rid}: {reason}" for rid, reason in problems)
         raise IncompleteSweepError(
             f"{len({p[0] for p in problems})} of {len(runs)} runs are incomplete (summary "
             f"written to {summary}; pass allow_partial to accept):\n{lines}",
-            report,
+            result,
         )
-    return report
+    return result

@@ -2,21 +2,21 @@
 
 ``write_plots`` draws, under ``<summary>/plots/``:
 
-* ``fgsm_accuracy.png``: adversarial accuracy vs FGSM epsilon, at most ``max_plot_runs`` lines;
-* ``reliability_<run_id>.png`` and ``elbo_hist_<run_id>.png`` for at most ``max_plot_runs`` runs
-  (spread evenly over the sweep's row order, so a grid is sampled end to end);
-* ``heatmap_<column>.png`` over the alpha x beta grid when alpha and/or beta take >= 2 values.
+* ``fgsm_accuracy.png``: adversarial accuracy vs FGSM epsilon (and PGD, dashed), at most
+  ``max_plot_runs`` runs;
+* ``reliability_<run_id>.png`` (with a per-bin count panel) and ``elbo_hist_<run_id>.png`` for
+  at most ``max_plot_runs`` runs (spread evenly over the sweep's row order);
+* ``heatmap_<column>.png`` of each headline metric over the two swept settings that vary
+  (alpha x beta for the thesis study), colour limits fixed to [0, 1], failed runs hatched with
+  their status, and the baselines (other model kinds) in a strip beside the grid.
 
-Figures are built on ``matplotlib.figure.Figure`` (no pyplot global state, no backend switch)
-and each file is written under a temporary name and renamed, so a killed job leaves no half PNG.
+Figures are built on ``matplotlib.figure.Figure`` (no pyplot global state, no backend switch),
+saved with a tight bounding box (no clipped labels) and written under a temporary name.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,27 +24,17 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from dhm.fsutil import atomic_path
+from dhm.summary_io import axis_values, column_meta, grid_layout
 
 
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", pad_inches=0.15)
     return path
-
-
-def _margins(
-    fig: Figure, left: float = 0.8, bottom: float = 0.6, top: float = 0.5, right: float = 0.2
-) -> None:
-    """Fixed margins in inches: tight_layout measures every text and costs more than the plot."""
-    w, h = fig.get_size_inches()
-    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h)
 
 
 def spread(n: int, k: int) -> list[int]:
@@ -64,24 +54,28 @@ def _tick(v: float) -> str:
     return f"$10^{{{round(e)}}}$" if abs(e - round(e)) < 1e-9 else f"{v:.2g}"
 
 
-def fgsm_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
-    """Accuracy [E] vs eps [E] (pixel units in [0, 1]) per (label, eps, accuracy)."""
+def fgsm_figure(curves: Sequence[tuple[str, Any, Any]]) -> Figure:
+    """Accuracy vs eps (pixel units in [0, 1]) per (label, fgsm (eps, acc), pgd (eps, acc) or
+    None): FGSM solid, PGD dashed in the same colour."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
-    for label, eps, acc in curves:
-        ax.plot(eps, acc, marker="o", ms=3, label=label)
-    ax.set(xlabel="FGSM epsilon (pixel scale [0, 1])", ylabel="accuracy", ylim=(0, 1.02))
-    ax.set_title("Adversarial accuracy under FGSM (in-distribution test set)")
+    for k, (label, fgsm, pgd) in enumerate(curves):
+        colour = f"C{k % 10}"
+        ax.plot(*fgsm, marker="o", ms=3, color=colour, label=label)
+        if pgd is not None:
+            ax.plot(*pgd, ls="--", marker="x", ms=3, color=colour)
+    ax.set(xlabel="attack epsilon (L-inf, pixel scale [0, 1])", ylabel="accuracy", ylim=(0, 1.02))
+    ax.set_title("Accuracy under attack on the test set (solid: FGSM, dashed: PGD)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    _margins(fig, top=0.4)
     return fig
 
 
 def reliability_figure(title: str, rel: Any) -> Figure:
-    """Reliability diagram from a ``dhm.metrics.Reliability`` (15 equal-width bins)."""
-    fig = Figure(figsize=(4.8, 4.8))
-    ax = fig.add_subplot()
+    """Reliability diagram from a ``dhm.metrics.Reliability`` (15 equal-width bins), above a
+    panel with the number of test images in each confidence bin."""
+    fig = Figure(figsize=(4.8, 6.0))
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     edges = rel.bin_edges
     width = np.diff(edges)
     acc = np.nan_to_num(rel.accuracy)
@@ -95,13 +89,14 @@ def reliability_figure(title: str, rel: Any) -> Figure:
         align="edge",
         color="tab:red",
         alpha=0.3,
-        label="gap to confidence",
+        label="gap to mean confidence",
     )
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max p(y|x))", ylabel="accuracy")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in bin")
     ax.set_title(f"{title}\nECE {rel.ece:.4f}, MCE {rel.mce:.4f}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    _margins(fig, top=0.55)
+    counts.bar(edges[:-1], rel.counts, width=width, align="edge", color="0.5", edgecolor="k")
+    counts.set(xlabel="confidence (max p(y|x))", ylabel="images")
     return fig
 
 
@@ -119,32 +114,44 @@ def elbo_hist_figure(
             density, edges, fill=name == id_set, alpha=0.4 if name == id_set else 1.0, label=label
         )
     ax.set(xlabel="-ELBO per image (nats; end bins hold the outer 0.1%)", ylabel="density")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"-ELBO in- vs out-of-distribution: {title}", fontsize=9)
     ax.legend(fontsize=8)
-    _margins(fig, top=0.4)
     return fig
 
 
-def heatmap_figure(metric: str, alpha: np.ndarray, beta: np.ndarray, value: np.ndarray) -> Figure:
-    """Mean ``value`` per (alpha, beta) cell; inputs [R] over runs, NaN values ignored."""
-    alphas, betas = np.unique(alpha), np.unique(beta)
-    total = np.zeros((betas.size, alphas.size))
-    count = np.zeros_like(total)
-    ok = ~np.isnan(value)
-    np.add.at(
-        total, (np.searchsorted(betas, beta[ok]), np.searchsorted(alphas, alpha[ok])), value[ok]
-    )
-    np.add.at(count, (np.searchsorted(betas, beta[ok]), np.searchsorted(alphas, alpha[ok])), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        grid = np.where(count > 0, total / count, np.nan)
-    fig = Figure(figsize=(max(4.0, 2.2 + 0.9 * alphas.size), max(3.0, 1.6 + 0.5 * betas.size)))
+def heatmap_figure(
+    metric: str, grid: list[dict], base: list[dict], axes: list[str], fraction: bool
+) -> Figure:
+    """``metric`` over the grid rows (mean per cell of the ok runs), failed cells hatched with
+    their status, baselines in a strip on the right. ``fraction``: colours fixed to [0, 1]."""
+    words, unit, better = column_meta(metric)
+    xs = axis_values(grid, axes[0])
+    ys = axis_values(grid, axes[1]) if len(axes) > 1 else [None]
+    value = np.full((len(ys), len(xs)), np.nan)
+    status: dict[tuple[int, int], str] = {}
+    for r in grid:
+        i = ys.index(r.get(axes[1])) if len(axes) > 1 else 0
+        j = xs.index(r.get(axes[0]))
+        v = _number(r.get(metric))
+        if r.get("status") == "ok" and not math.isnan(v):
+            value[i, j] = v if math.isnan(value[i, j]) else (value[i, j] + v) / 2
+        elif math.isnan(value[i, j]):
+            status[(i, j)] = str(r.get("status") or "missing")
+    cols = len(xs) + (len(base) + 1 if base else 0)
+    fig = Figure(figsize=(max(4.5, 2.6 + 0.9 * cols), max(3.2, 1.8 + 0.55 * len(ys))))
     ax = fig.add_subplot()
-    im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis")
-    fig.colorbar(im, ax=ax, fraction=0.1, pad=0.03)
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for (i, j), v in np.ndenumerate(grid):
+    limits = {"vmin": 0.0, "vmax": 1.0} if fraction else {}
+    im = ax.imshow(
+        np.ma.masked_invalid(value),
+        origin="lower",
+        aspect="auto",
+        cmap="viridis",
+        extent=(-0.5, len(xs) - 0.5, -0.5, len(ys) - 0.5),
+        **limits,
+    )
+    for (i, j), v in np.ndenumerate(value):
         if np.isfinite(v):
+            shade = (v - im.norm.vmin) / ((im.norm.vmax - im.norm.vmin) or 1)
             ax.text(
                 j,
                 i,
@@ -152,14 +159,54 @@ def heatmap_figure(metric: str, alpha: np.ndarray, beta: np.ndarray, value: np.n
                 ha="center",
                 va="center",
                 fontsize=8,
-                color="black" if v > mid else "white",
+                color="black" if shade > 0.6 else "white",
             )
-    ax.set_xticks(range(alphas.size), [_tick(a) for a in alphas])
-    ax.set_yticks(range(betas.size), [_tick(b) for b in betas])
-    ax.set(xlabel="alpha (cross-entropy weight)", ylabel="beta (-ELBO weight)")
-    several = count.max() > 1
-    ax.set_title(metric + (" (mean over runs per cell)" if several else ""), fontsize=9)
-    _margins(fig, left=1.0, right=0.6, top=0.4)
+    for (i, j), text in status.items():
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", ec="0.6"))
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color="tab:red")
+    for k, r in enumerate(base):
+        x = len(xs) + 0.5 + k
+        v = _number(r.get(metric))
+        ok = r.get("status") == "ok" and not math.isnan(v)
+        face = im.cmap(im.norm(v)) if ok else "white"
+        ax.add_patch(
+            Rectangle(
+                (x - 0.45, -0.45),
+                0.9,
+                0.9,
+                fc=face,
+                ec="k",
+                hatch=None if ok else "///",
+                clip_on=False,
+            )
+        )
+        ax.text(
+            x,
+            0,
+            f"{v:.3g}" if ok else str(r.get("status")),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if ok and im.norm(v) > 0.6 else "tab:red" if not ok else "white",
+        )
+        ax.text(x, -0.75, str(r.get("model")), ha="center", va="top", fontsize=8)
+    ax.set_xlim(-0.5, cols - 0.5 if base else len(xs) - 0.5)
+    ax.set_xticks(
+        range(len(xs)), [_tick(_number(x)) if not math.isnan(_number(x)) else str(x) for x in xs]
+    )
+    ax.set_xlabel(axes[0] + ("   |   baselines" if base else ""))
+    if len(axes) > 1:
+        ax.set_yticks(
+            range(len(ys)),
+            [_tick(_number(y)) if not math.isnan(_number(y)) else str(y) for y in ys],
+        )
+        ax.set_ylabel(axes[1])
+    else:
+        ax.set_yticks([])
+    direction = {1: "higher is better", -1: "lower is better"}.get(better, "")
+    ax.set_title(f"{words} ({direction})" if direction else words, fontsize=9)
+    bar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03)
+    bar.set_label(f"{words}" + (f" [{unit}]" if unit else ""), fontsize=8)
     return fig
 
 
@@ -176,6 +223,7 @@ def write_plots(
     labels: dict[str, str],
     heat_metrics: list[str],
     max_plot_runs: int,
+    settings: list[str] | None = None,
 ) -> list[Path]:
     """Every summary figure (see module docstring); returns the paths written.
 
@@ -186,7 +234,7 @@ def write_plots(
     written: list[Path] = []
     with_fgsm = [r for r in runs if r.fgsm is not None]
     curves = [
-        (labels[r.run_id], *r.fgsm)
+        (labels[r.run_id], r.fgsm, r.pgd)
         for r in (with_fgsm[i] for i in spread(len(with_fgsm), max_plot_runs))
     ]
     if curves:
@@ -201,37 +249,16 @@ def write_plots(
         r = with_hist[i]
         fig = elbo_hist_figure(f"{r.run_id}: {labels[r.run_id]}", r.hist_edges, r.hists, r.id_set)
         written.append(_save(fig, plot_dir / f"elbo_hist_{r.run_id}.png"))
-    written += _heatmaps(plot_dir, rows, heat_metrics)
+    grid, base, axes = grid_layout(settings if settings is not None else list(rows[0]), rows)
+    if axes:
+        for metric in heat_metrics:
+            if all(math.isnan(_number(r.get(metric))) for r in rows):
+                continue
+            fraction = column_meta(metric)[1] == "[0, 1]"
+            fig = heatmap_figure(metric, grid, base, axes, fraction)
+            written.append(_save(fig, plot_dir / f"heatmap_{metric}.png"))
     keep = {p.name for p in written}
     for stale in plot_dir.glob("*.png"):
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
     return written
-
-
-def _heatmaps(plot_dir: Path, rows: list[dict], metrics: list[str]) -> list[Path]:
-    """Heatmaps over alpha x beta of the ok runs of the most common model kind."""
-    if not rows or "alpha" not in rows[0] or "beta" not in rows[0]:
-        return []
-    grid_rows = [
-        r
-        for r in rows
-        if r["status"] == "ok"
-        and not (math.isnan(_number(r["alpha"])) or math.isnan(_number(r["beta"])))
-    ]
-    if not grid_rows:
-        return []
-    model = Counter(r.get("model") for r in grid_rows).most_common(1)[0][0]
-    grid_rows = [r for r in grid_rows if r.get("model") == model]
-    alpha = np.array([_number(r["alpha"]) for r in grid_rows])
-    beta = np.array([_number(r["beta"]) for r in grid_rows])
-    if np.unique(alpha).size < 2 and np.unique(beta).size < 2:
-        return []
-    out = []
-    for metric in metrics:
-        value = np.array([_number(r.get(metric)) for r in grid_rows])
-        if np.isnan(value).all():
-            continue
-        fig = heatmap_figure(f"{metric} ({model})", alpha, beta, value)
-        out.append(_save(fig, plot_dir / f"heatmap_{metric}.png"))
-    return out

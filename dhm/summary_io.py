@@ -12,15 +12,15 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+from dhm.fsutil import atomic_path
 
 if TYPE_CHECKING:
     from dhm.aggregate import RunSummary
@@ -33,19 +33,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto it only if the block completes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cell(value: Any, digits: int | None = None) -> str:
     """A table cell as text: None and NaN empty, floats to ``digits`` significant digits."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -56,7 +43,7 @@ def _cell(value: Any, digits: int | None = None) -> str:
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """results.csv: every column, floats exact (repr), empty cells for missing values."""
+    """results.csv / cells.csv: every column, floats exact (repr), empty cells for missing."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
@@ -68,10 +55,18 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 def _md_columns(columns: list[str], headline: list[str]) -> list[str]:
     """A readable subset when the table is wide: identity, settings and the headline metrics."""
     if len(columns) <= 14:
-        return columns
-    keep = {*headline, "bits_per_dim"}
+        return [c for c in columns if "_ci_" not in c]
+    keep = {*headline, "bits_per_dim", "nats_per_dim"}
     head = columns[: columns.index("dataset") + 1]
     return head + [c for c in columns if c in keep] + ["problem"]
+
+
+def _with_interval(row: dict, col: str) -> str:
+    text = _cell(row.get(col), 4)
+    lo, hi = row.get(f"{col}_ci_lo"), row.get(f"{col}_ci_hi")
+    if text and lo is not None and hi is not None:
+        text += f" [{lo:.3g}, {hi:.3g}]"
+    return text
 
 
 def write_md(
@@ -81,20 +76,41 @@ def write_md(
     headline: list[str],
     problems: list[tuple[str, str]],
     ignored: int,
+    cells: list[dict] | None = None,
 ) -> None:
-    """results.md: the (possibly reduced) table, then every problem and the ignored folders."""
+    """results.md: the (possibly reduced) table with 95% intervals, the seed cells when any has
+    several runs, then every problem and the ignored folders."""
     shown = _md_columns(columns, headline)
     lines = [f"# Sweep summary ({len(rows)} runs, {sum(r['status'] == 'ok' for r in rows)} ok)", ""]
     if shown != columns:
         lines += [
             f"Showing {len(shown)} of {len(columns)} columns; all of them are in "
-            "results.csv and results.h5 (see docs/results.md).",
+            "results.csv and results.h5 (see docs/results.md). Brackets: 95% bootstrap "
+            "interval over test images (runs without other seeds).",
             "",
         ]
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in rows:
-        cells = [_cell(row[c], 4).replace("|", "\\|") for c in shown]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_md = [_with_interval(row, c).replace("|", "\\|") for c in shown]
+        lines.append("| " + " | ".join(cells_md) + " |")
+    if cells and any(c["n"] >= 2 for c in cells):
+        settings = [c for c in cells[0] if not c.endswith(("_mean", "_std")) and c != "runs"]
+        metrics = [c for c in headline if f"{c}_mean" in cells[0]]
+        lines += ["", "## Seed cells (mean ± std over seeds)", ""]
+        lines += [
+            "| " + " | ".join(settings + metrics) + " |",
+            "|" + "---|" * (len(settings) + len(metrics)),
+        ]
+        for c in cells:
+            vals = [_cell(c[k], 4) for k in settings]
+            for m in metrics:
+                mean, std = c[f"{m}_mean"], c[f"{m}_std"]
+                vals.append(
+                    ""
+                    if mean is None
+                    else f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
+                )
+            lines.append("| " + " | ".join(vals) + " |")
     lines += ["", "## Problems", ""]
     lines += [f"- `{rid}`: {reason}" for rid, reason in problems] or ["None."]
     if ignored:
@@ -103,24 +119,38 @@ def write_md(
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def write_h5(path: Path, columns: list[str], rows: list[dict], runs: list[RunSummary]) -> None:
-    """``table/<column>`` (float64 with NaN = empty, or UTF-8 strings) and ``runs/`` (stacked)."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        table = f.create_group("table")
-        table.attrs["columns"] = json.dumps(columns)
-        for col in columns:
-            values = [row[col] for row in rows]
-            numeric = all(
-                v is None or (isinstance(v, int | float | np.number) and not isinstance(v, bool))
-                for v in values
+def _table(group: h5py.Group, columns: list[str], rows: list[dict]) -> None:
+    group.attrs["columns"] = json.dumps(columns)
+    for col in columns:
+        values = [row[col] for row in rows]
+        numeric = all(
+            v is None or (isinstance(v, int | float | np.number) and not isinstance(v, bool))
+            for v in values
+        )
+        if numeric:
+            group.create_dataset(
+                col, data=np.array([np.nan if v is None else v for v in values], dtype=np.float64)
             )
-            if numeric:
-                table.create_dataset(
-                    col,
-                    data=np.array([np.nan if v is None else v for v in values], dtype=np.float64),
-                )
-            else:
-                _strings(table, col, [_cell(v) for v in values])
+        else:
+            _strings(group, col, [_cell(v) for v in values])
+
+
+def write_h5(
+    path: Path,
+    columns: list[str],
+    rows: list[dict],
+    runs: list[RunSummary],
+    cells: list[dict] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """``table/<column>`` (float64 with NaN = empty, or UTF-8 strings), ``cells/<column>``
+    (the seed cells, same layout), ``runs/`` (the per-run curves, stacked) and file
+    attributes ``attrs`` (created, sweep, git_commit, headline)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs or {})
+        _table(f.create_group("table"), columns, rows)
+        if cells:
+            _table(f.create_group("cells"), list(cells[0]), cells)
         _write_runs(f.create_group("runs"), runs)
 
 
@@ -139,14 +169,16 @@ def _write_runs(g: h5py.Group, runs: list[RunSummary]) -> None:
     """
     n = len(runs)
     _strings(g, "run_id", [r.run_id for r in runs])
-    eps = sorted({float(e) for r in runs if r.fgsm is not None for e in r.fgsm[0]})
-    if eps:
-        where = {e: j for j, e in enumerate(eps)}
-        acc = np.full((n, len(eps)), np.nan)
-        for i, r in enumerate(runs):
-            if r.fgsm is not None:
-                acc[i, [where[float(e)] for e in r.fgsm[0]]] = r.fgsm[1]
-        g["fgsm/eps"], g["fgsm/accuracy"] = np.array(eps), acc
+    for kind in ("fgsm", "pgd"):
+        curves = [getattr(r, kind) for r in runs]
+        eps = sorted({float(e) for c in curves if c is not None for e in c[0]})
+        if eps:
+            where = {e: j for j, e in enumerate(eps)}
+            acc = np.full((n, len(eps)), np.nan)
+            for i, c in enumerate(curves):
+                if c is not None:
+                    acc[i, [where[float(e)] for e in c[0]]] = c[1]
+            g[f"{kind}/eps"], g[f"{kind}/accuracy"] = np.array(eps), acc
     rels = [(i, r.reliability) for i, r in enumerate(runs) if r.reliability is not None]
     if rels:
         edges = rels[0][1].bin_edges  # linspace(0, 1, N_BINS + 1) for every run
@@ -194,3 +226,71 @@ def plot_labels(runs: Sequence[RunSummary], setting_cols: list[str]) -> dict[str
         r.run_id: ", ".join(f"{c}={_cell(r.values.get(c), 3)}" for c in varying) or r.run_id
         for r in runs
     }
+
+
+# column prefix -> (words, unit, better: +1 higher, -1 lower, 0 neither)
+_META = [
+    ("accuracy", "accuracy", "[0, 1]", 1),
+    ("nll_ts", "NLL after temperature scaling", "nats", -1),
+    ("nll", "NLL of p(y|x)", "nats", -1),
+    ("brier", "Brier score", "[0, 2]", -1),
+    ("ece_ts", "ECE after temperature scaling", "[0, 1]", -1),
+    ("ece", "expected calibration error", "[0, 1]", -1),
+    ("mce", "maximum calibration error", "[0, 1]", -1),
+    ("temperature", "fitted temperature", "T", 0),
+    ("neg_elbo_nats", "-ELBO", "nats/image", -1),
+    ("bits_per_dim", "bits per dim", "bits", -1),
+    ("nats_per_dim", "nats per dim", "nats", -1),
+    ("iwae_ess", "IWAE effective sample size", "samples", 1),
+    ("elbo_iwae_gap", "ELBO - IWAE gap", "nats", 0),
+    ("auroc", "AUROC", "[0, 1]", 1),
+    ("aupr_in", "AUPR-in", "[0, 1]", 1),
+    ("aupr_out", "AUPR-out", "[0, 1]", 1),
+    ("fpr95", "FPR at 95% TPR", "[0, 1]", -1),
+    ("fgsm_acc", "FGSM accuracy", "[0, 1]", 1),
+    ("pgd_acc", "PGD accuracy", "[0, 1]", 1),
+]
+SCORE_WORDS = {"msp": "max p(y|x)", "elbo": "ELBO", "complexity": "complexity-corrected ELBO"}
+
+
+def column_meta(col: str) -> tuple[str, str, int]:
+    """(words, unit, better) of a metric column: e.g. auroc_svhn_elbo -> AUROC vs svhn (ELBO)."""
+    for prefix, words, unit, better in _META:
+        if col == prefix or col.startswith(prefix + "_"):
+            rest = col[len(prefix) + 1 :]
+            if prefix.startswith(("auroc", "aupr", "fpr95")) and rest:
+                ood, _, score = rest.rpartition("_")
+                if score.startswith("k") and ood.endswith("_iwae"):  # iwae_k10
+                    ood, score = ood[: -len("_iwae")], "iwae_" + score
+                words = f"{words} vs {ood} ({SCORE_WORDS.get(score, score)})"
+            elif prefix.endswith("_acc") and rest.startswith("eps"):
+                words = f"{words} at eps {rest[3:]}"
+            elif rest:
+                words = f"{words} on {rest}"
+            return words, unit, better
+    return col, "", 0
+
+
+def grid_layout(settings: list[str], rows: list[dict]) -> tuple[list[dict], list[dict], list[str]]:
+    """(grid rows, baseline rows, the two axis columns): the most common model's ok or failed
+    runs over the two swept settings that vary most (alpha x beta when both vary)."""
+    models = Counter(r.get("model") for r in rows)
+    grid_model = models.most_common(1)[0][0] if models else None
+    grid = [r for r in rows if r.get("model") == grid_model]
+    base = [r for r in rows if r.get("model") != grid_model]
+    varying = [
+        c
+        for c in settings
+        if c not in ("model", "seed", "train.seed") and len({_cell(r.get(c)) for r in grid}) > 1
+    ]
+    if "alpha" in varying and "beta" in varying:
+        varying = ["alpha", "beta"]
+    return grid, base, varying[:2]
+
+
+def axis_values(rows: list[dict], col: str) -> list[Any]:
+    vals = {r.get(col) for r in rows}
+    try:
+        return sorted(vals, key=lambda v: (v is None, float(v) if v is not None else 0))
+    except (TypeError, ValueError):
+        return sorted(vals, key=lambda v: str(v))

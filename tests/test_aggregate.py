@@ -22,27 +22,43 @@ NUM_DIMS = 3 * 32 * 32
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_arrays(seed: int, model: str, n_id: int = 120, n_ood: int = 90) -> dict[str, dict]:
+ROLE = {"digits": "id", "digits-val": "val", "digits_ood": "ood"}
+
+
+def make_arrays(
+    seed: int, model: str, n_id: int = 120, n_ood: int = 90, n_val: int = 80
+) -> dict[str, dict]:
     """{set: arrays} like dhm.evaluate writes for ``model`` (dhm | resnet | vae)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n_id)
     ident: dict[str, np.ndarray] = {"indices": np.arange(n_id), "labels": labels}
     ood: dict[str, np.ndarray] = {"indices": np.arange(n_ood)}
+    sets = {"digits": ident, "digits_ood": ood}
     if model != "vae":
         logits = rng.normal(scale=1.5, size=(n_id, 10)).astype(np.float32)
         logits[np.arange(n_id), labels] += rng.uniform(0, 3, n_id).astype(np.float32)
-        ident["logits"] = logits
+        ident["logits"] = logits * 2.5  # overconfident: temperature scaling has work to do
         ood["logits"] = rng.normal(scale=1.0, size=(n_ood, 10)).astype(np.float32)
-        flip = rng.uniform(size=(len(EPS), n_id)) < np.array([0.1, 0.3, 0.6])[:, None]
-        pred = np.where(flip, rng.integers(0, 10, (len(EPS), n_id)), labels[None])
-        ident["fgsm/pred"] = pred.astype(np.int16)
-        ident["fgsm/eps"] = EPS
+        for kind, rates in (("fgsm", [0.1, 0.3, 0.6]), ("pgd", [0.1, 0.5, 0.8])):
+            flip = rng.uniform(size=(len(EPS), n_id)) < np.array(rates)[:, None]
+            pred = np.where(flip, rng.integers(0, 10, (len(EPS), n_id)), labels[None])
+            ident[f"{kind}/pred"] = pred.astype(np.int16)
+            ident[f"{kind}/eps"] = EPS
+        val_labels = rng.integers(0, 10, n_val)
+        val_logits = rng.normal(scale=1.5, size=(n_val, 10)).astype(np.float32)
+        val_logits[np.arange(n_val), val_labels] += rng.uniform(0, 3, n_val).astype(np.float32)
+        sets["digits-val"] = {
+            "indices": np.arange(n_val),
+            "labels": val_labels,
+            "logits": val_logits * 2.5,
+        }
     if model != "resnet":
-        ident["neg_elbo"] = rng.normal(500, 20, n_id).astype(np.float32)
-        ood["neg_elbo"] = rng.normal(530, 30, n_ood).astype(np.float32)
-        ident["neg_iwae_k4"] = ident["neg_elbo"] - rng.uniform(0, 5, n_id).astype(np.float32)
-        ood["neg_iwae_k4"] = ood["neg_elbo"] - rng.uniform(0, 9, n_ood).astype(np.float32)
-    return {"digits": ident, "digits_ood": ood}
+        for arrays, n, mean in ((ident, n_id, 500), (ood, n_ood, 530)):
+            arrays["neg_elbo"] = rng.normal(mean, 20, n).astype(np.float32)
+            arrays["neg_iwae_k4"] = arrays["neg_elbo"] - rng.uniform(0, 5, n).astype(np.float32)
+            arrays["iwae_ess"] = rng.uniform(1, 4, n).astype(np.float32)
+            arrays["complexity_bits"] = rng.normal(9000, 900, n).astype(np.float32)
+    return sets
 
 
 def write_run(
@@ -69,11 +85,15 @@ def write_run(
         bounds = np.linspace(0, n, shards + 1).astype(int)
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             part = {
-                k: v[:, start:stop] if k == "fgsm/pred" else v if k == "fgsm/eps" else v[start:stop]
+                k: v[:, start:stop]
+                if k.endswith("/pred")
+                else v
+                if k.endswith("/eps")
+                else v[start:stop]
                 for k, v in arrays.items()
             }
             attrs = {
-                "role": "id" if set_name == "digits" else "ood",
+                "role": ROLE[set_name],
                 "set_size": n,
                 "start": int(start),
                 "stop": int(stop),
@@ -81,6 +101,7 @@ def write_run(
                 "model": model,
                 "config_yaml": config_yaml,
                 "num_dims": 0 if model == "resnet" else NUM_DIMS,
+                "likelihood_space": "" if model == "resnet" else "pixels-dequantized",
             }
             path = run_dir / "eval" / results.shard_name(set_name, int(start), int(stop))
             results.write_shard(path, set_name, part, attrs)
@@ -155,15 +176,17 @@ def test_metrics_match_independent_computation(sweep):
         s = np.r_[s_in, s_out]
         assert row[f"auroc_digits_ood_{score}"] == pytest.approx(roc_auc_score(y, s), rel=1e-12)
         assert row[f"aupr_in_digits_ood_{score}"] == pytest.approx(average_precision_score(y, s))
+        aupr_out = average_precision_score(1 - y, -s)  # OOD positive, higher score = more OOD
+        assert row[f"aupr_out_digits_ood_{score}"] == pytest.approx(aupr_out)
         assert row[f"fpr95_digits_ood_{score}"] == pytest.approx(_fpr95(s_in, s_out))
     for set_name, suffix in (("digits", ""), ("digits_ood", "_digits_ood")):
         mean = np.mean(a[set_name]["neg_elbo"], dtype=np.float64)
         assert row[f"neg_elbo_nats{suffix}"] == pytest.approx(mean, rel=1e-12)
-        bpd = mean / (NUM_DIMS * math.log(2)) + 8
+        bpd = mean / (NUM_DIMS * math.log(2)) + math.log2(255)  # dequantized on the 1/255 grid
         assert row[f"bits_per_dim{suffix}"] == pytest.approx(bpd, rel=1e-12)
     for e, pred in zip(EPS, ident["fgsm/pred"], strict=True):
         assert row[f"fgsm_acc_eps{format_eps(e)}"] == np.mean(pred == labels)
-    assert [c for c in df.columns if c.startswith("fgsm")] == [
+    assert [c for c in df.columns if c.startswith("fgsm") and "_ci_" not in c] == [
         "fgsm_acc_eps0",
         "fgsm_acc_eps0.01",
         "fgsm_acc_eps0.0314",
@@ -320,7 +343,8 @@ def test_outputs_readable(sweep):
         np.testing.assert_array_equal(g["fgsm/eps"][()], EPS.astype(np.float64))
         acc = g["fgsm/accuracy"][()]
         assert acc.shape == (4, 3) and np.isnan(acc[vae]).all() and not np.isnan(acc[dhm]).any()
-        np.testing.assert_array_equal(acc[dhm], csv_df.filter(like="fgsm_acc").iloc[dhm])
+        fgsm_cols = [c for c in csv_df.columns if c.startswith("fgsm_acc") and "_ci_" not in c]
+        np.testing.assert_array_equal(acc[dhm], csv_df[fgsm_cols].iloc[dhm])
         np.testing.assert_array_equal(g["reliability/bin_edges"][()], np.linspace(0, 1, 16))
         counts = g["reliability/counts"][()]
         assert counts.shape == (4, 15) and list(counts.sum(1)) == [120, 120, 120, 0]
@@ -346,8 +370,11 @@ def test_outputs_readable(sweep):
         "heatmap_accuracy.png",
         "heatmap_ece.png",
         "heatmap_fgsm_acc_eps0.0314.png",
+        "heatmap_ece_ts.png",
+        "heatmap_pgd_acc_eps0.0314.png",
         "heatmap_auroc_digits_ood_msp.png",
-        "heatmap_auroc_digits_ood_iwae_k4.png",
+        "heatmap_auroc_digits_ood_elbo.png",
+        "heatmap_auroc_digits_ood_complexity.png",
     ):
         assert name in pngs, name
     for name in pngs:
@@ -373,7 +400,9 @@ def test_plot_count_capped(tmp_path):
     plots = sorted(p.name for p in stale.parent.glob("*.png"))
     assert len([p for p in plots if p.startswith("reliability_")]) == 3
     assert len([p for p in plots if p.startswith("elbo_hist_")]) == 3
-    assert len(plots) == 1 + 3 + 3 + 6  # fgsm, per-run figures, heatmaps; the stale one is gone
+    # fgsm, per-run figures, 8 headline heatmaps (accuracy, ece, ece_ts, fgsm, pgd, 3 aurocs);
+    # the stale one is gone
+    assert len(plots) == 1 + 3 + 3 + 8
     assert not stale.exists()
 
 
@@ -383,3 +412,176 @@ def test_format_eps():
     assert format_eps(8 / 255) == "0.0314"
     assert format_eps(np.float32(0.03)) == "0.03"
     assert format_eps(1.0) == "1"
+
+
+def test_temperature_scaling_matches_an_independent_optimiser(sweep):
+    from scipy.optimize import minimize_scalar
+
+    root, arrays = sweep
+    aggregate(root, plots=False, report=False)
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
+    val = arrays["dhm0001"]["digits-val"]
+    res = minimize_scalar(
+        lambda lt: M.nll(val["logits"] / np.exp(lt), val["labels"]),
+        bounds=(-5, 5),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    t = float(np.exp(res.x))
+    row = df.loc["dhm0001"]
+    assert row["temperature"] == pytest.approx(t, rel=1e-6) and t > 1  # overconfident logits
+    test = arrays["dhm0001"]["digits"]
+    assert row["nll_ts"] == pytest.approx(M.nll(test["logits"] / t, test["labels"]), rel=1e-6)
+    ece_ts = M.expected_calibration_error(test["logits"] / t, test["labels"])
+    assert row["ece_ts"] == pytest.approx(ece_ts, abs=1e-6) and row["ece_ts"] < row["ece"]
+    assert pd.isna(df.loc["vae00000", "temperature"])
+
+
+def test_complexity_score_effective_sample_size_and_gap(sweep):
+    root, arrays = sweep
+    aggregate(root, plots=False, report=False)
+    row = pd.read_csv(root / "summary" / "results.csv").set_index("run_id").loc["vae00000"]
+    a = arrays["vae00000"]
+
+    def score(s):  # Serra et al. 2020: PNG bits - model bits (higher = more in-distribution)
+        model_bits = s["neg_elbo"].astype(np.float64) / math.log(2) + NUM_DIMS * math.log2(255)
+        return s["complexity_bits"] - model_bits
+
+    y = np.r_[np.ones(120), np.zeros(90)]
+    want = roc_auc_score(y, np.r_[score(a["digits"]), score(a["digits_ood"])])
+    assert row["auroc_digits_ood_complexity"] == pytest.approx(want, rel=1e-12)
+    assert row["iwae_ess"] == pytest.approx(a["digits"]["iwae_ess"].mean(dtype=np.float64))
+    gap = (a["digits_ood"]["neg_elbo"].astype(np.float64) - a["digits_ood"]["neg_iwae_k4"]).mean()
+    assert row["elbo_iwae_gap_digits_ood"] == pytest.approx(gap)
+
+
+def _seed_sweep(tmp_path, n_seeds=3):
+    runs = [
+        (f"s{seed}b{b}", "dhm", 1.0, beta)
+        for b, beta in enumerate((0.1, 1.0))
+        for seed in range(n_seeds)
+    ]
+    for i, r in enumerate(runs):
+        write_run(tmp_path, *r, seed=i)
+    keys = ("model.beta", "train.seed")
+    plan = {
+        "sweep": "seeds",
+        "swept_keys": list(keys),
+        "runs": [
+            {"run_id": r[0], "overrides": {"model.beta": r[3], "train.seed": int(r[0][1])}}
+            for r in runs
+        ],
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return runs
+
+
+def test_seed_cells_give_mean_std_and_n_as_numpy_does(tmp_path):
+    runs = _seed_sweep(tmp_path)
+    report = aggregate(tmp_path, plots=False, report=False)
+    df = pd.read_csv(tmp_path / "summary" / "results.csv").set_index("run_id")
+    cells = pd.read_csv(tmp_path / "summary" / "cells.csv")
+    assert list(cells["n"]) == [3, 3] and list(cells["beta"]) == [0.1, 1.0]
+    assert "seed" not in cells.columns and len(report.cells) == 2
+    for beta, cell in zip((0.1, 1.0), cells.itertuples(), strict=True):
+        ids = [r[0] for r in runs if r[3] == beta]
+        assert cell.runs == " ".join(ids)
+        for metric in ("accuracy", "ece", "auroc_digits_ood_elbo", "bits_per_dim"):
+            values = df.loc[ids, metric].to_numpy()
+            assert getattr(cell, f"{metric}_mean") == pytest.approx(np.mean(values), rel=1e-12)
+            assert getattr(cell, f"{metric}_std") == pytest.approx(np.std(values, ddof=1), rel=1e-9)
+    # Runs with other seeds get the spread over seeds, not bootstrap intervals.
+    assert "accuracy_ci_lo" not in df.columns
+    assert "Seed cells (mean ± std over seeds)" in (tmp_path / "summary/results.md").read_text()
+    with h5py.File(tmp_path / "summary" / "results.h5") as f:
+        assert list(f["cells/n"][()]) == [3, 3]
+
+
+def test_bootstrap_intervals_cover_the_full_set_value_and_match_a_resampling_loop(sweep):
+    root, arrays = sweep
+    aggregate(root, plots=False, report=False)
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
+    for rid in ("dhm0001", "dhm0010", "resnet00"):
+        row = df.loc[rid]
+        for metric in (
+            "accuracy",
+            "ece",
+            "fgsm_acc_eps0.0314",
+            "pgd_acc_eps0.0314",
+            "auroc_digits_ood_msp",
+        ):
+            assert row[f"{metric}_ci_lo"] <= row[metric] <= row[f"{metric}_ci_hi"], (rid, metric)
+            assert row[f"{metric}_ci_hi"] - row[f"{metric}_ci_lo"] > 0
+    # Against an independent percentile bootstrap that resamples the images in a loop.
+    a = arrays["dhm0001"]
+    test, ood = a["digits"], a["digits_ood"]
+    rng = np.random.default_rng(1)
+    acc, auc = [], []
+    s_in = -M.log_softmax(test["logits"]).max(1) * -1
+    s_out = -M.log_softmax(ood["logits"]).max(1) * -1
+    for _ in range(2000):
+        i = rng.integers(0, len(s_in), len(s_in))
+        j = rng.integers(0, len(s_out), len(s_out))
+        acc.append(M.accuracy(test["logits"][i], test["labels"][i]))
+        auc.append(M.ood_metrics(s_in[i], s_out[j]).auroc)
+    row = df.loc["dhm0001"]
+    # Monte Carlo error of a 2.5% quantile with B = 1000-2000: about 0.2 sd of the statistic.
+    for metric, values in (("accuracy", acc), ("auroc_digits_ood_msp", auc)):
+        lo, hi = np.quantile(values, [0.025, 0.975])
+        sd = np.std(values)
+        assert abs(row[f"{metric}_ci_lo"] - lo) < 0.35 * sd, metric
+        assert abs(row[f"{metric}_ci_hi"] - hi) < 0.35 * sd, metric
+
+
+def test_headline_names_every_ood_set_and_nats_per_dim_for_activations(tmp_path):
+    sets = make_arrays(0, "dhm")
+    sets["svhn"] = {k: v.copy() for k, v in sets["digits_ood"].items()}
+    ROLE["svhn"] = "ood"
+    write_run(tmp_path, "run00000", "dhm", 1.0, 0.1, seed=0, sets=sets)
+    for path in (tmp_path / "runs/run00000/eval").glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            f.attrs["likelihood_space"] = "activations"
+    report = aggregate(tmp_path, plots=False, report=False)
+    cols = list(report.rows[0])
+    for ood in ("digits_ood", "svhn"):
+        for score in ("msp", "elbo", "complexity"):
+            assert f"auroc_{ood}_{score}" in cols
+    assert "nats_per_dim" in cols and "bits_per_dim" not in cols
+    assert report.rows[0]["nats_per_dim"] == pytest.approx(
+        report.rows[0]["neg_elbo_nats"] / NUM_DIMS
+    )
+    md = (tmp_path / "summary" / "results.md").read_text()
+    assert "auroc_svhn_msp" in md and "auroc_digits_ood_msp" in md
+
+
+def test_a_summary_is_done_only_when_complete_and_newer_than_every_shard(sweep):
+    import os
+    import time
+
+    from dhm.aggregate import MANIFEST, SummaryKeptError, summary_complete
+
+    root, _ = sweep
+    assert summary_complete(root) == (False, "no summary")
+    aggregate(root, plots=True)
+    assert summary_complete(root) == (True, "summary complete")
+    manifest = json.loads((root / "summary" / MANIFEST).read_text())
+    assert "report.html" in manifest["files"] and manifest["ok"] == 4
+    # A killed aggregation: a plot is gone (and with it the manifest's promise).
+    (root / "summary" / "plots" / "fgsm_accuracy.png").unlink()
+    assert summary_complete(root)[0] is False
+    aggregate(root, plots=True)
+    assert summary_complete(root)[0] is True
+    # A shard written after the summary makes it stale.
+    shard = next((root / "runs" / "dhm0001" / "eval").glob("*.h5"))
+    later = time.time() + 5
+    os.utime(shard, (later, later))
+    assert summary_complete(root) == (False, "summary older than the newest evaluation shard")
+    # A summary with fewer complete runs never replaces a good one, unless asked.
+    before = (root / "summary" / "results.csv").read_text()
+    for path in (root / "runs" / "dhm0001" / "eval").glob("*.h5"):
+        path.unlink()
+    with pytest.raises(SummaryKeptError, match="has 4 complete runs, this aggregation 3"):
+        aggregate(root, plots=False, allow_partial=True)
+    assert (root / "summary" / "results.csv").read_text() == before
+    aggregate(root, plots=False, allow_partial=True, replace_fewer=True)
+    assert "missing" in (root / "summary" / "results.csv").read_text()
