@@ -1,12 +1,14 @@
-"""Entry point: compose the Hydra config from configs/ and hand it to hpc.launcher.
+"""Entry point: Hydra's command line over configs/, handed to hpc.launcher (see hpc/cli.py).
 
-python launch.py                                  # the offline demo
-python launch.py model=resnet data=cifar10 ...    # any group option or key=value override
+python launch.py                                      # the offline demo (sweep=demo, local)
+python launch.py sweep=alpha_beta cluster=slurm       # the thesis study on a Slurm cluster
+python launch.py -m model.beta=0.1,1 train.seed=range(3)   # Hydra multirun -> sweep axes
+python launch.py --help                               # config groups and their options
 """
 
 import sys
 
-from hpc.launcher import cli
+from hpc.cli import cli
 
 if __name__ == "__main__":
     sys.exit(cli(sys.argv[1:]))

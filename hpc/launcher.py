@@ -1,166 +1,139 @@
-"""main(cfg): validate -> plan -> submit | status | cancel | aggregate.
+"""main(cfg): validate -> plan -> submit | status | cancel | aggregate | report | calibrate.
 
     python launch.py sweep=alpha_beta cluster=slurm      # submit the study, return at once
-    python launch.py sweep=alpha_beta mode=dry_run       # the plan and sbatch scripts, no submit
-    python launch.py sweep=alpha_beta mode=status        # one row per run
-    python launch.py sweep=demo cluster=local            # the same pipeline in this process
+    python launch.py sweep=alpha_beta mode=dry_run       # the plan, its cost, the sbatch scripts
+    python launch.py sweep.name=alpha_beta mode=status   # one row per run (the stored plan)
+    python launch.py                                     # the offline demo, in this process
 
-Usage errors (an unknown group option, key or type while composing; a value outside what is
-allowed; a cluster profile Slurm would refuse) print one line and exit with status 2 before
-anything is submitted or written.
+Everything a compute node would refuse is refused here first, in ``mode=run`` and
+``mode=dry_run`` alike: values and keys (hpc.schema), a plan whose runs differ from the stored
+one, the warm-start checkpoint (loaded and matched), the dataset files (found and parsed),
+resources the partition's nodes do not have, the array size limits and ``sbatch --test-only``.
+Usage errors exit 2, runtime errors 1, each with one line (``hpc.cli``); nothing is written or
+submitted before the checks pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shlex
 import sys
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from dhm.checkpoint import CheckpointError
 from dhm.config import ConfigError
-from dhm.data import DataError
-from hpc import ledger, slurm
-from hpc.schema import MODES, register_configs
-from hpc.stages import AggregateStage, EvalStage, NoOp, TrainStage
-from hpc.sweep import Run, expand, sweep_dir, write_plan
+from dhm.datasets import check_files
+from hpc import costs, ledger, slurm
+from hpc.plan import Plan, arrays_for, make_plan, move_aside
+from hpc.schema import ClusterConfig, check_batch_split, check_launch
+from hpc.status import detail_lines, run_reports, status_lines
+from hpc.sweep import (
+    Run,
+    check_plan_unchanged,
+    expand,
+    plan_path,
+    read_plan,
+    select,
+    stored_runs,
+    sweep_dir,
+    write_plan,
+)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-USAGE_ERROR = 2
-FAILED_STATES = {"FAILED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                 "BOOT_FAIL", "DEADLINE"}  # fmt: skip
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The composed, typed config for command-line overrides (raises Hydra/OmegaConf errors)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-@dataclass
-class Plan:
-    """What a launch will do: per run a list of (action, reason), and the arrays to submit."""
-
-    states: list[ledger.RunState]
-    actions: dict[str, list[str]] = field(default_factory=dict)  # run_id -> lines
-    train: list[Run] = field(default_factory=list)
-    # (set, role) -> runs; a set name can be in-distribution for some runs and OOD for others.
-    eval_after_train: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
-    eval_now: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
-    aggregate: bool = False
+STORED_MODES = ("status", "cancel", "aggregate", "report")
+FULL_PLAN_RUNS = 40  # above this many runs the plan is printed grouped by action
 
 
-def make_plan(cfg: Any, runs: list[Run], query_slurm: bool) -> Plan:
-    states = ledger.run_states(cfg, runs, query_slurm=query_slurm)
-    plan = Plan(states)
-    for st in states:
-        rid, lines = st.run.run_id, []
-        last = st.tasks.get(("train", ""))
-        ended = f"; last train job {last.job_id} ended {last.state}" if last else ""
-        will_train = False
-        if st.trained:
-            lines.append("train: skip (checkpoints/final.pt exists)")
-        elif (task := st.active("train")) is not None:
-            lines.append(f"train: wait (job {task.job_id} is {task.state})")
-        else:
-            will_train = True
-            plan.train.append(st.run)
-            if st.resume_step is not None:
-                lines.append(f"train: resume from step {st.resume_step}{ended}")
-            else:
-                lines.append(f"train: from scratch (no checkpoint){ended}")
-        for set_name, done in st.eval_done.items():
-            key = (set_name, st.roles[set_name])
-            if set_name in st.stale and not st.active("eval", set_name):
-                n = len(st.stale[set_name])
-                lines.append(
-                    f"eval {set_name}: {n} shard(s) made with other eval settings, "
-                    "moved to eval-stale/ before evaluating again"
-                )
-            if done:
-                lines.append(f"eval {set_name}: skip (shards complete)")
-            elif (task := st.active("eval", set_name)) is not None:
-                lines.append(f"eval {set_name}: wait (job {task.job_id} is {task.state})")
-            elif will_train:
-                plan.eval_after_train.setdefault(key, []).append(st.run)
-                lines.append(f"eval {set_name}: after its training task")
-            elif st.trained:
-                plan.eval_now.setdefault(key, []).append(st.run)
-                prev = st.tasks.get(("eval", set_name))
-                why = f"; last eval job {prev.job_id} ended {prev.state}" if prev else ""
-                lines.append(f"eval {set_name}: now (trained, shards missing{why})")
-            else:
-                lines.append(f"eval {set_name}: after the running training task; relaunch then")
-        plan.actions[rid] = lines
-    summary = sweep_dir(cfg) / "summary" / "results.csv"
-    work = plan.train or plan.eval_after_train or plan.eval_now
-    plan.aggregate = bool(work) or not summary.exists()
-    if any(st.active("aggregate") for st in states) and not work:
-        plan.aggregate = False
-    return plan
+class DiskError(RuntimeError):
+    """Something on disk that a launch cannot use as it is (exit 1); the message names it."""
 
 
-def arrays_for(cfg: Any, plan: Plan) -> list[slurm.ArraySpec]:
-    """The sbatch calls of a plan: at most 1 + 2 x (sets) + 1, whatever the grid size."""
-    specs: list[slurm.ArraySpec] = []
-    stage_to = cfg.cluster.scratch if cfg.cluster.stage_data else None
-    if plan.train:
-        specs.append(slurm.ArraySpec(
-            "train", [{"run_id": r.run_id} for r in plan.train],
-            [(TrainStage(), r.yaml, stage_to) for r in plan.train],
-            slurm.train_params(cfg),
-        ))  # fmt: skip
-
-    def stage_name(set_name: str, role: str, groups: dict) -> str:
-        both = sum(1 for s, _ in groups if s == set_name) > 1
-        return f"eval:{set_name}:{role}" if both else f"eval:{set_name}"
-
-    for (set_name, role), runs in plan.eval_after_train.items():
-        # aftercorr pairs eval task i with train task i, so this array lists exactly the
-        # train array's runs, in its order; a run without this set gets a no-op task.
-        wanted = {r.run_id for r in runs}
-        calls = [
-            (EvalStage(), r.yaml, set_name, role, r.run_id) if r.run_id in wanted else (NoOp(),)
-            for r in plan.train
-        ]
-        tasks = [
-            {"run_id": r.run_id, "set": set_name} if r.run_id in wanted else {"noop": True}
-            for r in plan.train
-        ]
-        specs.append(slurm.ArraySpec(
-            stage_name(set_name, role, plan.eval_after_train), tasks, calls,
-            slurm.eval_params(cfg, set_name), depends_on="train", dependency_kind="aftercorr",
-        ))  # fmt: skip
-    for (set_name, role), runs in plan.eval_now.items():
-        specs.append(slurm.ArraySpec(
-            stage_name(set_name, role, plan.eval_now),
-            [{"run_id": r.run_id, "set": set_name} for r in runs],
-            [(EvalStage(), r.yaml, set_name, role, r.run_id) for r in runs],
-            slurm.eval_params(cfg, set_name),
-        ))  # fmt: skip
-    if plan.aggregate:
-        waits = any(s.stage != "aggregate" for s in specs)
-        specs.append(slurm.ArraySpec(
-            "aggregate", [{}], [(AggregateStage(), str(sweep_dir(cfg)), cfg.allow_partial)],
-            slurm.aggregate_params(cfg),
-            depends_on="*" if waits else None, dependency_kind="afterany" if waits else None,
-        ))  # fmt: skip
-    return specs
+def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run]]:
+    """The sweep as stored in its plan (by name and root), with this command's selection; the
+    stored cluster profile unless the command line names another."""
+    path = plan_path(cfg)
+    plan = read_plan(path)
+    if plan is None:
+        raise ConfigError(
+            f"sweep.name={cfg.sweep.name}, root={cfg.root}: {path} does not exist; launch the "
+            "sweep first (or give its name and root as it was launched)"
+        )
+    runs = stored_runs(plan, path)
+    if not any(a.startswith(("cluster=", "cluster.")) for a in argv):
+        cfg = cfg.copy()
+        cfg.cluster = OmegaConf.merge(OmegaConf.structured(ClusterConfig), plan["cluster"])
+    return cfg, runs
 
 
-def print_plan(cfg: Any, plan: Plan) -> None:
-    print(f"sweep {cfg.sweep.name}: {len(plan.states)} runs in {sweep_dir(cfg)}")
+def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
+    """What a compute node would refuse, refused here: warm starts, dataset files, resources,
+    an unwritable root."""
+    from dhm.results import eval_sets
+
+    seen: set[tuple[str, str, bool]] = set()
+    for run in runs:
+        d = run.cfg.data
+        wanted = [(d.name, True), (d.name, False)]
+        wanted += [(name, False) for name, role in eval_sets(run.cfg) if role == "ood"]
+        for name, train in wanted:
+            if (name, d.root, train) not in seen and name in ("cifar10", "cifar100", "svhn"):
+                seen.add((name, d.root, train))
+                if not (d.download and not Path(d.root).exists()):
+                    check_files(name, d.root, train)
+    warm = {run.cfg.model.warm_start: run for run in runs if run.cfg.model.warm_start}
+    if warm:
+        from dhm.train import apply_warm_start, model_for
+
+        for path, run in warm.items():
+            apply_warm_start(model_for(run.cfg), path)  # loads, and checks that it fits
+    root = Path(cfg.root).expanduser().resolve()
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"root={cfg.root}: {probe} is not writable by this user")
+    if info is not None:
+        stages = {s: slurm.stage_resources(cfg, s) for s in ("train", "eval", "aggregate")}
+        slurm.check_resources(cfg, info, stages)
+
+
+def _check_resume_points(plan: Plan) -> None:
+    train = {run.run_id for run, _ in plan.train}
     for st in plan.states:
-        print(f"  {st.run.run_id}  {_settings(st.run)}")
-        for line in plan.actions[st.run.run_id]:
-            print(f"      {line}")
+        if st.run.run_id in train and st.bad_resume is not None:
+            good = f"step {st.resume_step}" if st.resume_step is not None else "scratch"
+            raise DiskError(
+                f"run {st.run.run_id}: its newest checkpoint {st.bad_resume} is truncated or "
+                f"corrupt; move it aside (mv {st.bad_resume} {st.bad_resume}.bad) to resume "
+                f"from {good}, or remove {st.run.run_dir} to train it again"
+            )
+
+
+def print_plan(cfg: Any, plan: Plan, n_total: int) -> None:
+    print(
+        f"sweep {cfg.sweep.name}: {n_total} runs in {sweep_dir(cfg)}"
+        + (f", {len(plan.states)} selected" if len(plan.states) != n_total else "")
+    )
+    if len(plan.states) <= FULL_PLAN_RUNS:
+        for st in plan.states:
+            print(f"  {st.run.run_id}  {_settings(st.run)}")
+            for line in plan.actions[st.run.run_id]:
+                print(f"      {line}")
+    else:
+        counts: dict[str, int] = {}
+        for lines in plan.actions.values():
+            for line in lines:
+                key = line.split(" (job ")[0].split("; job ")[0]
+                counts[key] = counts.get(key, 0) + 1
+        for line, n in counts.items():
+            print(f"  {n:5d} x {line}")
+    print(f"  aggregate: {'yes' if plan.aggregate else 'no'} ({plan.aggregate_why})")
+    if plan.refused:
+        print(f"{len(plan.refused)} run(s) not resubmitted, see above: {' '.join(plan.refused)}")
 
 
 def _settings(run: Run) -> str:
@@ -173,21 +146,26 @@ def _slurm_folder(cfg: Any) -> Path:
 
 def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
     if not specs:
-        print("nothing to submit: every run is complete or in flight")
+        print("nothing to submit: every run is complete, in flight or needs you (see above)")
         return
     print(f"{len(specs)} sbatch call(s):")
     for spec in specs:
-        dep = f", {spec.dependency_kind} on {spec.depends_on}" if spec.depends_on else ""
-        print(f"  {spec.stage}: {len(spec.tasks)} task(s){dep}")
+        dep = ""
+        if spec.dependency_kind == "aftercorr":
+            dep = f", aftercorr on train array #{spec.depends_on + 1}"
+        elif spec.dependency_kind:
+            dep = ", afterany on every array above"
+        packed = max((len(t.get("runs", [])) for t in spec.tasks), default=1)
+        pack = f", {packed} runs per task" if packed > 1 else ""
+        group = f" [{spec.group}]" if spec.group else ""
+        print(f"  {spec.stage}{group}: {len(spec.tasks)} task(s){pack}{dep}")
         if scripts:
             params = dict(spec.params)
-            if spec.depends_on:
-                # The job ids exist only once submitted: shown as <stage>.
-                target = "<train>" if spec.depends_on == "train" else "<every array above>"
+            if spec.dependency_kind:
                 kind = spec.dependency_kind
                 if kind == "aftercorr" and len(spec.tasks) == 1:
                     kind = "afterok"
-                params["dependency"] = f"{kind}:{target}"
+                params["dependency"] = f"{kind}:<job id>"
                 params["additional_parameters"] = {
                     **params["additional_parameters"],
                     "kill-on-invalid-dep": "yes",
@@ -196,175 +174,198 @@ def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
             print("    " + text.replace("\n", "\n    "))
 
 
-def submit(cfg: Any, specs: list[slurm.ArraySpec], plan: Plan) -> dict[str, str]:
-    """Submit the arrays in order, wiring dependencies; record each in the ledger.
-
-    The aggregate job also waits for tasks of earlier launches that are still in flight.
-    """
-    ids: dict[str, str] = {}
-    in_flight = sorted({
-        task.job_id.split("_")[0]
-        for st in plan.states for task in st.tasks.values()
-        if task.state in slurm.ACTIVE_STATES
-    })  # fmt: skip
-    for spec in specs:
-        dependency = None
-        if spec.depends_on == "train" and "train" in ids:
-            single = len(spec.tasks) == 1
-            dependency = slurm.dependency_string("aftercorr", [ids["train"]], single)
-        elif spec.depends_on == "*" or (spec.stage == "aggregate" and in_flight):
-            waits = list(dict.fromkeys([*ids.values(), *in_flight]))
-            dependency = slurm.dependency_string("afterany", waits, False)
-        job_id = slurm.submit_array(cfg, _slurm_folder(cfg), spec, dependency)
-        ids[spec.stage] = job_id
-        ledger.record_submission(cfg, spec.stage, job_id, spec.tasks, dependency)
-        print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))")
-    return ids
+def _move_stale(plan: Plan) -> None:
+    for st in plan.states:
+        for set_name, paths in st.stale.items():
+            if not st.active("eval", set_name):
+                target = move_aside(st.run.run_dir, paths)
+                print(f"moved {len(paths)} stale shard(s) of {st.run.run_id} to {target}")
 
 
 def run_local(cfg: Any, plan: Plan) -> int:
     """The same stages, one after another, in this process (GPU if there is one, else CPU)."""
+    from dhm.aggregate import IncompleteSweepError, aggregate
+    from hpc.stages import EvalStage, TrainStage
+
     failed: dict[str, str] = {}
-    for run in plan.train:
+    for run, _ in plan.train:
         try:
             TrainStage()(run.yaml)
         except Exception as err:  # one failed run must not stop the others
-            failed[run.run_id] = f"{type(err).__name__}: {err}"
-            print(f"train {run.run_id} failed: {failed[run.run_id]}", file=sys.stderr)
-            traceback.print_exc()
-    for groups in (plan.eval_after_train, plan.eval_now):
-        for (set_name, role), runs in groups.items():
-            for run in runs:
-                if run.run_id in failed:
-                    continue
-                EvalStage()(run.yaml, set_name, role, run.run_id)
-    if plan.aggregate:
-        from dhm.aggregate import IncompleteSweepError
-
+            failed[run.run_id] = f"training failed: {type(err).__name__}: {err}"
+            print(f"train {run.run_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
+            if os.environ.get("DHM_TRACEBACK"):
+                traceback.print_exc()
+    evals = [(k, r) for k, runs in plan.eval_after_train.items() for r in runs]
+    evals += [(k, r) for k, runs in plan.eval_now.items() for r, _ in runs]
+    for (set_name, role), run in evals:
+        if run.run_id in failed:
+            continue
         try:
-            summary = AggregateStage()(str(sweep_dir(cfg)), cfg.allow_partial)
-            print(f"summary: {summary}")
+            EvalStage()(run.yaml, set_name, role)
+        except Exception as err:
+            failed[run.run_id] = f"eval {set_name} failed: {type(err).__name__}: {err}"
+            print(f"eval {set_name} of {run.run_id} failed: {err}", file=sys.stderr)
+    if plan.aggregate:
+        try:
+            report = aggregate(
+                sweep_dir(cfg),
+                allow_partial=cfg.allow_partial,
+                reasons=failed,
+                replace_fewer=cfg.replace_summary,
+            )
+            print(f"summary: {report.summary_dir} (report: {report.summary_dir / 'report.html'})")
         except IncompleteSweepError as err:
             print(f"aggregate: {err}", file=sys.stderr)
             return 1
     return 1 if failed else 0
 
 
-def status(cfg: Any, runs: list[Run]) -> int:
-    query = cfg.cluster.name == "slurm"
-    states = ledger.run_states(cfg, runs, query_slurm=query)
-    header = ("run_id", "stage", "slurm", "epoch/step", "loss", "log")
-    rows = []
-    counts: dict[str, int] = {}
-    for st in states:
-        done = sum(st.eval_done.values())
-        last_train = st.tasks.get(("train", ""))
-        if st.trained and done == len(st.eval_done):
-            stage = "done"
-        elif st.trained:
-            stage = f"eval {done}/{len(st.eval_done)}"
-        elif st.active("train"):
-            stage = "training"
-        elif last_train is not None and last_train.state in FAILED_STATES:
-            stage = "failed"
-        else:
-            stage = "train pending"
-        counts[stage.split()[0]] = counts.get(stage.split()[0], 0) + 1
-        task = st.active("train") or st.active("eval", None) or st.newest_task()
-        reached, loss = ledger.progress(st.run.run_dir)
-        rows.append((st.run.run_id, stage, task.state if task else "-", reached, loss,
-                     task.log if task else str(st.run.run_dir / "logs")))  # fmt: skip
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)))
-    summary = sweep_dir(cfg) / "summary" / "results.csv"
-    parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    print(f"{len(states)} runs: {parts}; summary {'exists' if summary.exists() else 'missing'}")
+def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
+            estimates: dict[str, float]) -> int:  # fmt: skip
+    specs = arrays_for(cfg, plan, info.max_array_size)
+    tasks = sum(len(s.tasks) for s in specs)
+    costs.refuse_if_over_limits(cfg, info, tasks)
+    for spec in specs:
+        slurm.test_only(cfg, _slurm_folder(cfg), spec)
+    print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")
+    if specs:
+        print(f"sbatch --test-only accepted all {len(specs)} array(s)")
+    if cfg.mode == "dry_run" or not specs:
+        return 0
+    _move_stale(plan)
+    write_plan(cfg, runs, estimates)
+    in_flight = sorted(
+        {
+            a.job_id.split("_")[0]
+            for st in plan.states
+            for atts in st.attempts.values()
+            for a in atts
+            if a.active
+        }
+    )
+    ids = slurm.submit_all(cfg, _slurm_folder(cfg), specs, in_flight)
+    print(f"job ids: {' '.join(ids)}")
+    follow = [
+        "python",
+        "launch.py",
+        f"sweep.name={cfg.sweep.name}",
+        f"root={cfg.root}",
+        "mode=status",
+    ]
+    print(f"follow: {shlex.join(follow)}")
     return 0
 
 
-def cancel(cfg: Any) -> int:
-    """scancel every job of the sweep's ledger that is still pending or running."""
-    subs = ledger.submissions(cfg)
-    states = slurm.job_states([s["job_id"] for s in subs])
-    ids = sorted({
-        job if task is None else f"{job}_{task}"
-        for (job, task), state in states.items()
-        if state in slurm.ACTIVE_STATES
-    })  # fmt: skip
+def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
+    """scancel the tasks of the selected runs that are pending or running (and the aggregate
+    job when the whole sweep is selected)."""
+    wanted = {r.run_id for r in runs}
+    ids = sorted(
+        {
+            a.job_id
+            for a in ledger.attempts(cfg)
+            if a.active and (set(a.runs) & wanted or (everything and a.stage == "aggregate"))
+        }
+    )
     slurm.cancel(ids)
+    if ids:
+        ledger.record_cancel(cfg, ids, "mode=cancel")
     print(f"cancelled {len(ids)} task(s)" + (f": {' '.join(ids)}" if ids else ""))
     return 0
 
 
-def main(cfg: DictConfig) -> int:
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r} is not allowed: one of {', '.join(MODES)}")
-    on_slurm = cfg.cluster.name == "slurm"
-    slurm.check_cluster(cfg, query_slurm=on_slurm and cfg.mode in ("run", "dry_run"))
+def _selection_dir(cfg: Any, runs: list[Run]) -> Path:
+    digest = hashlib.sha256(" ".join(r.run_id for r in runs).encode()).hexdigest()[:8]
+    return sweep_dir(cfg) / f"summary-{digest}"
+
+
+def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
+    """status | cancel | aggregate | report: from the stored plan, by the sweep's name."""
+    cfg, all_runs = _stored(cfg, argv)
+    runs = select(cfg, all_runs)
+    whole = len(runs) == len(all_runs)
+    query = cfg.cluster.name == "slurm"
+    if cfg.mode == "cancel":
+        return cancel(cfg, runs, whole)
+    if cfg.mode == "status":
+        if cfg.runs and len(runs) == 1:
+            print("\n".join(detail_lines(cfg, runs[0], query)))
+            return 0
+        lines, states = status_lines(cfg, runs, query)
+        print("\n".join(lines))
+        if whole and sweep_dir(cfg).exists():
+            from dhm.report import write_report
+
+            path = write_report(sweep_dir(cfg), states=states)
+            print(f"report: {path}")
+        return 0
+    reasons, states = run_reports(cfg, runs, query)
+    if cfg.mode == "report":
+        from dhm.report import write_report
+
+        print(f"report: {write_report(sweep_dir(cfg), states=states)}")
+        return 0
+    from dhm.aggregate import IncompleteSweepError, aggregate
+
+    out = None if whole else _selection_dir(cfg, runs)
+    try:
+        report = aggregate(
+            sweep_dir(cfg),
+            allow_partial=cfg.allow_partial,
+            reasons=reasons,
+            states=states,
+            run_ids=None if whole else [r.run_id for r in runs],
+            summary_dir=out,
+            replace_fewer=cfg.replace_summary,
+        )
+    except IncompleteSweepError as err:
+        print(f"aggregate: {err}", file=sys.stderr)
+        return 1
+    print(f"summary: {report.summary_dir} (report: {report.summary_dir / 'report.html'})")
+    return 0
+
+
+def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
+    argv = list(argv or [])
+    check_launch(cfg)
+    if cfg.mode in STORED_MODES:
+        return stored_mode(cfg, argv)
     runs = expand(cfg)
     for run in runs:
-        slurm.check_batch_split(cfg.cluster, run.cfg.train.batch_size, f"run {run.run_id}: ")
-    if cfg.mode == "status":
-        return status(cfg, runs)
-    if cfg.mode == "cancel":
-        return cancel(cfg)
-    if cfg.mode == "aggregate":
-        write_plan(cfg, runs)
-        return run_local(cfg, Plan(states=[], aggregate=True))
-    plan = make_plan(cfg, runs, query_slurm=on_slurm)
-    print_plan(cfg, plan)
-    if cfg.mode == "run":
-        for st in plan.states:
-            for set_name, paths in st.stale.items():
-                if not st.active("eval", set_name):
-                    move_aside = ledger.move_aside(st.run.run_dir, paths)
-                    print(f"moved {len(paths)} stale shard(s) of {st.run.run_id} to {move_aside}")
-    if on_slurm:
-        specs = arrays_for(cfg, plan)
-        print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")
-        if cfg.mode == "dry_run" or not specs:
-            return 0
-        write_plan(cfg, runs)
-        ids = submit(cfg, specs, plan)
-        overrides = " ".join(a for a in sys.argv[1:] if not a.startswith("mode="))
-        print(f"job ids: {' '.join(ids.values())}")
-        print(f"follow: python launch.py {overrides} mode=status".replace("  ", " "))
+        check_batch_split(cfg.cluster, run.cfg.train.batch_size, f"run {run.run_id}: ")
+    check_plan_unchanged(cfg, runs)
+    selected = select(cfg, runs)
+    if cfg.mode == "calibrate":
+        print(f"calibration: {costs.calibrate(cfg, selected)}")
         return 0
+    on_slurm = cfg.cluster.name == "slurm"
+    info = slurm.cluster_info() if on_slurm else None
+    preflight(cfg, selected, info)
+    plan = make_plan(cfg, selected, query_slurm=on_slurm, all_runs=runs)
+    _check_resume_points(plan)
+    if cfg.cluster.runs_per_task == "auto":
+        n, why = costs.auto_runs_per_task(cfg)
+        print(why)
+        cfg = cfg.copy()
+        cfg.cluster.runs_per_task = n
+    print_plan(cfg, plan, len(runs))
+    estimates: dict[str, float] = {}
+    if on_slurm or cfg.cluster.budget_gpu_hours is not None:
+        est = costs.estimate(cfg, plan)
+        print("\n".join(costs.describe(est)))
+        costs.check_budget(cfg, est)
+        estimates = est["per_run"]
+    if on_slurm:
+        return _submit(cfg, plan, runs, info, estimates)
     if cfg.mode == "dry_run":
         return 0
+    _move_stale(plan)
     write_plan(cfg, runs)
     return run_local(cfg, plan)
 
 
-def hydra_error_message(err: BaseException) -> str:
-    """One line from a Hydra/OmegaConf error and its cause (which names the key and type)."""
-    parts = []
-    while err is not None and len(parts) < 3:
-        for line in str(err).strip().splitlines():
-            line = line.strip()
-            if line.startswith("Config search path"):
-                break
-            if line and not line.startswith(("full_key", "object_type", "provider=")):
-                parts.append(line)
-        err = err.__cause__
-    return " ".join(dict.fromkeys(parts))
-
-
-def cli(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print(OmegaConf.to_yaml(compose_config([a for a in argv if a not in ("-h", "--help")])))
-        return 0
-    try:
-        cfg = compose_config(argv)
-        return main(cfg)
-    except (HydraException, OmegaConfBaseException) as err:
-        print(f"error: {hydra_error_message(err)}", file=sys.stderr)
-        return USAGE_ERROR
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return USAGE_ERROR
-    except slurm.SlurmError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def plan_json(cfg: Any) -> dict[str, Any] | None:
+    """The stored plan of a launch config (for tests and tools)."""
+    path = plan_path(cfg)
+    return json.loads(path.read_text()) if path.exists() else None

@@ -1,189 +1,385 @@
-"""What exists for a sweep, on disk and in Slurm, and so what is left to do.
+"""What Slurm did for a sweep: its submissions, every attempt of every task, and why each ended.
 
-On disk: a run is trained when ``checkpoints/final.pt`` exists, resumable from its newest
-``step_*.pt``; a set is evaluated when its shard files cover every image. In Slurm: the
-sweep's ``ledger.jsonl`` records every submitted array (stage, job id, what each task does);
-sacct says what each task is doing, so a relaunch never submits a second copy of a pending or
-running task.
+The sweep's ``ledger.jsonl`` records each sbatch call this launcher made (stage, job id, the
+runs of each array task, resources) and each cancellation. ``attempts`` joins it with sacct
+(``-D``: every attempt of a requeued task, with state, exit code, elapsed time, nodes, memory
+asked for and allocated TRES) and squeue (why a task still pends), and reads the last line of
+the Python exception that submitit pickled for a failed task. What is on disk (trained? which
+sets evaluated?) is ``dhm``'s answer (``dhm.checkpoint``, ``dhm.results``); this module only
+tracks Slurm.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import re
+import pickle
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import h5py
+from dhm.fsutil import tail
+from hpc.sweep import sweep_dir
 
-from dhm import checkpoint as ckpt_io
-from dhm.evaluate import eval_id, eval_sets, shard_eval_id
-from hpc.slurm import ACTIVE_STATES, job_states
-from hpc.sweep import Run, sweep_dir
+ACTIVE_STATES = {
+    "SUBMITTED",  # ours: in the ledger for under 10 minutes, not yet in sacct
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+}
+RESUME_STATES = {"TIMEOUT", "PREEMPTED", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "CANCELLED"}
+SACCT_FIELDS = (
+    "JobID",
+    "State",
+    "ExitCode",
+    "ElapsedRaw",
+    "NodeList",
+    "ReqMem",
+    "AllocTRES",
+    "Reason",
+    "Start",
+    "End",
+)
+FRESH_S = 600  # a submission sacct does not know yet counts as in flight this long
 
-_SHARD_RE = re.compile(r"^(?P<set>.+)__(?P<start>\d{7})-(?P<stop>\d{7})\.h5$")
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed (not a usage error): the message says which and why."""
 
 
-def ledger_path(cfg: Any) -> Path:
-    return sweep_dir(cfg) / "ledger.jsonl"
+def ledger_path(cfg_or_dir: Any) -> Path:
+    base = cfg_or_dir if isinstance(cfg_or_dir, Path) else sweep_dir(cfg_or_dir)
+    return base / "ledger.jsonl"
+
+
+def _append(path: Path, entry: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}) + "\n")
 
 
 def record_submission(
-    cfg: Any, stage: str, job_id: str, tasks: list[dict[str, Any]], dependency: str | None
+    cfg: Any,
+    stage: str,
+    job_id: str,
+    tasks: list[dict[str, Any]],
+    dependency: str | None,
+    params: dict[str, Any] | None = None,
 ) -> None:
-    path = ledger_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stage": stage, "job_id": job_id,
-             "tasks": tasks, "dependency": dependency}  # fmt: skip
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    """One sbatch call: ``tasks[i]`` is what array task i does ({runs: [...], set: ...})."""
+    _append(
+        ledger_path(cfg),
+        {
+            "kind": "submission",
+            "stage": stage,
+            "job_id": job_id,
+            "tasks": tasks,
+            "dependency": dependency,
+            "params": params or {},
+        },
+    )
 
 
-def submissions(cfg: Any) -> list[dict[str, Any]]:
+def record_cancel(cfg: Any, job_ids: list[str], reason: str) -> None:
+    _append(ledger_path(cfg), {"kind": "cancel", "job_ids": job_ids, "reason": reason})
+
+
+def entries(cfg: Any) -> list[dict[str, Any]]:
     path = ledger_path(cfg)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            entry.setdefault("kind", "submission")
+            out.append(entry)
+    return out
+
+
+def submissions(cfg: Any) -> list[dict[str, Any]]:
+    return [e for e in entries(cfg) if e["kind"] == "submission"]
+
+
+def task_runs(task: dict[str, Any]) -> list[str]:
+    """The run ids an array task works on (several when runs are packed)."""
+    if task.get("noop"):
+        return []
+    return list(task.get("runs") or ([task["run_id"]] if task.get("run_id") else []))
+
+
+# ---------------------------------------------------------------------------- sacct, squeue
 
 
 @dataclass
-class TaskRecord:
-    job_id: str  # e.g. 123_4 for array task 4 of job 123
-    state: str  # sacct state, or UNKNOWN
-    log: str  # submitit's stdout file
+class SlurmRecord:
+    """One attempt of one job or array task, as sacct reports it."""
+
+    job_id: str  # 123 or 123_4
+    state: str
+    exit_code: str = ""  # "1:0" = exit status 1, signal 0
+    elapsed_s: int = 0
+    nodes: str = ""
+    req_mem: str = ""
+    alloc_tres: str = ""
+    reason: str = ""
+    start: str = ""
+    end: str = ""
 
 
-def latest_tasks(cfg: Any, query: bool = True) -> dict[tuple[str, str, str], TaskRecord]:
-    """{(stage, run_id, set or ''): the newest task that did it}, with its Slurm state."""
+def parse_sacct(text: str) -> dict[str, list[SlurmRecord]]:
+    """``sacct -D -X -P -o SACCT_FIELDS`` output -> {job or job_task: attempts, oldest first}.
+
+    A range record such as ``107_[0-1%2]`` stands for tasks not yet split off (pending ones
+    cancelled together); a task's own records win over it.
+    """
+    own: dict[str, list[SlurmRecord]] = {}
+    ranged: dict[str, list[SlurmRecord]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 2 or "." in parts[0]:
+            continue  # job steps such as 123.batch
+        parts += [""] * (len(SACCT_FIELDS) - len(parts))
+        job, _, task = parts[0].partition("_")
+        if not job.isdigit():
+            continue
+        state = parts[1].split()[0] if parts[1] else "UNKNOWN"
+        values = dict(zip(SACCT_FIELDS[2:], parts[2:], strict=False))
+        elapsed = int(values["ElapsedRaw"]) if values["ElapsedRaw"].isdigit() else 0
+        if task.startswith("["):
+            body = task.strip("[]").split("%")[0]
+            ids = []
+            for piece in body.split(","):
+                lo, _, hi = piece.partition("-")
+                ids += list(range(int(lo), int(hi or lo) + 1))
+            names, target = [f"{job}_{i}" for i in ids], ranged
+        else:
+            names, target = [parts[0]], own
+        for name in names:
+            target.setdefault(name, []).append(
+                SlurmRecord(
+                    name,
+                    state,
+                    values["ExitCode"],
+                    elapsed,
+                    values["NodeList"],
+                    values["ReqMem"],
+                    values["AllocTRES"],
+                    values["Reason"],
+                    values["Start"],
+                    values["End"],
+                )
+            )
+    return {**ranged, **own}
+
+
+def sacct(job_ids: list[str]) -> dict[str, list[SlurmRecord]]:
+    """Every attempt of these jobs and their array tasks, from the accounting database."""
+    if not job_ids:
+        return {}
+    cmd = [
+        "sacct",
+        "-D",
+        "-X",
+        "-n",
+        "-P",
+        "-o",
+        ",".join(SACCT_FIELDS),
+        "-j",
+        ",".join(sorted(set(job_ids))),
+    ]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmError(f"sacct could not run ({err}): is this a Slurm login node?") from None
+    if out.returncode != 0:
+        raise SlurmError(f"sacct failed ({out.stderr.strip()}): is slurmdbd running?")
+    return parse_sacct(out.stdout)
+
+
+def pending_reasons(job_ids: list[str]) -> dict[str, str]:
+    """{job or job_task: squeue's reason} of queued tasks (Resources, Priority, Dependency,
+    PartitionNodeLimit, ...), one squeue call."""
+    if not job_ids:
+        return {}
+    cmd = ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(job_ids)))]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    reasons = {}
+    for line in out.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1] == "PENDING":
+            reasons[parts[0]] = parts[2]
+    return reasons
+
+
+# ---------------------------------------------------------------------------- attempts
+
+
+@dataclass
+class Attempt:
+    """One attempt of one array task of one stage, for the runs it works on."""
+
+    stage: str  # train | eval | aggregate
+    set_name: str  # eval: the set ("" otherwise)
+    runs: list[str]
+    job_id: str  # 123_4
+    submitted: str
+    state: str
+    exit_code: str = ""
+    elapsed_s: int = 0
+    nodes: str = ""
+    req_mem: str = ""
+    alloc_tres: str = ""
+    reason: str = ""  # why it ended or waits: exception, pending reason, Slurm state
+    log: str = ""  # a log file that exists ("" when the task never started)
+    err_log: str = ""
+    history: list[SlurmRecord] = field(default_factory=list)  # earlier attempts (requeues)
+    params: dict[str, Any] = field(default_factory=dict)
+    oom: bool = False  # OUT_OF_MEMORY, or killed for exceeding --mem (slurmstepd says so)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def exception(self) -> bool:
+        """Ended by a Python exception (submitit pickled one), not by Slurm."""
+        return self.reason.startswith("exception: ")
+
+
+def exception_line(trace: str) -> str | None:
+    """The exception line of a formatted traceback (``module.Error: message``, its first line
+    when the message has several), or None."""
+    lines = [ln for ln in str(trace).rstrip().splitlines() if ln.strip()]
+    frames = [i for i, ln in enumerate(lines) if ln.startswith("  File ")]
+    after = lines[frames[-1] + 1 :] if frames else lines
+    for ln in after:
+        if not ln.startswith((" ", "\t")) and not set(ln.strip()) <= set("^~ "):
+            return ln.strip()
+    return lines[-1].strip() if lines else None
+
+
+def _exception_line(folder: Path, job_id: str) -> str | None:
+    """The exception line of the traceback submitit pickled for a failed task (rank 0's)."""
+    path = folder / f"{job_id}_0_result.pkl"
+    try:
+        with open(path, "rb") as f:
+            outcome, value = pickle.load(f)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError, TypeError):
+        return None
+    if outcome != "error":
+        return None
+    return exception_line(str(value))
+
+
+def _log(folder: Path, job_id: str, suffix: str) -> str:
+    path = folder / f"{job_id}_0_log.{suffix}"
+    return str(path) if path.exists() else ""
+
+
+def attempts(cfg: Any, query: bool = True) -> list[Attempt]:
+    """Every task this sweep submitted, newest attempt state first resolved, in ledger order."""
     subs = submissions(cfg)
-    states = job_states([s["job_id"] for s in subs]) if (subs and query) else {}
+    records = sacct([s["job_id"] for s in subs]) if (subs and query) else {}
+    queued = [k for k, v in records.items() if v and v[-1].state == "PENDING"]
+    pending = pending_reasons(queued) if queued else {}
     folder = sweep_dir(cfg) / "slurm"
-    latest: dict[tuple[str, str, str], TaskRecord] = {}
     now = datetime.now()
+    out = []
     for sub in subs:
         array = len(sub["tasks"]) > 1
         age = (now - datetime.fromisoformat(sub["time"])).total_seconds()
         # sacct lags a fresh submission (and slurmdbd may be slow): a job it does not know yet
-        # counts as in flight for 10 minutes, so a quick relaunch cannot submit it twice.
-        unknown = "SUBMITTED" if query and age < 600 else "UNKNOWN"
+        # counts as in flight for a while, so a quick relaunch cannot submit it twice.
+        unknown = "SUBMITTED" if query and age < FRESH_S else "UNKNOWN"
+        stage, _, set_name = sub["stage"].partition(":")
+        set_name = set_name.split(":")[0]
         for i, task in enumerate(sub["tasks"]):
-            if task.get("noop"):
+            runs = task_runs(task)
+            if not runs and stage != "aggregate":
                 continue
-            key = (sub["stage"].split(":")[0], task.get("run_id", ""), task.get("set", ""))
-            task_id = i if array else None
-            state = states.get((sub["job_id"], task_id), unknown)
             name = f"{sub['job_id']}_{i}" if array else sub["job_id"]
-            latest[key] = TaskRecord(name, state, str(folder / f"{name}_0_log.out"))
-    return latest
-
-
-def set_shards(eval_dir: Path, set_name: str) -> list[Path]:
-    return [
-        p
-        for p in sorted(eval_dir.glob(f"{set_name}__*.h5"))
-        if (m := _SHARD_RE.match(p.name)) and m["set"] == set_name
-    ]
-
-
-def stale_shards(eval_dir: Path, set_name: str, current_eval_id: str) -> list[Path]:
-    """Shards of a set written with other eval settings (another k, epsilon grid, split...)."""
-    return [p for p in set_shards(eval_dir, set_name) if shard_eval_id(p) != current_eval_id]
-
-
-def move_aside(run_dir: Path, paths: list[Path]) -> Path:
-    """Move stale shards to ``<run_dir>/eval-stale/<time>/``: kept, but out of the merge."""
-    target = run_dir / "eval-stale" / time.strftime("%Y%m%dT%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        path.rename(target / path.name)
-    return target
-
-
-def set_complete(eval_dir: Path, set_name: str) -> bool:
-    """True when the shard files of a set cover [0, set_size) without gaps."""
-    spans = sorted(
-        (int(m["start"]), int(m["stop"]), p)
-        for p in eval_dir.glob(f"{set_name}__*.h5")
-        if (m := _SHARD_RE.match(p.name)) and m["set"] == set_name
-    )
-    if not spans:
-        return False
-    try:
-        with h5py.File(spans[0][2], "r") as f:
-            size = int(f.attrs["set_size"])
-    except (OSError, KeyError):
-        return False
-    covered = 0
-    for start, stop, _ in spans:
-        if start != covered:
-            return False
-        covered = stop
-    return covered == size
-
-
-@dataclass
-class RunState:
-    run: Run
-    trained: bool
-    resume_step: int | None
-    eval_done: dict[str, bool]  # set name -> complete
-    roles: dict[str, str]  # set name -> id | ood
-    stale: dict[str, list[Path]] = field(default_factory=dict)  # set -> shards of old settings
-    tasks: dict[tuple[str, str], TaskRecord] = field(default_factory=dict)  # (stage, set)
-
-    def active(self, stage: str, set_name: str | None = "") -> TaskRecord | None:
-        """The task of ``stage`` (for ``set_name``; None: any set) that is in flight, if any."""
-        for (task_stage, task_set), task in self.tasks.items():
-            if task_stage == stage and set_name in (None, task_set):
-                if task.state in ACTIVE_STATES:
-                    return task
-        return None
-
-    def newest_task(self) -> TaskRecord | None:
-        """The most recently submitted task of this run (highest job id)."""
-        return max(self.tasks.values(), key=lambda t: int(t.job_id.split("_")[0]), default=None)
-
-
-def run_states(cfg: Any, runs: list[Run], query_slurm: bool) -> list[RunState]:
-    tasks = latest_tasks(cfg, query=query_slurm)
-    out = []
-    for run in runs:
-        ckpt_dir = run.run_dir / "checkpoints"
-        newest = ckpt_io.step_checkpoints(ckpt_dir)
-        sets = eval_sets(run.cfg)
-        state = RunState(
-            run=run,
-            trained=(ckpt_dir / ckpt_io.FINAL_NAME).exists(),
-            resume_step=newest[-1][0] if newest else None,
-            eval_done={name: set_complete(run.run_dir / "eval", name) for name, _ in sets},
-            roles=dict(sets),
-        )
-        current = eval_id(run.cfg)
-        for name, _ in sets:
-            old = stale_shards(run.run_dir / "eval", name, current)
-            if old:
-                state.stale[name] = old
-                state.eval_done[name] = False
-        for (stage, run_id, set_name), task in tasks.items():
-            if run_id == run.run_id:
-                state.tasks[(stage, set_name)] = task
-        out.append(state)
+            history = records.get(name) or records.get(sub["job_id"]) or []
+            rec = history[-1] if history else SlurmRecord(name, unknown)
+            a = Attempt(
+                stage,
+                task.get("set", set_name),
+                runs,
+                name,
+                sub["time"],
+                rec.state,
+                rec.exit_code,
+                rec.elapsed_s,
+                rec.nodes,
+                rec.req_mem,
+                rec.alloc_tres,
+                log=_log(folder, name, "out"),
+                err_log=_log(folder, name, "err"),
+                history=history[:-1],
+                params=sub.get("params", {}),
+            )
+            a.oom = a.state == "OUT_OF_MEMORY" or (
+                a.state in ("FAILED", "CANCELLED") and _memory_killed(a.err_log)
+            )
+            a.reason = _why(a, rec, pending.get(name), folder)
+            out.append(a)
     return out
 
 
-def progress(run_dir: Path) -> tuple[str, str]:
-    """(epoch/step reached, last loss) from the run's metrics.csv, '-' when there is none."""
-    path = run_dir / "logs" / "metrics.csv"
-    if not path.exists():
-        return "-", "-"
-    last = None
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            last = row
-    if last is None:
-        return "-", "-"
-    return f"{last['epoch']}/{last['step']}", f"{float(last['loss']):.4g}"
+def _memory_killed(err_log: str) -> bool:
+    """slurmstepd's words when it kills a step above its --mem (jobacct OverMemoryKill; with
+    cgroups Slurm says OUT_OF_MEMORY instead)."""
+    return any(
+        "exceeded memory limit" in line.lower() or "oom-kill" in line.lower()
+        for line in tail(err_log, 30)
+    )
+
+
+def _why(a: Attempt, rec: SlurmRecord, pending: str | None, folder: Path) -> str:
+    if a.oom:
+        return f"out of memory (asked for {a.req_mem or 'the default'})"
+    if a.state == "PENDING":
+        return f"pending: {pending or rec.reason or 'waiting'}"
+    if a.state in ("RUNNING", "COMPLETING", "SUBMITTED", "CONFIGURING"):
+        return a.state.lower()
+    if a.state == "COMPLETED":
+        return ""
+    if a.state == "FAILED":
+        line = _exception_line(folder, a.job_id)
+        if line:
+            return f"exception: {line}"
+        return f"failed with exit code {a.exit_code} (no Python exception recorded)"
+    if a.state == "CANCELLED":
+        if not a.log and not a.err_log:
+            return "cancelled before it started (its dependency failed, or mode=cancel)"
+        return "cancelled"
+    if a.state == "OUT_OF_MEMORY":
+        return f"out of memory (asked for {a.req_mem or 'the default'})"
+    return a.state.lower().replace("_", " ")
+
+
+def latest(atts: list[Attempt]) -> dict[tuple[str, str, str], Attempt]:
+    """{(stage, run id, set): its newest attempt} (aggregate attempts under run id '')."""
+    out: dict[tuple[str, str, str], Attempt] = {}
+    for a in atts:
+        for rid in a.runs or [""]:
+            out[(a.stage, rid, a.set_name)] = a  # ledger order: later submissions win
+    return out
+
+
+def log_tail(a: Attempt, lines: int = 15) -> list[str]:
+    """The last lines of the attempt's error log, else of its output log."""
+    return tail(a.err_log, lines) or tail(a.log, lines)

@@ -1,152 +1,263 @@
-"""Slurm through submitit: profile checks, executors, arrays with dependencies, sacct states.
+"""Slurm through submitit: what the cluster offers, arrays with dependencies, checks before the
+first sbatch call, submission that never leaves a launch half done.
 
-Every check here runs before any sbatch call; a failed check raises ConfigError naming the key.
+Before anything is submitted, in ``mode=run`` and ``mode=dry_run`` alike: the partition and
+its nodes (sinfo: node count, CPUs, memory and GPUs per node, time limit) against every
+stage's resources, the array size against MaxArraySize, the task count against MaxSubmitJobs,
+and ``sbatch --test-only`` on each array's own script. If an sbatch call fails anyway, the
+arrays this launch already submitted are cancelled and the ledger says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from dhm.config import ConfigError
+from hpc import ledger
+from hpc.ledger import SlurmError
+from hpc.schema import memory_mb, parse_time_minutes, ranks_per_node
 
-ACTIVE_STATES = {
-    "SUBMITTED",  # ours: in the ledger for under 10 minutes, not yet in sacct
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING",
-    "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING",
-}  # fmt: skip
-# A value that goes into an #SBATCH line: no whitespace, quotes or shell syntax.
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]*$")
-_TIME_FORMS = (
-    (re.compile(r"^(\d+)$"), ("m",)),
-    (re.compile(r"^(\d+):(\d{1,2})$"), ("m", "s")),
-    (re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})$"), ("h", "m", "s")),
-    (re.compile(r"^(\d+)-(\d+)$"), ("d", "h")),
-    (re.compile(r"^(\d+)-(\d+):(\d{1,2})$"), ("d", "h", "m")),
-    (re.compile(r"^(\d+)-(\d+):(\d{1,2}):(\d{1,2})$"), ("d", "h", "m", "s")),
-)
-_MINUTES = {"d": 1440.0, "h": 60.0, "m": 1.0, "s": 1 / 60}
+__all__ = ["ArraySpec", "ClusterInfo", "SlurmError", "cluster_info", "submit_all"]
 
 
-class SlurmError(RuntimeError):
-    """A Slurm command failed (not a usage error): the message says which and why."""
+def _run(cmd: list[str], what: str) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmError(f"{what}: {' '.join(cmd[:2])} could not run ({err})") from None
+    if out.returncode != 0:
+        raise SlurmError(f"{what}: {' '.join(cmd[:2])} failed: {out.stderr.strip()}")
+    return out.stdout
 
 
-def parse_time_minutes(value: str, key: str) -> int:
-    """Slurm time limit -> whole minutes (rounded up); ConfigError naming ``key`` if unparsable."""
-    text = str(value).strip()
-    for pattern, units in _TIME_FORMS:
-        m = pattern.match(text)
+@dataclass
+class Partition:
+    name: str
+    default: bool
+    time_minutes: int | None  # None: infinite
+    nodes: list[str] = field(default_factory=list)
+    cpus: dict[str, int] = field(default_factory=dict)  # node -> CPUs
+    mem_mb: dict[str, int] = field(default_factory=dict)
+    gpus: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterInfo:
+    partitions: dict[str, Partition]
+    max_array_size: int
+    max_submit: int | None  # MaxSubmitJobs of the user's association or QOS (None: no limit)
+
+    def partition(self, name: str | None) -> Partition:
+        if name is None:
+            return next(
+                (p for p in self.partitions.values() if p.default),
+                next(iter(self.partitions.values())),
+            )
+        return self.partitions[name]
+
+
+def _gpus(gres: str) -> int:
+    total = 0
+    for item in gres.split(","):
+        m = re.match(r"^gpu(?::[^:(]+)?:(\d+)", item.strip())
         if m:
-            minutes = sum(int(g) * _MINUTES[u] for g, u in zip(m.groups(), units, strict=True))
-            if minutes <= 0:
-                break
-            return max(1, int(-(-minutes // 1)))
-    raise ConfigError(
-        f"{key}={value!r} is not a Slurm time limit: use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM "
-        "or D-HH:MM:SS (e.g. 04:00:00, 1-12:00:00)"
+            total += int(m.group(1))
+    return total
+
+
+def _time(text: str) -> int | None:
+    if text in ("infinite", "UNLIMITED", ""):
+        return None
+    try:
+        return parse_time_minutes(text, "MaxTime")
+    except ConfigError:
+        return None
+
+
+def cluster_info() -> ClusterInfo:
+    """Partitions and their nodes (sinfo), MaxArraySize (scontrol), submit limits (sacctmgr)."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError("cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)")
+    parts: dict[str, Partition] = {}
+    for line in _run(["sinfo", "-h", "-o", "%P|%l"], "reading partitions").splitlines():
+        name, limit = line.split("|")[:2]
+        parts[name.rstrip("*")] = Partition(name.rstrip("*"), name.endswith("*"), _time(limit))
+    nodes = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
+    for line in nodes.splitlines():
+        node, part, cpus, mem, gres = (line.split("|") + [""] * 5)[:5]
+        p = parts.get(part.rstrip("*"))
+        if p is None:
+            continue
+        if node not in p.nodes:
+            p.nodes.append(node)
+        p.cpus[node] = int(cpus) if cpus.isdigit() else 0
+        p.mem_mb[node] = int(mem) if mem.isdigit() else 0
+        p.gpus[node] = _gpus(gres)
+    config = _run(["scontrol", "show", "config"], "reading the Slurm config")
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
+    max_array = int(m.group(1)) if m else 1001
+    return ClusterInfo(parts, max_array, _max_submit())
+
+
+def _max_submit() -> int | None:
+    """The smallest MaxSubmitJobs of this user's associations and their QOS (None: none set)."""
+    import getpass
+
+    limits = []
+    try:
+        user = getpass.getuser()
+        assoc = _run(
+            ["sacctmgr", "-n", "-P", "show", "assoc", f"user={user}", "format=maxsubmit,qos"],
+            "reading limits",
+        )
+        qos_names = set()
+        for line in assoc.splitlines():
+            value, _, qos = line.partition("|")
+            if value.isdigit():
+                limits.append(int(value))
+            qos_names.update(q for q in qos.split(",") if q)
+        if qos_names:
+            qos = _run(
+                [
+                    "sacctmgr",
+                    "-n",
+                    "-P",
+                    "show",
+                    "qos",
+                    f"names={','.join(qos_names)}",
+                    "format=maxsubmitpu",
+                ],
+                "reading limits",
+            )
+            limits += [int(v) for v in qos.split() if v.isdigit()]
+    except SlurmError:
+        return None
+    return min(limits) if limits else None
+
+
+@dataclass
+class Resources:
+    """What one task of a stage asks for."""
+
+    nodes: int
+    ntasks: int  # per node
+    cpus: int  # per task
+    gpus: int  # per node
+    mem: str | None  # per node
+    time: int  # minutes
+    exclude: str | None = None
+
+
+def stage_resources(cfg: Any, stage: str) -> Resources:
+    c = cfg.cluster
+    if stage == "train":
+        return Resources(
+            c.nodes,
+            ranks_per_node(c),
+            c.cpus_per_task,
+            c.gpus_per_node,
+            c.mem,
+            parse_time_minutes(c.time, "cluster.time"),
+            c.exclude,
+        )
+    if stage == "eval":
+        return Resources(
+            1,
+            1,
+            c.eval_cpus,
+            c.eval_gpus,
+            c.eval_mem if c.eval_mem is not None else c.mem,
+            parse_time_minutes(c.eval_time, "cluster.eval_time"),
+            c.exclude,
+        )
+    return Resources(
+        1, 1, 1, 0, None, parse_time_minutes(c.aggregate_time, "cluster.aggregate_time"), c.exclude
     )
 
 
-def ranks_per_node(cluster: Any) -> int:
-    if cluster.tasks_per_node is not None:
-        return int(cluster.tasks_per_node)
-    return max(1, int(cluster.gpus_per_node))
-
-
-def check_batch_split(cluster: Any, batch_size: int, where: str) -> None:
-    """The global batch must split evenly over the DDP ranks of a train task."""
-    world = cluster.nodes * ranks_per_node(cluster)
-    if batch_size % world:
-        raise ConfigError(
-            f"{where}train.batch_size={batch_size} does not split over {world} DDP ranks "
-            f"(cluster.nodes={cluster.nodes} x {ranks_per_node(cluster)} per node): "
-            f"use a multiple of {world}"
-        )
-
-
-def known_partitions() -> list[str]:
-    """Partitions that sinfo knows (the default one without its '*')."""
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise ConfigError(f"cluster=slurm but sinfo failed: {out.stderr.strip()}")
-    return [p.rstrip("*") for p in out.stdout.split()]
-
-
-def check_cluster(cfg: Any, *, query_slurm: bool = True) -> None:
-    """Validate the cluster profile before anything is submitted (ConfigError names the key)."""
+def check_resources(cfg: Any, info: ClusterInfo, stages: dict[str, Resources]) -> None:
+    """ConfigError naming the key when a stage asks for more than the partition's nodes have
+    (nodes, CPUs, GPUs, memory per node, time): such a job would pend forever."""
     c = cfg.cluster
-    if c.name not in ("local", "slurm"):
-        raise ConfigError(f"cluster.name={c.name!r} is not allowed: local or slurm")
-    for key in ("nodes", "cpus_per_task", "eval_cpus", "array_parallelism"):
-        if c[key] < 1:
-            raise ConfigError(f"cluster.{key}={c[key]} is not allowed: an integer >= 1")
-    for key in ("gpus_per_node", "eval_gpus", "max_requeues", "signal_delay_s"):
-        if c[key] < 0:
-            raise ConfigError(f"cluster.{key}={c[key]} is not allowed: an integer >= 0")
-    if c.tasks_per_node is not None and c.tasks_per_node < 1:
-        raise ConfigError(f"cluster.tasks_per_node={c.tasks_per_node} is not allowed: >= 1 or null")
-    if c.gpus_per_node and c.tasks_per_node not in (None, c.gpus_per_node):
-        raise ConfigError(
-            f"cluster.tasks_per_node={c.tasks_per_node} with cluster.gpus_per_node="
-            f"{c.gpus_per_node}: one DDP rank per GPU, so tasks_per_node must equal gpus_per_node"
-        )
-    check_batch_split(c, cfg.train.batch_size, "")
-    for key in ("time", "eval_time", "aggregate_time"):
-        parse_time_minutes(c[key], f"cluster.{key}")
-    if c.signal_delay_s >= 60 * parse_time_minutes(c.time, "cluster.time"):
-        raise ConfigError(
-            f"cluster.signal_delay_s={c.signal_delay_s} is not allowed: it must be shorter than "
-            f"the train time limit cluster.time={c.time}"
-        )
-    for key in ("partition", "account", "qos", "mem", "constraint"):
-        value = c[key]
-        if value is not None and not _SAFE_VALUE.match(str(value)):
+    names = str(c.partition).split(",") if c.partition is not None else [None]
+    for name in names:
+        if name is not None and name not in info.partitions:
             raise ConfigError(
-                f"cluster.{key}={value!r} is not allowed in an sbatch script: letters, digits "
-                "and _ . , : = + @ % / - [ ] only"
+                f"cluster.partition={c.partition!r}: {name} is not a partition sinfo knows: "
+                f"{', '.join(info.partitions) or '(none)'}"
             )
-    for key, value in (c.extra_sbatch or {}).items():
-        if not re.match(r"^[a-z][a-z0-9-]*$", str(key)) or not _SAFE_VALUE.match(str(value)):
-            raise ConfigError(
-                f"cluster.extra_sbatch.{key}={value!r} is not allowed: option names are lowercase "
-                "sbatch long options, values letters, digits and _ . , : = + @ % / - [ ] only"
-            )
-    for i, line in enumerate(c.setup or []):
-        if "\n" in str(line) or "\r" in str(line):
-            raise ConfigError(f"cluster.setup[{i}] contains a newline: give one command per entry")
-    if c.name == "slurm" and query_slurm:
-        if shutil.which("sbatch") is None:
-            raise ConfigError(
-                "cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)"
-            )
-        if c.partition is not None:
-            partitions = known_partitions()
-            unknown = [p for p in str(c.partition).split(",") if p not in partitions]
-            if unknown:
+    parts = [info.partition(n) for n in names]
+    for stage, r in stages.items():
+        keys = {
+            "train": ("nodes", "cpus_per_task", "gpus_per_node", "time"),
+            "eval": ("nodes", "eval_cpus", "eval_gpus", "eval_time"),
+            "aggregate": ("nodes", "cpus_per_task", "gpus_per_node", "aggregate_time"),
+        }[stage]
+        for p in parts:
+            where = f"partition {p.name}"
+            if r.nodes > len(p.nodes):
                 raise ConfigError(
-                    f"cluster.partition={c.partition!r}: {', '.join(unknown)} is not a partition "
-                    f"sinfo knows: {', '.join(partitions) or '(none)'}"
+                    f"cluster.nodes={r.nodes} is not allowed: {where} has "
+                    f"{len(p.nodes)} node(s) ({', '.join(p.nodes)})"
                 )
+            cpus = sorted(p.cpus.values())
+            need = r.ntasks * r.cpus
+            if cpus and need > cpus[-1]:
+                raise ConfigError(
+                    f"cluster.{keys[1]}={r.cpus} x {r.ntasks} task(s) per node = {need} CPUs is "
+                    f"not allowed for the {stage} stage: the largest node of {where} has "
+                    f"{cpus[-1]} CPUs"
+                )
+            gpus = max(p.gpus.values(), default=0)
+            if r.gpus > gpus:
+                raise ConfigError(
+                    f"cluster.{keys[2]}={r.gpus} is not allowed: nodes of {where} "
+                    f"have at most {gpus} GPU(s)"
+                )
+            big = sorted(p.cpus, key=lambda n: p.cpus[n], reverse=True)
+            fits = [n for n in big if p.cpus[n] >= need and p.gpus.get(n, 0) >= r.gpus]
+            if len(fits) < r.nodes:
+                raise ConfigError(
+                    f"cluster.nodes={r.nodes} with {need} CPUs and {r.gpus} GPU(s) per node is "
+                    f"not allowed: only {len(fits)} node(s) of {where} have that much"
+                )
+            mem = max(p.mem_mb.values(), default=0)
+            if r.mem is not None and mem and memory_mb(r.mem, "cluster.mem") > mem:
+                raise ConfigError(
+                    f"cluster.mem={r.mem} is not allowed: nodes of {where} have at most {mem} MB"
+                )
+            if p.time_minutes is not None and r.time > p.time_minutes:
+                raise ConfigError(
+                    f"cluster.{keys[3]} ({r.time} min) is not allowed: {where} "
+                    f"allows at most {p.time_minutes} min"
+                )
+
+
+# ---------------------------------------------------------------------------- arrays
 
 
 @dataclass
 class ArraySpec:
     """One sbatch call: a stage over several tasks, with its Slurm parameters."""
 
-    stage: str  # train | eval:<set> | aggregate
-    tasks: list[dict[str, Any]]  # what each task does (run_id, set, ...): for the ledger
+    stage: str  # train | eval:<set>[:<role>] | aggregate
+    tasks: list[dict[str, Any]]  # what each task does ({runs: [...], set: ...}): the ledger
     calls: list[tuple[Any, ...]]  # (callable, *args) per task
     params: dict[str, Any]  # submitit SlurmExecutor parameters
-    depends_on: str | None = None  # stage name of the array this one waits for
+    depends_on: int | None = None  # index of the spec (a train array) this one pairs with
     dependency_kind: str | None = None  # aftercorr | afterany
+    group: str = ""  # resource class / chunk label, shown in the plan
 
 
 def base_params(cfg: Any, name: str) -> dict[str, Any]:
@@ -156,7 +267,9 @@ def base_params(cfg: Any, name: str) -> dict[str, Any]:
         "array_parallelism": c.array_parallelism,
         "signal_delay_s": c.signal_delay_s,
         "setup": list(c.setup or []),
-        "additional_parameters": dict(OmegaConf.to_container(c.extra_sbatch) or {}),
+        "additional_parameters": dict(OmegaConf.to_container(c.extra_sbatch) or {})
+        if not isinstance(c.extra_sbatch, dict)
+        else dict(c.extra_sbatch),
     }
     for key in ("partition", "account", "qos", "constraint"):
         if c[key] is not None:
@@ -164,45 +277,19 @@ def base_params(cfg: Any, name: str) -> dict[str, Any]:
     return params
 
 
-def _stage_params(
-    cfg: Any, name: str, time_key: str, *, nodes: int, ntasks: int, cpus: int, gpus: int
-) -> dict[str, Any]:
-    c = cfg.cluster
+def stage_params(cfg: Any, stage: str, r: Resources, name: str) -> dict[str, Any]:
+    """submitit parameters of one stage with resources ``r``."""
     params = base_params(cfg, name)
-    params.update(
-        time=parse_time_minutes(c[time_key], f"cluster.{time_key}"),
-        nodes=nodes,
-        ntasks_per_node=ntasks,
-        cpus_per_task=cpus,
-    )
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if c.mem is not None:
-        params["mem"] = c.mem
+    params.update(time=r.time, nodes=r.nodes, ntasks_per_node=r.ntasks, cpus_per_task=r.cpus)
+    if r.gpus:
+        params["gpus_per_node"] = r.gpus
+    if r.mem is not None:
+        params["mem"] = r.mem
+    if r.exclude:
+        params["exclude"] = r.exclude
+    if stage == "train":
+        params["additional_parameters"].setdefault("requeue", True)
     return params
-
-
-def train_params(cfg: Any) -> dict[str, Any]:
-    """One train task: nodes x ranks_per_node DDP ranks; requeued on USR2 / timeout."""
-    c = cfg.cluster
-    params = _stage_params(
-        cfg, "train", "time", nodes=c.nodes, ntasks=ranks_per_node(c), cpus=c.cpus_per_task,
-        gpus=c.gpus_per_node,
-    )  # fmt: skip
-    params["additional_parameters"].setdefault("requeue", True)
-    return params
-
-
-def eval_params(cfg: Any, set_name: str) -> dict[str, Any]:
-    c = cfg.cluster
-    return _stage_params(
-        cfg, f"eval-{set_name}", "eval_time", nodes=1, ntasks=1, cpus=c.eval_cpus,
-        gpus=c.eval_gpus,
-    )  # fmt: skip
-
-
-def aggregate_params(cfg: Any) -> dict[str, Any]:
-    return _stage_params(cfg, "aggregate", "aggregate_time", nodes=1, ntasks=1, cpus=1, gpus=0)
 
 
 def dependency_string(kind: str, job_ids: list[str], single_task: bool) -> str:
@@ -213,24 +300,67 @@ def dependency_string(kind: str, job_ids: list[str], single_task: bool) -> str:
     return f"{kind}:" + ":".join(job_ids)
 
 
+# More than enough to never stop a requeue: TrainStage bounds time-outs and preemptions itself
+# (submitit counts every USR2 as a time-out when the limit is under 10 minutes).
+SUBMITIT_MAX_TIMEOUTS = 10_000
+
+
 def make_executor(cfg: Any, folder: Path, params: dict[str, Any]) -> Any:
     import submitit
 
     executor = submitit.SlurmExecutor(
-        folder=folder, max_num_timeout=cfg.cluster.max_requeues, python=cfg.cluster.python
+        folder=folder, max_num_timeout=SUBMITIT_MAX_TIMEOUTS, python=cfg.cluster.python
     )
     executor.update_parameters(**params)
     return executor
 
 
 def render_script(cfg: Any, folder: Path, params: dict[str, Any], n_tasks: int) -> str:
-    """The sbatch script submitit would write for this array (for dry runs)."""
+    """The sbatch script submitit would write for this array (dry runs, --test-only)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     python = cfg.cluster.python or sys.executable
     command = f"{python} -u -m submitit.core._submit {folder}"
     extra = {"map_count": n_tasks} if n_tasks > 1 else {}
     return _make_sbatch_string(command=command, folder=folder, **params, **extra)
+
+
+def test_only(cfg: Any, folder: Path, spec: ArraySpec) -> None:
+    """``sbatch --test-only`` on the array's script (without its dependency, whose job does
+    not exist yet): Slurm's own verdict on the resources, before anything is submitted."""
+    params = {k: v for k, v in spec.params.items() if k != "dependency"}
+    script = render_script(cfg, folder, params, len(spec.tasks))
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
+        f.write(script)
+        path = f.name
+    try:
+        out = subprocess.run(
+            ["sbatch", "--test-only", path], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        Path(path).unlink(missing_ok=True)
+    if out.returncode != 0:
+        message = (out.stderr or out.stdout).strip().splitlines()
+        raise SlurmError(
+            f"sbatch --test-only refused the {spec.stage} array "
+            f"({len(spec.tasks)} tasks{', ' + spec.group if spec.group else ''}): "
+            f"{message[-1] if message else 'no reason given'}"
+        )
+
+
+@contextlib.contextmanager
+def _stderr_to(sink: Any) -> Any:
+    """Point fd 2 at ``sink`` (a file) for the block: sbatch writes its errors straight to the
+    terminal, and the launch's own one-line message already says what it said."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def submit_array(cfg: Any, folder: Path, spec: ArraySpec, dependency: str | None) -> str:
@@ -243,63 +373,72 @@ def submit_array(cfg: Any, folder: Path, spec: ArraySpec, dependency: str | None
             "kill-on-invalid-dep": "yes",
         }
     executor = make_executor(cfg, folder, params)
-    with executor.batch():
-        jobs = [executor.submit(*call) for call in spec.calls]
+    with tempfile.TemporaryFile("w+") as sink:
+        try:
+            with _stderr_to(sink), executor.batch():
+                jobs = [executor.submit(*call) for call in spec.calls]
+        except Exception:
+            raise
+        else:
+            sink.seek(0)
+            sys.stderr.write(sink.read())  # warnings of a successful sbatch call
     return jobs[0].job_id.split("_")[0]
 
 
-_ARRAY_ID = re.compile(r"^(\d+)(?:_(\d+|\[[^\]]*\]))?$")
+def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[str]) -> list[str]:
+    """Submit the arrays in order, wiring dependencies; record each in the ledger.
 
-
-def _expand_task_field(field: str) -> list[int] | None:
-    """'[0-3,5%2]' -> [0, 1, 2, 3, 5]; '4' -> [4]; None for a non-array job."""
-    if field is None:
-        return None
-    if not field.startswith("["):
-        return [int(field)]
-    body = field.strip("[]").split("%")[0]
-    out: list[int] = []
-    for part in body.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def parse_sacct(text: str) -> dict[tuple[str, int | None], str]:
-    """sacct -P -o JobID,State lines -> {(job id, array task or None): state}.
-
-    A range record such as ``107_[0-1%2]`` stands for the tasks not yet split off (e.g. pending
-    ones that got cancelled together); a task's own record (``107_0``) always wins over it.
+    An eval array waits (aftercorr) for the train array it pairs with; the aggregate job for
+    every array of this launch and the tasks of earlier launches still in flight. If a call
+    fails, the arrays already submitted are cancelled, the ledger records it, and SlurmError
+    says what happened in one line.
     """
-    states: dict[tuple[str, int | None], str] = {}
-    from_range: dict[tuple[str, int | None], str] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 2:
-            continue
-        m = _ARRAY_ID.match(parts[0])
-        if not m:
-            continue  # job steps such as 123.batch
-        state = parts[1].split()[0] if parts[1] else "UNKNOWN"
-        field = m.group(2)
-        tasks = _expand_task_field(field)
-        target = from_range if field is not None and field.startswith("[") else states
-        for task in tasks if tasks is not None else [None]:
-            target[(m.group(1), task)] = state
-    return {**from_range, **states}
-
-
-def job_states(job_ids: list[str]) -> dict[tuple[str, int | None], str]:
-    """Slurm states of jobs and their array tasks, from sacct (the accounting database)."""
-    if not job_ids:
-        return {}
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
-        raise SlurmError(f"sacct failed ({out.stderr.strip()}): is slurmdbd running?")
-    return parse_sacct(out.stdout)
+    ids: list[str] = []
+    for spec in specs:
+        dependency = None
+        if spec.dependency_kind == "aftercorr" and spec.depends_on is not None:
+            single = len(spec.tasks) == 1
+            dependency = dependency_string("aftercorr", [ids[spec.depends_on]], single)
+        elif spec.stage == "aggregate" and (ids or in_flight):
+            dependency = dependency_string(
+                "afterany", list(dict.fromkeys([*ids, *in_flight])), False
+            )
+        try:
+            job_id = submit_array(cfg, folder, spec, dependency)
+        except Exception as err:  # submitit's FailedJobError and friends: sbatch said no
+            reason = str(err).strip().splitlines()
+            reason = next(
+                (ln for ln in reversed(reason) if "error" in ln.lower()),
+                reason[-1] if reason else type(err).__name__,
+            )
+            if ids:
+                cancel(ids)
+                ledger.record_cancel(cfg, ids, f"sbatch failed for {spec.stage}: {reason}")
+            done = f"; cancelled the {len(ids)} array(s) it had submitted ({' '.join(ids)})"
+            raise SlurmError(
+                f"sbatch failed for the {spec.stage} array: {reason.strip()}"
+                f"{done if ids else ''}; nothing of this launch is queued"
+            ) from None
+        ids.append(job_id)
+        ledger.record_submission(
+            cfg,
+            spec.stage,
+            job_id,
+            spec.tasks,
+            dependency,
+            {
+                k: spec.params.get(k)
+                for k in ("mem", "exclude", "nodes")
+                if spec.params.get(k) is not None
+            },
+        )
+        print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))", flush=True)
+    return ids
 
 
 def cancel(job_ids: list[str]) -> None:
     if job_ids:
-        subprocess.run(["scancel", *job_ids], check=True, timeout=60)
+        try:
+            subprocess.run(["scancel", *job_ids], check=True, timeout=60, capture_output=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise SlurmError(f"scancel {' '.join(job_ids)} failed: {err}") from None

@@ -1,8 +1,14 @@
-"""Expand a sweep into runs with stable ids.
+"""Expand a sweep into runs with stable ids; store the plan; select part of it.
 
-A run's id is a short hash of its training identity (dhm.config.training_identity: the model,
-data and train settings that determine its weights), so the same settings always land in
-``<root>/<sweep>/runs/<run_id>/`` whatever the order of the grid or the other runs in it.
+A run's id is a short hash of its training identity (``dhm.config.training_identity``: the
+model, data and train settings that determine its weights, and only those that differ from the
+schema's defaults), so the same settings always land in ``<root>/<sweep>/runs/<run_id>/``
+whatever the order of the grid, the other runs in it, or fields added to the schema later.
+
+The grid is ``sweep.axes`` (a cartesian product of dotted overrides) plus ``sweep.points``,
+crossed with the ``-m`` dimensions (``sweep.multirun``; a point's own settings win) and repeated
+for ``sweep.seeds`` seeds. ``plan.json`` stores the runs with their resolved configs, so
+``mode=status|cancel|aggregate|report`` work from the sweep's name alone.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import functools
 import hashlib
 import itertools
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +26,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dhm.config import ConfigError, Plain, RunConfig, check_run, to_yaml, training_identity
+from dhm.fsutil import atomic_write_text
 
 RUN_SECTIONS = ("model", "data", "train")
+PLAN_VERSION = 2
+SEED_KEY = "train.seed"
 
 
 @dataclass
@@ -40,7 +50,7 @@ class Run:
 
 
 def sweep_dir(cfg: Any) -> Path:
-    return Path(cfg.root) / cfg.sweep.name
+    return Path(cfg.root).expanduser() / cfg.sweep.name
 
 
 def run_id_of(run_cfg: Any) -> str:
@@ -68,10 +78,19 @@ def _check_key(key: str, where: str) -> None:
         )
 
 
-def grid_points(sweep: Any) -> list[dict[str, Any]]:
-    """The cartesian product of the axes, then the explicit points, as dotted-key dicts."""
-    axes = OmegaConf.to_container(sweep.axes, resolve=True) if sweep.axes else {}
-    points = OmegaConf.to_container(sweep.points, resolve=True) if sweep.points else []
+def _container(node: Any) -> Any:
+    return (
+        OmegaConf.to_container(node, resolve=True)
+        if isinstance(node, DictConfig | ListConfig)
+        else node
+    )
+
+
+def grid_points(sweep: Any, base_seed: int = 0) -> list[dict[str, Any]]:
+    """The sweep's points as dotted-key dicts, in grid order (see the module docstring)."""
+    axes = _container(sweep.axes) or {}
+    points = _container(sweep.points) or []
+    dims = _container(sweep.get("multirun")) or []
     for key, values in axes.items():
         _check_key(key, "sweep.axes")
         if not isinstance(values, list) or not values:
@@ -83,9 +102,33 @@ def grid_points(sweep: Any) -> list[dict[str, Any]]:
             raise ConfigError(f"sweep.points[{i}] must be a mapping of dotted keys, got {point!r}")
         for key in point:
             _check_key(key, f"sweep.points[{i}]")
-    keys = list(axes)
-    grid = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes.values())]
-    return (grid if keys else []) + points
+    for dim in dims:
+        for point in dim:
+            for key in point:
+                _check_key(key, "-m")
+    # A -m key that is also an axis replaces that axis.
+    swept = {k for dim in dims if all(len(p) == 1 for p in dim) for p in dim for k in p}
+    kept = {k: v for k, v in axes.items() if k not in swept}
+    grid = [dict(zip(kept, combo, strict=True)) for combo in itertools.product(*kept.values())]
+    base = (grid if axes else []) + points
+    if dims and not base:
+        base = [{}]
+    out = []
+    for combo in itertools.product(*dims):
+        crossed = dict(itertools.chain.from_iterable(p.items() for p in combo))
+        out += [{**crossed, **point} for point in base]
+    seeds = sweep.get("seeds")
+    if seeds:
+        out = [
+            {**p, SEED_KEY: int(p.get(SEED_KEY, base_seed)) + i}
+            for p in out
+            for i in range(int(seeds))
+        ]
+    unique: list[dict[str, Any]] = []
+    for point in out:  # the same point from two dimensions: once
+        if point not in unique:
+            unique.append(point)
+    return unique
 
 
 def expand(cfg: Any) -> list[Run]:
@@ -97,7 +140,7 @@ def expand(cfg: Any) -> list[Run]:
     base = OmegaConf.structured(RunConfig)
     for section in ("model", "data", "train", "eval"):
         base[section] = cfg[section]
-    points = grid_points(cfg.sweep)
+    points = grid_points(cfg.sweep, int(cfg.train.seed))
     if not points:
         raise ConfigError(
             f"sweep {cfg.sweep.name!r} has an empty grid: give sweep.axes or sweep.points"
@@ -192,16 +235,142 @@ def swept_keys(runs: list[Run]) -> list[str]:
     return list(dict.fromkeys(k for run in runs for k in run.overrides))
 
 
-def write_plan(cfg: Any, runs: list[Run]) -> Path:
-    """``<sweep_dir>/plan.json``: the runs and their swept settings, read by the aggregation."""
-    path = sweep_dir(cfg) / "plan.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------------------- the stored plan
+
+
+def plan_path(cfg: Any) -> Path:
+    return sweep_dir(cfg) / "plan.json"
+
+
+def read_plan(path: Path) -> dict[str, Any] | None:
+    """The stored plan (None: there is none); ConfigError naming the file if it is unreadable."""
+    if not path.exists():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+        [str(r["run_id"]) for r in plan["runs"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path} is not a readable plan ({type(err).__name__}: {err}); move "
+            "it aside to plan a new sweep there"
+        ) from None
+    return plan
+
+
+def stored_runs(plan: dict[str, Any], path: Path) -> list[Run]:
+    """The runs of a stored plan, as they were expanded (version 2 plans hold the configs)."""
+    if plan.get("version", 1) < PLAN_VERSION:
+        raise ConfigError(
+            f"{path} was written by an older version (no run configs in it): launch the sweep "
+            "once with its overrides (mode=dry_run is enough) to rewrite it"
+        )
+    return [
+        Run(str(r["run_id"]), dict(r["overrides"]), Plain.of(r["config"])) for r in plan["runs"]
+    ]
+
+
+def check_plan_unchanged(cfg: Any, runs: list[Run]) -> dict[str, Any] | None:
+    """The stored plan, after checking that ``runs`` are its runs (ConfigError if not, unless
+    ``replan``): a plan whose run ids differ is never overwritten silently."""
+    path = plan_path(cfg)
+    plan = read_plan(path)
+    if plan is None:
+        return None
+    old = [str(r["run_id"]) for r in plan["runs"]]
+    new = [r.run_id for r in runs]
+    if old == new or cfg.replan:
+        return plan
+    added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    raise ConfigError(
+        f"{path} plans other runs ({len(added)} new: {' '.join(added[:4]) or '-'}; "
+        f"{len(gone)} not in this launch: {' '.join(gone[:4]) or '-'}). To start a new sweep, "
+        "give it another name (sweep.name=...); to change this one, pass replan=true (the old "
+        "plan is kept as plan-<time>.json); mode=status, cancel, aggregate and report need no "
+        "overrides: they read the stored plan"
+    )
+
+
+def write_plan(cfg: Any, runs: list[Run], estimates: dict[str, float] | None = None) -> Path:
+    """``<sweep_dir>/plan.json``: the runs, their swept settings and resolved configs, the
+    launch settings status and cancel need (cluster profile, root), and per run the device-hours
+    its work was estimated to cost when it was submitted (``estimated_hours``, summed)."""
+    path = plan_path(cfg)
+    old = read_plan(path)
+    if old is not None and [str(r["run_id"]) for r in old["runs"]] != [r.run_id for r in runs]:
+        path.rename(path.with_name(f"plan-{time.strftime('%Y%m%dT%H%M%S')}.json"))
+    launch = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    known = {}
+    if old is not None:
+        known = {str(r["run_id"]): float(r.get("estimated_hours") or 0.0) for r in old["runs"]}
     plan = {
+        "version": PLAN_VERSION,
         "sweep": cfg.sweep.name,
+        "root": str(Path(cfg.root).expanduser().resolve()),
+        "created": old.get("created") if old else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "swept_keys": swept_keys(runs),
-        "runs": [{"run_id": r.run_id, "overrides": r.overrides} for r in runs],
+        "cluster": launch["cluster"],
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "overrides": r.overrides,
+                "config": r.cfg.plain(),
+                "estimated_hours": round(
+                    known.get(r.run_id, 0.0) + (estimates or {}).get(r.run_id, 0.0), 4
+                ),
+            }
+            for r in runs
+        ],
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(plan, indent=1))
+
+
+# ---------------------------------------------------------------------------- selections
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def select(cfg: Any, runs: list[Run]) -> list[Run]:
+    """The runs named by ``runs=[id or prefix, ...]`` and matching ``where={key: value or
+    [values]}`` (all runs when neither is given); ConfigError when a name or filter fits none."""
+    wanted = list(cfg.runs or [])
+    where = _container(cfg.where) or {}
+    out = runs
+    if wanted:
+        picked = []
+        for name in wanted:
+            hits = [r for r in runs if r.run_id.startswith(str(name))]
+            if len(hits) != 1:
+                what = (
+                    "no run"
+                    if not hits
+                    else f"{len(hits)} runs ({' '.join(r.run_id for r in hits[:4])})"
+                )
+                raise ConfigError(
+                    f"runs: {name!r} names {what} of the {len(runs)} in the plan; "
+                    "give a run id or a unique prefix of one"
+                )
+            picked.append(hits[0])
+        out = [r for r in out if r in picked]
+    for key, allowed in where.items():
+        if key.split(".")[0] not in ("model", "data", "train", "eval"):
+            raise ConfigError(
+                f"where.{key} is not a run setting: use model.*, data.*, train.* or eval.* keys"
+            )
+        values = allowed if isinstance(allowed, list) else [allowed]
+        out = [r for r in out if _lookup(r.cfg, key) in values]
+    if not out:
+        raise ConfigError(
+            f"runs={wanted or 'all'} where={where}: no run of the plan matches "
+            f"(it has {len(runs)} runs)"
+        )
+    return out

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 
 from dhm.config import ConfigError
-from hpc import slurm
+from hpc import schema, slurm
+from hpc.cli import compose_config
 from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
-from hpc.launcher import arrays_for, compose_config, make_plan
+from hpc.plan import arrays_for, make_plan
 from hpc.sweep import expand, grid_points, run_id_of
 
 
 def _cfg(*overrides: str):
-    return compose_config(list(overrides))
+    """The launch config of these overrides, on sweep=single unless they name a sweep."""
+    named = any(o.startswith("sweep=") for o in overrides)
+    return compose_config([*([] if named else ["sweep=single"]), *overrides])
 
 
 def test_every_shipped_sweep_and_cluster_profile_composes_and_expands(tmp_path):
@@ -24,7 +27,7 @@ def test_every_shipped_sweep_and_cluster_profile_composes_and_expands(tmp_path):
         assert len({r.run_id for r in runs}) == n
         assert all(r.run_dir.parent == tmp_path / name / "runs" for r in runs)
     for cluster in ("local", "slurm"):
-        slurm.check_cluster(_cfg(f"cluster={cluster}"), query_slurm=False)
+        schema.check_launch(_cfg(f"cluster={cluster}"))
 
 
 def test_alpha_beta_grid_is_the_thesis_study():
@@ -47,6 +50,19 @@ def test_run_id_is_stable_and_ignores_operational_settings():
     assert run_id_of(a[0].cfg) == a[0].run_id
 
 
+def test_seeds_repeat_every_point_without_spelling_out_an_axis():
+    runs = expand(_cfg("sweep=demo", "sweep.seeds=3", "train.seed=10"))
+    assert len(runs) == 4 * 3
+    seeds = {}
+    for r in runs:
+        key = (r.cfg.model.name, r.cfg.model.beta)
+        seeds.setdefault(key, []).append(r.cfg.train.seed)
+        assert r.overrides["train.seed"] == r.cfg.train.seed  # a setting column of the summary
+    assert all(v == [10, 11, 12] for v in seeds.values()) and len(seeds) == 4
+    with pytest.raises(ConfigError, match="sweep.seeds=0"):
+        schema.check_launch(_cfg("sweep.seeds=0"))
+
+
 def test_axes_and_points_expand_to_a_product_plus_points():
     cfg = _cfg("+sweep.axes={model.beta:[1,2],model.kl_coeff:[0.1,1.0]}", "sweep.points=[]")
     points = grid_points(cfg.sweep)
@@ -61,7 +77,7 @@ def test_axes_and_points_expand_to_a_product_plus_points():
         (["+sweep.axes={model.beta:[]}"], "must be a non-empty list"),
         (["+sweep.axes={model.vae_split_layer:[3,9]}"], "model.vae_split_layer=9"),
         (["cluster=slurm", "cluster.time=forever"], "cluster.time='forever' is not a Slurm time"),
-        (["cluster=slurm", "cluster.partition='gpu;rm -rf /'"], "not allowed in an sbatch"),
+        (["cluster=slurm", "cluster.partition='gpu;rm -rf /'"], "it goes into an sbatch line"),
         (["cluster=slurm", "cluster.gpus_per_node=4", "cluster.tasks_per_node=2"], "must equal"),
         (["cluster=slurm", "cluster.nodes=3", "train.batch_size=400"], "does not split over 3"),
         (["cluster=slurm", "+cluster.extra_sbatch={mail-user:'a b'}"], "extra_sbatch.mail-user"),
@@ -71,7 +87,7 @@ def test_axes_and_points_expand_to_a_product_plus_points():
 def test_bad_launch_values_name_the_key(overrides, message):
     cfg = _cfg(*overrides)
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
-        slurm.check_cluster(cfg, query_slurm=False)
+        schema.check_launch(cfg)
         expand(cfg)
 
 
@@ -141,9 +157,9 @@ def test_a_sweep_value_of_the_wrong_type_names_the_point():
 
 def test_empty_grid_is_refused():
     with pytest.raises(ConfigError, match="empty grid"):
-        expand(_cfg("sweep.points=[]", "+sweep.axes={}", "sweep.name=none"))
+        expand(_cfg("sweep=single", "sweep.points=[]", "+sweep.axes={}", "sweep.name=none"))
     # The single sweep is one explicit point: the base config.
-    assert len(expand(_cfg())) == 1
+    assert len(expand(_cfg("sweep=single"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -152,7 +168,7 @@ def test_empty_grid_is_refused():
      ("2-00:00:01", 2881)],
 )  # fmt: skip
 def test_time_limits_parse_like_slurm(text, minutes):
-    assert slurm.parse_time_minutes(text, "cluster.time") == minutes
+    assert schema.parse_time_minutes(text, "cluster.time") == minutes
 
 
 def test_hostlists_and_torch_env():
@@ -169,33 +185,115 @@ def test_hostlists_and_torch_env():
     assert torch_env_from_slurm({}) == {}
 
 
-def test_sacct_output_parses_arrays_and_ranges():
+def test_sacct_output_parses_arrays_ranges_and_requeued_attempts():
+    from hpc.ledger import parse_sacct
+
     text = "\n".join(
-        ["101_0|COMPLETED", "101_1|FAILED", "101_[2-4%2]|PENDING", "102|CANCELLED by 0",
-         "102.batch|CANCELLED", "103_5|RUNNING"]
-    )  # fmt: skip
-    states = slurm.parse_sacct(text)
-    assert states[("101", 0)] == "COMPLETED" and states[("101", 1)] == "FAILED"
-    assert states[("101", 3)] == "PENDING" and states[("102", None)] == "CANCELLED"
-    assert states[("103", 5)] == "RUNNING"
+        [
+            "101_0|COMPLETED|0:0|12|node1|4000M|cpu=1,mem=4000M,node=1|None|t0|t1",
+            "101_1|FAILED|1:0|3|node2||||",
+            "101_[2-4%2]|PENDING|0:0|0|None assigned||||",
+            "102|CANCELLED by 0|0:15|0|||||",
+            "102.batch|CANCELLED|0:15|0|||||",
+            # a requeued task: one record per attempt with -D, oldest first
+            "103_5|NODE_FAIL|0:0|40|node2||||",
+            "103_5|RUNNING|0:0|5|node1||||",
+        ]
+    )
+    records = parse_sacct(text)
+    assert records["101_0"][-1].state == "COMPLETED" and records["101_0"][-1].elapsed_s == 12
+    assert records["101_0"][-1].alloc_tres == "cpu=1,mem=4000M,node=1"
+    assert records["101_1"][-1].exit_code == "1:0" and records["101_3"][-1].state == "PENDING"
+    assert records["102"][-1].state == "CANCELLED" and "102.batch" not in records
+    assert [r.state for r in records["103_5"]] == ["NODE_FAIL", "RUNNING"]
     # Tasks split off before the rest of the array was cancelled keep their own state.
-    split = slurm.parse_sacct("107_0|COMPLETED\n107_[0-1%2]|CANCELLED\n")
-    assert split == {("107", 0): "COMPLETED", ("107", 1): "CANCELLED"}
+    split = parse_sacct("107_0|COMPLETED\n107_[0-1%2]|CANCELLED\n")
+    assert {k: v[-1].state for k, v in split.items()} == {
+        "107_0": "COMPLETED",
+        "107_1": "CANCELLED",
+    }
+
+
+def _stages(specs):
+    return [s.stage for s in specs]
 
 
 def test_sbatch_calls_do_not_grow_with_the_grid(tmp_path):
-    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "+sweep.axes={train.seed:[0,1,2,3,4,5,6,7]}",
-               "sweep.name=big")  # fmt: skip
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "+sweep.axes={train.seed:[0,1,2,3,4,5,6,7]}",
+        "sweep.name=big",
+        "sweep.points=[]",
+    )
     specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
     small = _cfg(
-        "cluster=slurm", f"root={tmp_path}", "+sweep.axes={train.seed:[0]}", "sweep.name=one"
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "+sweep.axes={train.seed:[0]}",
+        "sweep.name=one",
+        "sweep.points=[]",
     )
     small_specs = arrays_for(small, make_plan(small, expand(small), query_slurm=False))
-    assert [s.stage for s in specs] == [s.stage for s in small_specs] == [
-        "train", "eval:digits", "eval:digits_ood", "aggregate"]  # fmt: skip
+    assert (
+        _stages(specs)
+        == _stages(small_specs)
+        == [
+            "train",
+            "eval:digits",
+            "eval:digits-val",
+            "eval:digits_heldout",
+            "eval:digits_ood",
+            "aggregate",
+        ]
+    )
     assert len(specs[0].tasks) == 8 and len(specs[1].tasks) == 8
-    assert specs[1].depends_on == "train" and specs[1].dependency_kind == "aftercorr"
+    assert specs[1].depends_on == 0 and specs[1].dependency_kind == "aftercorr"
     assert specs[-1].dependency_kind == "afterany"
+
+
+def test_arrays_split_at_the_array_size_limit_each_eval_chunk_after_its_train_chunk(tmp_path):
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep.points=[]",
+        "cluster.max_array_size=3",
+        "+sweep.axes={train.seed:[0,1,2,3,4,5,6]}",
+        "eval.ood_sets=[digits_ood]",
+    )
+    specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    trains = [i for i, s in enumerate(specs) if s.stage == "train"]
+    assert [len(specs[i].tasks) for i in trains] == [3, 3, 1]  # 7 runs, at most 3 per array
+    for i in trains:
+        evals = [s for s in specs if s.depends_on == i]
+        assert sorted(s.stage for s in evals) == [
+            "eval:digits",
+            "eval:digits-val",
+            "eval:digits_ood",
+        ]
+        for ev in evals:  # task j of the eval chunk evaluates the runs of train task j
+            assert [t["runs"] for t in ev.tasks] == [t["runs"] for t in specs[i].tasks]
+    assert specs[-1].stage == "aggregate" and len(specs) == 3 * 4 + 1
+
+
+def test_packed_tasks_hold_several_runs_and_their_evals_stay_aligned(tmp_path):
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep.points=[]",
+        "cluster.runs_per_task=3",
+        "+sweep.axes={train.seed:[0,1,2,3,4,5,6]}",
+    )
+    runs = expand(cfg)
+    specs = arrays_for(cfg, make_plan(cfg, runs, query_slurm=False))
+    train = specs[0]
+    assert [len(t["runs"]) for t in train.tasks] == [3, 3, 1]
+    assert [rid for t in train.tasks for rid in t["runs"]] == [r.run_id for r in runs]
+    assert len(train.calls[0][1]) == 3  # TrainStage gets the three runs' configs
+    for spec in specs[1:-1]:
+        assert [t["runs"] for t in spec.tasks] == [t["runs"] for t in train.tasks]
+    with pytest.raises(ConfigError, match="cluster.runs_per_task='two'"):
+        schema.check_launch(_cfg("cluster.runs_per_task=two"))
 
 
 def test_dependency_strings():
@@ -207,16 +305,25 @@ def test_dependency_strings():
 def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
     from hpc.launcher import print_arrays
 
-    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo", "cluster.nodes=2",
-               "cluster.partition=debug", "cluster.time=1-00:00:00",
-               "cluster.setup=['module load cuda']", "train.batch_size=64")  # fmt: skip
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep=demo",
+        "cluster.nodes=2",
+        "cluster.partition=debug",
+        "cluster.time=1-00:00:00",
+        "cluster.setup=['module load cuda']",
+        "train.batch_size=64",
+    )
     specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
     print_arrays(cfg, specs, scripts=True)
     out = capsys.readouterr().out
     assert "#SBATCH --nodes=2" in out and "#SBATCH --partition=debug" in out
     assert "#SBATCH --time=1440" in out and "module load cuda" in out
     assert "#SBATCH --array=0-3%4" in out and "--requeue" in out
-    assert "train: 4 task(s)" in out and "eval:digits: 4 task(s), aftercorr on train" in out
+    assert (
+        "train: 4 task(s)" in out and "eval:digits: 4 task(s), aftercorr on train array #1" in out
+    )
 
 
 def test_stage_data_copies_once_per_node_and_returns_the_new_root(tmp_path, monkeypatch):
@@ -235,29 +342,67 @@ def test_stage_data_copies_once_per_node_and_returns_the_new_root(tmp_path, monk
 
 @pytest.mark.slow
 def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path, capsys):
-    from hpc.launcher import cli
+    from hpc.cli import cli
 
-    args = ["sweep=demo", f"root={tmp_path}", "train.epochs=1", "train.progress=false",
-            "eval.fgsm_eps=[0.0,0.05]", "eval.max_images=100",
-            "sweep.points=[{model.name:resnet,model.alpha:1.0,model.beta:0.0}]"]  # fmt: skip
+    args = [
+        "sweep=demo",
+        f"root={tmp_path}",
+        "train.epochs=1",
+        "train.progress=false",
+        "eval.fgsm_eps=[0.0,0.05]",
+        "eval.max_images=100",
+        "eval.pgd_steps=2",
+        "sweep.points=[{model.name:resnet,model.alpha:1.0,model.beta:0.0}]",
+    ]
     assert cli(args) == 0
     summary = tmp_path / "demo" / "summary"
     rows = (summary / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 3 and (summary / "plots" / "fgsm_accuracy.png").exists()
+    assert (summary / "report.html").exists() and (summary / "manifest.json").exists()
     capsys.readouterr()
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert out.count("train: skip (checkpoints/final.pt exists)") == 3
     assert "eval digits: skip (shards complete)" in out and "summary:" not in out
-    assert cli([*args, "mode=status"]) == 0
-    assert "3 runs: 3 done; summary exists" in capsys.readouterr().out
+    assert "aggregate: no (summary complete)" in out
+    # Status needs only the sweep's name and root: it reads the stored plan.
+    assert cli(["sweep.name=demo", f"root={tmp_path}", "mode=status"]) == 0
+    assert "3 runs: 3 done; summary complete" in capsys.readouterr().out
     # Other eval settings: the old shards are moved aside (kept) and every run re-evaluated.
     assert cli([*args, "eval.iwae_k=[1,3]"]) == 0
     out = capsys.readouterr().out
-    assert out.count("made with other eval settings") == 3 * 2  # 3 runs x 2 sets
+    assert out.count("made with other eval settings") == 3 * 4  # 3 runs x 4 sets
     header = (summary / "results.csv").read_text().splitlines()[0]
     assert "iwae_k3" in header and "iwae_k10" not in header
-    assert len(list(tmp_path.glob("demo/runs/*/eval-stale/*/*.h5"))) == 3 * 2
+    assert len(list(tmp_path.glob("demo/runs/*/eval-stale/*/*.h5"))) == 3 * 4
+
+
+def _fake_slurm(monkeypatch, records: dict, pending: dict | None = None):
+    """sacct and squeue answers for ledger.attempts, without a cluster."""
+    from hpc import ledger
+
+    monkeypatch.setattr(
+        ledger,
+        "sacct",
+        lambda job_ids: {
+            k: [ledger.SlurmRecord(k, *v) if isinstance(v, tuple) else v for v in vs]
+            for k, vs in records.items()
+        },
+    )
+    monkeypatch.setattr(ledger, "pending_reasons", lambda job_ids: pending or {})
+
+
+def _exception(cfg, job_id: str, line: str) -> None:
+    """What submitit pickles for a task whose function raised."""
+    import pickle
+
+    from hpc.sweep import sweep_dir
+
+    folder = sweep_dir(cfg) / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    trace = f"Traceback (most recent call last):\n  File x\n{line}\n"
+    with open(folder / f"{job_id}_0_result.pkl", "wb") as f:
+        pickle.dump(("error", trace), f)
 
 
 def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch):
@@ -265,32 +410,133 @@ def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch
 
     cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo")
     runs = expand(cfg)
-    # A first launch recorded its arrays; Slurm says run 0 is still training, run 1's train
-    # task failed, and the eval tasks of both are pending behind them.
     ids = [r.run_id for r in runs]
-    ledger.record_submission(cfg, "train", "500", [{"run_id": i} for i in ids], None)
-    for n, set_name in enumerate(("digits", "digits_ood")):
-        tasks = [{"run_id": i, "set": set_name} for i in ids]
+    ledger.record_submission(cfg, "train", "500", [{"runs": [i]} for i in ids], None)
+    sets = ["digits", "digits-val", "digits_heldout", "digits_ood"]
+    for n, set_name in enumerate(sets):
+        tasks = [{"runs": [i], "set": set_name} for i in ids]
         ledger.record_submission(cfg, f"eval:{set_name}", str(501 + n), tasks, "aftercorr:500")
-    states = {
-        ("500", 0): "RUNNING", ("500", 1): "FAILED", ("500", 2): "PENDING",
-        ("500", 3): "COMPLETED", ("501", 1): "CANCELLED", ("502", 1): "CANCELLED",
-    }  # fmt: skip
-    for job in ("501", "502"):
+    records = {
+        "500_0": [("RUNNING",)],
+        "500_1": [("FAILED", "1:0")],
+        "500_2": [("PENDING",)],
+        "500_3": [("COMPLETED", "0:0")],
+    }
+    for n in range(len(sets)):
+        records[f"{501 + n}_1"] = [("CANCELLED",)]
         for task in (0, 2, 3):
-            states[(job, task)] = "PENDING"
-    monkeypatch.setattr(ledger, "job_states", lambda job_ids: states)
-    # Run 3 trained (its final.pt exists); its evals are pending in Slurm.
+            records[f"{501 + n}_{task}"] = [("PENDING",)]
+    _fake_slurm(monkeypatch, records, {"500_2": "Priority"})
+    _exception(cfg, "500_1", "ValueError: something deterministic")
+    # Run 3 trained (its final.pt is a real checkpoint archive); its evals are pending.
+    import torch
+
     (runs[3].run_dir / "checkpoints").mkdir(parents=True)
-    (runs[3].run_dir / "checkpoints" / "final.pt").write_bytes(b"")
+    torch.save({"model": {}}, runs[3].run_dir / "checkpoints" / "final.pt")
     plan = make_plan(cfg, runs, query_slurm=True)
-    assert [r.run_id for r in plan.train] == [ids[1]]  # only the failed one
-    assert {s: [r.run_id for r in rs] for s, rs in plan.eval_after_train.items()} == {
-        ("digits", "id"): [ids[1]], ("digits_ood", "ood"): [ids[1]]}  # fmt: skip
-    assert plan.eval_now == {}
-    assert plan.actions[ids[0]][0] == "train: wait (job 500_0 is RUNNING)"
-    assert "last train job 500_1 ended FAILED" in plan.actions[ids[1]][0]
+    assert plan.train == [] and plan.eval_after_train == {} and plan.eval_now == {}
+    assert plan.actions[ids[0]][0] == "train: wait (job 500_0 is RUNNING: running)"
+    assert plan.actions[ids[2]][0] == "train: wait (job 500_2 is PENDING: pending: Priority)"
+    assert plan.actions[ids[1]][0].startswith(
+        "train: not retried (job 500_1 ended FAILED: exception: ValueError: something "
+        "deterministic); fix the cause, or pass retry_failed=true"
+    )
+    assert plan.refused == [ids[1]]
     assert plan.actions[ids[3]][1] == "eval digits: wait (job 501_3 is PENDING)"
+    # retry_failed=true resubmits it, and only it (with its evals after it).
+    retry = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo", "retry_failed=true")
+    plan = make_plan(retry, runs, query_slurm=True)
+    assert [r.run_id for r, _ in plan.train] == [ids[1]]
+    assert "retry_failed=true" in plan.actions[ids[1]][0]
+    assert {k: [r.run_id for r in v] for k, v in plan.eval_after_train.items()} == {
+        (s, role): [ids[1]]
+        for s, role in [
+            ("digits", "id"),
+            ("digits-val", "val"),
+            ("digits_heldout", "ood"),
+            ("digits_ood", "ood"),
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    "state,extra,expected",
+    [
+        ("TIMEOUT", {}, "train: from scratch (no checkpoint) (job 600_0 ended TIMEOUT: timeout)"),
+        ("PREEMPTED", {}, "ended PREEMPTED: preempted"),
+        ("NODE_FAIL", {}, "ended NODE_FAIL: node fail"),
+        (
+            "OUT_OF_MEMORY",
+            {"cluster.mem": "4G", "cluster.max_mem": "16G"},
+            "train: resubmit with mem=8192M (x2 after running out of memory with 4G in job 600_0)",
+        ),
+        (
+            "OUT_OF_MEMORY",
+            {"cluster.mem": "4G"},
+            "train: not resubmitted: ran out of memory with 4G",
+        ),
+        (
+            "OUT_OF_MEMORY",
+            {"cluster.mem": "16G", "cluster.max_mem": "16G"},
+            "already cluster.max_mem=16G",
+        ),
+    ],
+)
+def test_the_next_launch_acts_on_why_a_task_ended(tmp_path, monkeypatch, state, extra, expected):
+    from hpc import ledger
+
+    over = [f"{k}={v}" for k, v in extra.items()]
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=single", *over)
+    (run,) = expand(cfg)
+    ledger.record_submission(
+        cfg,
+        "train",
+        "600",
+        [{"runs": [run.run_id]}, {"noop": True}],
+        None,
+        {"mem": extra.get("cluster.mem")} if "cluster.mem" in extra else {},
+    )
+    _fake_slurm(monkeypatch, {"600_0": [(state, "0:0", 50, "node1", extra.get("cluster.mem", ""))]})
+    plan = make_plan(cfg, [run], query_slurm=True)
+    assert expected in plan.actions[run.run_id][0]
+    resubmitted = bool(plan.train)
+    assert resubmitted == ("not resubmitted" not in expected and "already" not in expected)
+    if "mem=8192M" in expected:
+        assert plan.train[0][1].mem == "8192M"
+        spec = arrays_for(cfg, plan)[0]
+        assert spec.params["mem"] == "8192M" and spec.group == "mem=8192M"
+
+
+def test_a_node_that_failed_twice_for_a_run_is_excluded_and_requeue_limits_resume(
+    tmp_path, monkeypatch
+):
+    from hpc import ledger
+
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=single")
+    (run,) = expand(cfg)
+    ledger.record_submission(cfg, "train", "700", [{"runs": [run.run_id]}], None)
+    _fake_slurm(
+        monkeypatch,
+        {
+            "700": [
+                ("NODE_FAIL", "0:0", 9, "node2"),
+                ("NODE_FAIL", "0:0", 9, "node2"),
+                ("FAILED", "1:0", 9, "node1"),
+            ]
+        },
+    )
+    _exception(
+        cfg,
+        "700",
+        "hpc.stages.RequeueLimitError: time-out number 4 of this job, beyond "
+        "cluster.max_requeues=3",
+    )
+    plan = make_plan(cfg, [run], query_slurm=True)
+    line = plan.actions[run.run_id][0]
+    assert "train: from scratch" in line and "RequeueLimitError" in line
+    assert "excluding node(s) node2 (failed twice for it)" in line
+    spec = arrays_for(cfg, plan)[0]
+    assert spec.params["exclude"] == "node2"
 
 
 def test_points_that_collide_on_one_run_id_but_differ_are_refused():
@@ -301,18 +547,26 @@ def test_points_that_collide_on_one_run_id_but_differ_are_refused():
 
 
 def test_eval_arrays_stay_aligned_with_the_train_array_across_datasets(tmp_path):
-    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep.points=[]",
-               "+sweep.axes={data.name:[cifar10,digits,svhn]}")  # fmt: skip
-    specs = {s.stage: s for s in arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))}
-    train_runs = [t["run_id"] for t in specs["train"].tasks]
-    for stage, spec in specs.items():
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep.points=[]",
+        "+sweep.axes={data.name:[cifar10,digits,svhn]}",
+    )
+    specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    by_stage = {s.stage: s for s in specs}
+    train_tasks = [t["runs"] for t in by_stage["train"].tasks]
+    for stage, spec in by_stage.items():
         if stage.startswith("eval:"):
-            assert len(spec.tasks) == len(train_runs), stage
-            for task, rid in zip(spec.tasks, train_runs, strict=True):
-                assert task.get("noop") or task["run_id"] == rid
+            assert len(spec.tasks) == len(train_tasks), stage
+            for task, runs in zip(spec.tasks, train_tasks, strict=True):
+                assert task.get("noop") or task["runs"] == runs
     # cifar10 is in-distribution for one run and OOD for another: two arrays, right roles.
-    roles = {stage: {call[3] for call in spec.calls if len(call) > 1}
-             for stage, spec in specs.items() if stage.startswith("eval:cifar10:")}  # fmt: skip
+    roles = {
+        stage: {call[3] for call in spec.calls if len(call) > 1}
+        for stage, spec in by_stage.items()
+        if stage.startswith("eval:cifar10:")
+    }
     assert roles == {"eval:cifar10:id": {"id"}, "eval:cifar10:ood": {"ood"}}
 
 

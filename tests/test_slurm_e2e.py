@@ -1,21 +1,24 @@
 """End to end on the local two-node Slurm cluster (slurm/cluster.sh), through launch.py.
 
 `make test` starts the cluster first. Outside root/Debian these tests skip and say why; in CI
-(CI=true) a cluster that is not up is a failure, not a skip.
+(CI=true) a cluster that is not up is a failure, not a skip. The cluster enforces --mem (jobs
+above it are killed, as on a real cluster) and has MaxArraySize=11.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from hpc import slurm
+from hpc.ledger import parse_sacct
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "cluster.sh"
@@ -32,11 +35,15 @@ PROFILE = [
     "cluster.aggregate_time=10",
     "train.progress=false",
     "train.dist_timeout_s=60",
-    # Small enough for 2 cores: one epoch, a short epsilon grid, k = 4.
+    # Small enough for 2 cores: one epoch, a short epsilon grid, k = 4, 100 images a set.
     "train.epochs=1",
     "eval.iwae_k=[1,4]",
     "eval.fgsm_eps=[0.0,0.03]",
+    "eval.pgd_steps=2",
+    "eval.max_images=100",
 ]
+TINY = ["model.width=4", "model.latent_dim=4", "train.batch_size=100", "eval.batch_size=50",
+        "eval.ood_sets=[digits_ood]"]
 
 
 def _cluster_env() -> dict[str, str]:
@@ -60,39 +67,39 @@ def slurm_env():
 
 def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "launch.py", *args]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    print(out.stdout, out.stderr)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(out.stdout[-6000:], out.stderr[-3000:])
     return out
 
 
-def ledger_jobs(sweep_dir: Path) -> list[dict]:
+def ledger(sweep_dir: Path) -> list[dict]:
     path = sweep_dir / "ledger.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [e for e in entries if e.get("kind", "submission") == "submission"]
+
+
+def sacct_states(env: dict[str, str], job_ids: list[str]) -> dict[str, str]:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    return {k: v[-1].state for k, v in parse_sacct(out).items()}
 
 
 def wait_for_jobs(env: dict[str, str], job_ids: list[str], timeout: float = 900) -> dict[str, str]:
     """Poll until no job is pending or running; return {job or job_task: sacct state}."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        queued = subprocess.run(
-            ["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)],
-            env=env, capture_output=True, text=True,
-        ).stdout.split()  # fmt: skip
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)],
+                                env=env, capture_output=True, text=True).stdout.split()
         if not queued:
             break
         time.sleep(3)
     else:
         pytest.fail(f"jobs {job_ids} still queued after {timeout} s")
     states: dict[str, str] = {}
-    for _ in range(20):  # sacct lags squeue by a moment
-        out = subprocess.run(
-            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        states = {
-            job if task is None else f"{job}_{task}": state
-            for (job, task), state in slurm.parse_sacct(out).items()
-        }
+    for _ in range(30):  # sacct lags squeue by a moment
+        states = sacct_states(env, job_ids)
         if states and not any(s in ("PENDING", "RUNNING", "COMPLETING") for s in states.values()):
             break
         time.sleep(1)
@@ -103,16 +110,19 @@ def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(sl
     args = ["sweep=demo", f"root={tmp_path}", *PROFILE, "cluster.nodes=2"]
     first = launch(slurm_env, *args)
     assert first.returncode == 0, first.stderr
-    assert "submitted train" in first.stdout and "mode=status" in first.stdout
+    assert "sbatch --test-only accepted all 6 array(s)" in first.stdout
+    assert f"follow: python launch.py sweep.name=demo root={tmp_path} mode=status" in first.stdout
     sweep_dir = tmp_path / "demo"
-    jobs = ledger_jobs(sweep_dir)
-    assert [j["stage"] for j in jobs] == ["train", "eval:digits", "eval:digits_ood", "aggregate"]
+    jobs = ledger(sweep_dir)
+    assert [j["stage"] for j in jobs] == ["train", "eval:digits", "eval:digits-val",
+                                          "eval:digits_heldout", "eval:digits_ood", "aggregate"]
     assert jobs[1]["dependency"] == f"aftercorr:{jobs[0]['job_id']}"
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs])
-    assert len(states) == 4 * 3 + 1 and set(states.values()) == {"COMPLETED"}, states
+    # 4 train tasks, 4 tasks in each of the 4 eval arrays (the vae's val task a no-op), 1 aggregate
+    assert len(states) == 4 * 5 + 1 and set(states.values()) == {"COMPLETED"}, states
 
     summary = sweep_dir / "summary"
-    assert (summary / "results.csv").exists() and (summary / "results.h5").exists()
+    assert (summary / "results.csv").exists() and (summary / "report.html").exists()
     rows = (summary / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4
     for run_dir in (sweep_dir / "runs").iterdir():
@@ -123,60 +133,71 @@ def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(sl
         assert all(r["slurm_array_job_id"] == jobs[0]["job_id"] for r in records)
         assert (run_dir / "checkpoints" / "final.pt").exists()
 
-    status = launch(slurm_env, *args, "mode=status")
-    assert status.returncode == 0 and "4 runs: 4 done; summary exists" in status.stdout
+    status = launch(slurm_env, "sweep.name=demo", f"root={tmp_path}", "mode=status")
+    assert status.returncode == 0 and "4 runs: 4 done; summary complete" in status.stdout
+    assert "GPU-h" in status.stdout or "CPU-h" in status.stdout
     again = launch(slurm_env, *args)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
-    assert len(ledger_jobs(sweep_dir)) == 4
+    assert len(ledger(sweep_dir)) == 6
 
 
-def test_a_failed_training_cancels_its_eval_and_relaunch_resubmits_only_it(slurm_env, tmp_path):
-    base = [f"root={tmp_path}", *PROFILE, "sweep=demo", "sweep.name=fail",
-            "+sweep.axes={model.beta:[0.01]}"]  # fmt: skip
-    bad = "sweep.points=[{model.alpha:1.0,model.beta:1.0,train.debug_nan_at_step:3}]"
-    first = launch(slurm_env, *base, bad)
+def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(
+    slurm_env, tmp_path
+):
+    base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=truth"]
+    points = "sweep.points=[{model.beta:1.0},{model.beta:2.0,train.debug_nan_at_step:3}]"
+    first = launch(slurm_env, *base, points)
     assert first.returncode == 0, first.stderr
-    sweep_dir = tmp_path / "fail"
-    jobs = ledger_jobs(sweep_dir)
+    sweep_dir = tmp_path / "truth"
+    jobs = ledger(sweep_dir)
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs])
-    train_id, agg_id = jobs[0]["job_id"], jobs[-1]["job_id"]
-    bad_index, good_index = 1, 0  # axes come first in the grid, then the (NaN) point
-    assert states[f"{train_id}_{good_index}"] == "COMPLETED"
-    for eval_job in jobs[1:-1]:
-        assert states[f"{eval_job['job_id']}_{bad_index}"] == "CANCELLED"
-        assert states[f"{eval_job['job_id']}_{good_index}"] == "COMPLETED"
-    assert states[agg_id] == "FAILED"  # ran (afterany) and reported the missing run
-    bad_run = jobs[0]["tasks"][bad_index]["run_id"]
-    agg_log = next((sweep_dir / "slurm").glob(f"{agg_id}_0_log.err")).read_text()
-    assert bad_run in agg_log
-    train_log = next((sweep_dir / "slurm").glob(f"{train_id}_{bad_index}_0_log.err")).read_text()
-    assert "non-finite loss at step 3" in train_log
+    train, agg = jobs[0]["job_id"], jobs[-1]["job_id"]
+    assert states[f"{train}_0"] == "COMPLETED" and states[f"{train}_1"] == "FAILED"
+    for ev in jobs[1:-1]:
+        assert states[f"{ev['job_id']}_1"] == "CANCELLED"
+    assert states[agg] == "FAILED"  # ran (afterany) and reported the missing run
+    bad = jobs[0]["tasks"][1]["runs"][0]
+    out = launch(slurm_env, "sweep.name=truth", f"root={tmp_path}", "mode=status").stdout
+    (bad_row,) = [ln for ln in out.splitlines() if ln.startswith(bad)]
+    assert "train failed" in bad_row and "FAILED 1:0" in bad_row
+    assert "exception: dhm.monitor.NonFiniteLossError: non-finite loss at step 3" in bad_row
+    log = bad_row.split()[-1]
+    assert Path(log).exists() and log.endswith("_log.err")
+    assert f"aggregate job {agg} FAILED" in out
+    detail = launch(slurm_env, "sweep.name=truth", f"root={tmp_path}", "mode=status",
+                    f"runs=[{bad}]").stdout
+    assert re.search(rf"^train\s+{train}_1\s", detail, re.M), detail
+    assert "tail of" in detail and "NonFiniteLossError" in detail
     rows = (sweep_dir / "summary" / "results.csv").read_text()
-    assert bad_run in rows and jobs[0]["tasks"][good_index]["run_id"] in rows
+    assert "non-finite loss at step 3" in rows  # the summary's problem column: the same reason
 
-    # Same runs without the injected fault: only the failed run is submitted again.
-    fixed = launch(slurm_env, *base, "sweep.points=[{model.alpha:1.0,model.beta:1.0}]")
-    assert fixed.returncode == 0, fixed.stderr
-    new_jobs = ledger_jobs(sweep_dir)[len(jobs) :]
-    assert [j["stage"] for j in new_jobs] == [
-        "train",
-        "eval:digits",
-        "eval:digits_ood",
-        "aggregate",
-    ]
-    assert all([t.get("run_id") for t in j["tasks"]] == [bad_run] for j in new_jobs[:-1]), new_jobs
-    states = wait_for_jobs(slurm_env, [j["job_id"] for j in new_jobs])
+    # A deterministic bug is not retried on relaunch ...
+    again = launch(slurm_env, *base, points)
+    assert again.returncode == 0 and "not retried" in again.stdout
+    assert "nothing to submit" in again.stdout or len(ledger(sweep_dir)) == len(jobs) + 1
+    # ... unless asked; then only that run goes again (its evals after it, and the aggregate).
+    fixed = "sweep.points=[{model.beta:1.0},{model.beta:2.0}]"
+    before = len(ledger(sweep_dir))
+    retry = launch(slurm_env, *base, fixed, "retry_failed=true", "replace_summary=true")
+    assert retry.returncode == 0, retry.stderr
+    new = ledger(sweep_dir)[before:]
+    assert [j["stage"] for j in new] == ["train", "eval:digits", "eval:digits-val",
+                                         "eval:digits_ood", "aggregate"]
+    assert all([t.get("runs") for t in j["tasks"]] == [[bad]] for j in new[:-1]), new
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in new])
     assert set(states.values()) == {"COMPLETED"}, states
 
 
 def test_bad_input_is_refused_before_any_sbatch(slurm_env, tmp_path):
     for args, message in [
         ([*PROFILE, "cluster.partition=nosuch"], "not a partition sinfo knows: debug"),
+        ([*PROFILE, "cluster.nodes=3", "train.batch_size=63"], "partition debug has 2 node(s)"),
+        ([*PROFILE, "cluster.cpus_per_task=8"], "the largest node of partition debug has 2 CPUs"),
+        ([*PROFILE, "cluster.mem=100G"], "at most 8000 MB"),
         ([*PROFILE, "cluster.time=soon"], "cluster.time='soon'"),
         ([*PROFILE, "+sweep.axes={model.bta:[1]}"], "model.bta"),
         (["cluster=nosuch"], "Could not find 'cluster/nosuch'"),
-        ([*PROFILE, "model.width=wide"], "model.width=wide"),
-        ([*PROFILE, "cluster.nodes=0"], "cluster.nodes=0"),
+        ([*PROFILE, "cluster.python='python;touch pwned'"], "cluster.python"),
     ]:
         out = launch(slurm_env, "sweep=demo", f"root={tmp_path}", *args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
@@ -184,24 +205,172 @@ def test_bad_input_is_refused_before_any_sbatch(slurm_env, tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
-def test_usr2_requeues_training_which_resumes_from_its_checkpoint(slurm_env, tmp_path):
-    args = ["sweep=single", f"root={tmp_path}", *PROFILE, "model.width=8", "model.latent_dim=16",
-            "train.epochs=4", "train.batch_size=50", "train.checkpoint_every_steps=4"]  # fmt: skip
-    first = launch(slurm_env, *args)
+def test_an_sbatch_failure_cancels_what_the_launch_submitted(slurm_env, tmp_path):
+    # A real sbatch that refuses its third call, as a full queue or a flaky controller might
+    # after --test-only passed: the two arrays already queued are cancelled and recorded.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True,
+                          text=True).stdout.strip()
+    count = tmp_path / "count"
+    (shim / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f'if [[ " $* " != *" --test-only "* ]]; then echo x >> {count};\n'
+        f'  if [[ $(wc -l < {count}) -ge 3 ]]; then echo "sbatch: error: Batch job submission '
+        'failed: the test says no" >&2; exit 1; fi; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    (shim / "sbatch").chmod(0o755)
+    env = {**slurm_env, "PATH": f"{shim}:{slurm_env['PATH']}"}
+    out = launch(env, "sweep=demo", f"root={tmp_path}", *PROFILE, *TINY, "sweep.name=half")
+    assert out.returncode == 1
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "sbatch failed for the eval:digits-val array" in err[0]
+    assert "cancelled the 2 array(s) it had submitted" in err[0] and "Traceback" not in out.stderr
+    entries = [json.loads(ln) for ln in (tmp_path / "half" / "ledger.jsonl").read_text().splitlines()]
+    submitted = [e["job_id"] for e in entries if e.get("kind") == "submission"]
+    cancel = [e for e in entries if e.get("kind") == "cancel"]
+    assert len(submitted) == 2 and cancel and cancel[0]["job_ids"] == submitted
+    states = wait_for_jobs(slurm_env, submitted, timeout=120)
+    assert states and set(states.values()) == {"CANCELLED"}, states
+
+
+def _train_job(sweep_dir: Path) -> str:
+    return ledger(sweep_dir)[0]["job_id"]
+
+
+def _run_dir(sweep_dir: Path) -> Path:
+    """The first run's folder (the train task creates it when it starts)."""
+    return sweep_dir / "runs" / ledger(sweep_dir)[0]["tasks"][0]["runs"][0]
+
+
+def test_usr2_checkpoints_the_exact_position_and_the_requeued_run_is_bit_identical(
+    slurm_env, tmp_path
+):
+    # checkpoint_every_steps=0: the only checkpoint that can exist mid-epoch is the one USR2
+    # makes. The same run uninterrupted, in another sweep, on the same cluster and CPUs.
+    args = ["sweep=single", *PROFILE, "model.width=8", "model.latent_dim=16", "train.epochs=3",
+            "train.batch_size=50", "train.checkpoint_every_steps=0", "eval.ood_sets=[digits_ood]",
+            "train.log_every_steps=1"]
+    ref = launch(slurm_env, *args, f"root={tmp_path}/ref")
+    assert ref.returncode == 0, ref.stderr
+    first = launch(slurm_env, *args, f"root={tmp_path}/cut")
     assert first.returncode == 0, first.stderr
-    sweep_dir = tmp_path / "single"
-    train_job = ledger_jobs(sweep_dir)[0]["job_id"]
+    sweep_dir = tmp_path / "cut" / "single"
+    train_job = _train_job(sweep_dir)
+    run_dir = _run_dir(sweep_dir)
+    metrics = run_dir / "logs" / "metrics.csv"
     deadline = time.time() + 300
-    while not list(sweep_dir.glob("runs/*/checkpoints/step_*.pt")):
-        assert time.time() < deadline, "no step checkpoint within 300 s"
-        time.sleep(1)
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 25):
+        assert time.time() < deadline, "training did not reach step 25 within 300 s"
+        time.sleep(0.5)
     # What a preemption or an approaching time limit does: USR2 to the job's processes.
     subprocess.run(["scancel", "--signal=USR2", train_job], env=slurm_env, check=True)
-    (run_dir,) = (sweep_dir / "runs").iterdir()
-    jobs = [j["job_id"] for j in ledger_jobs(sweep_dir)]
+    jobs = [j["job_id"] for j in ledger(sweep_dir)]
     states = wait_for_jobs(slurm_env, jobs)
     assert set(states.values()) == {"COMPLETED"}, states
-    records = [json.loads(p.read_text()) for p in (run_dir / "logs").glob("train_*_rank0.json")]
-    assert {r.get("slurm_restart_count", "0") for r in records} >= {"1"}
-    out = next((sweep_dir / "slurm").glob(f"{train_job}_0_log.out")).read_text()
-    assert "resuming from" in out and (run_dir / "checkpoints" / "final.pt").exists()
+    attempts = [json.loads(ln) for ln in (run_dir / "logs" / "train_attempts.jsonl").read_text()
+                .splitlines()]
+    stopped = [a for a in attempts if a["outcome"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["step"] % 19 != 0  # mid-epoch: 19 steps an epoch
+    assert attempts[-1]["outcome"] == "completed" and attempts[-1]["restart"] == 1
+    records = list((run_dir / "logs").glob("train_*.*_rank0.json"))
+    assert len(records) == 2  # one environment record per attempt, none overwritten
+    (ref_dir,) = (tmp_path / "ref" / "single" / "runs").iterdir()
+    a = torch.load(ref_dir / "checkpoints" / "final.pt", weights_only=True)["model"]
+    b = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert ref_dir.name == run_dir.name and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_beyond_max_requeues_the_task_stops_and_the_next_launch_resumes(slurm_env, tmp_path):
+    args = ["sweep=single", f"root={tmp_path}", *PROFILE, "model.width=8", "model.latent_dim=16",
+            "train.epochs=3", "train.batch_size=50", "cluster.max_requeues=0",
+            "eval.ood_sets=[digits_ood]"]
+    assert launch(slurm_env, *args).returncode == 0
+    sweep_dir = tmp_path / "single"
+    run_dir = _run_dir(sweep_dir)
+    deadline = time.time() + 300
+    while not list((run_dir / "logs").glob("metrics.csv")) or len(
+        (run_dir / "logs" / "metrics.csv").read_text().splitlines()) < 5:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", _train_job(sweep_dir)], env=slurm_env, check=True)
+    wait_for_jobs(slurm_env, [j["job_id"] for j in ledger(sweep_dir)])
+    status = launch(slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status").stdout
+    assert "RequeueLimitError" in status and "beyond cluster.max_requeues=0" in status
+    again = launch(slurm_env, *args)
+    assert again.returncode == 0 and "train: resume from step" in again.stdout
+    assert "RequeueLimitError" in again.stdout
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in ledger(sweep_dir)[-4:]])
+    assert set(states.values()) == {"COMPLETED"}, states
+
+
+def test_out_of_memory_is_relaunched_with_more_memory(slurm_env, tmp_path):
+    # The cluster kills a step above its --mem. 300M is too little for a torch process; the
+    # relaunch asks for 4x (cluster.oom_mem_factor) up to cluster.max_mem.
+    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "cluster.mem=300M",
+            "cluster.eval_mem=2000M", "cluster.oom_mem_factor=4", "cluster.max_mem=3000M"]
+    assert launch(slurm_env, *args).returncode == 0
+    sweep_dir = tmp_path / "single"
+    wait_for_jobs(slurm_env, [j["job_id"] for j in ledger(sweep_dir)])
+    status = launch(slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status").stdout
+    assert "out of memory (asked for 300M)" in status
+    again = launch(slurm_env, *args)
+    assert again.returncode == 0, again.stderr
+    assert "train: resubmit with mem=1200M (x4 after running out of memory with 300M" in again.stdout
+    new = ledger(sweep_dir)[-5:]
+    assert new[0]["stage"] == "train" and new[0]["params"]["mem"] == "1200M"
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in new])
+    assert set(states.values()) == {"COMPLETED"}, states
+
+
+def test_a_pending_reason_and_packed_runs_with_one_failing(slurm_env, tmp_path):
+    # Two runs packed in one task, one made to fail: the other trains and is evaluated.
+    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "cluster.runs_per_task=2",
+            "cluster.cpus_per_task=2",
+            "sweep.points=[{model.beta:1.0},{model.beta:2.0,train.debug_nan_at_step:2}]"]
+    out = launch(slurm_env, *args)
+    assert out.returncode == 0 and "train: 1 task(s), 2 runs per task" in out.stdout
+    sweep_dir = tmp_path / "single"
+    jobs = ledger(sweep_dir)
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs])
+    assert states[f"{jobs[0]['job_id']}"] == "COMPLETED", states
+    good, bad = jobs[0]["tasks"][0]["runs"]
+    assert (sweep_dir / "runs" / good / "checkpoints" / "final.pt").exists()
+    assert list((sweep_dir / "runs" / good / "eval").glob("digits__*.h5"))
+    status = launch(slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status").stdout
+    (bad_row,) = [ln for ln in status.splitlines() if ln.startswith(bad)]
+    assert "train failed" in bad_row and "NonFiniteLossError" in bad_row
+    # A job that cannot start yet shows Slurm's reason.
+    later = launch(slurm_env, "sweep=single", f"root={tmp_path}/later", *PROFILE, *TINY,
+                   "+cluster.extra_sbatch={begin:now+1hour}")
+    assert later.returncode == 0, later.stderr
+    time.sleep(6)
+    st = launch(slurm_env, "sweep.name=single", f"root={tmp_path}/later", "mode=status").stdout
+    assert "train pending" in st and "pending: BeginTime" in st
+    assert launch(slurm_env, "sweep.name=single", f"root={tmp_path}/later",
+                  "mode=cancel").returncode == 0
+
+
+def test_thirty_tiny_runs_in_chunks_every_shard_and_row_present(slurm_env, tmp_path):
+    # The CI-sized version of docs/reliability.md's load measurement: MaxArraySize=11 splits
+    # each stage into 3 chunks; every task completes and every run is summarised.
+    seeds = ",".join(str(s) for s in range(30))
+    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "sweep.points=[]",
+            f"+sweep.axes={{train.seed:[{seeds}]}}", "eval.pgd_steps=0",
+            "cluster.array_parallelism=4", "train.val_every_epochs=0"]
+    start = time.time()
+    out = launch(slurm_env, *args)
+    assert out.returncode == 0, out.stderr
+    sweep_dir = tmp_path / "single"
+    jobs = ledger(sweep_dir)
+    train = [j for j in jobs if j["stage"] == "train"]
+    assert [len(j["tasks"]) for j in train] == [11, 11, 8]
+    assert len(jobs) == 3 * (1 + 3) + 1  # train + 3 eval arrays per chunk, one aggregate
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs], timeout=1500)
+    assert len(states) == 30 * 4 + 1 and set(states.values()) == {"COMPLETED"}, states
+    rows = (sweep_dir / "summary" / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 30 and all(",ok," in r for r in rows)
+    shards = list(sweep_dir.glob("runs/*/eval/*.h5"))
+    assert len(shards) == 30 * 3
+    print(f"30 runs: {time.time() - start:.0f} s wall, {len(jobs)} sbatch calls")
