@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fgsm": lambda: fgsm_predictions(model.classify, x, y, eps),
     }
     for k in ks:
-        fns[f"k{k}"] = no_grad(lambda k=k: _bounds(model, x, noise[k], [k]))
+        fns[f"k{k}"] = no_grad(lambda k=k: _bounds(model, x, noise[k], [k], None))
     # Samples alternate between the ops, so a change in machine load hits all of them.
     samples = common.measure_interleaved(
         fns, device=device, warmup=args.warmup, repeats=args.repeats, inner=args.steps

@@ -33,7 +33,7 @@ def train_flops_per_image(
     x = torch.rand(COUNT_BATCH, 3, 32, 32, device=device)
     y = torch.randint(0, common.CIFAR.num_classes, (COUNT_BATCH,), device=device)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = training_loss(model(x, k=m.importance_num), y, m)
+        loss, _ = training_loss(model(x, k=m.importance_num), y, m, model)
         loss.backward()
     return counter.get_total_flops() / COUNT_BATCH
 

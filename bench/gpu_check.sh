@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh prepare   # here: copy the pure-Python packages the box lacks
 #                                     # (omegaconf, antlr4, hydra, submitit) into .devsite/
-#   bash bench/gpu_check.sh run       # there: GPU tests, then the GPU benchmarks (~6 min)
+#   bash bench/gpu_check.sh run       # there: GPU tests, the GPU benchmarks, packing (~8 min)
 #   bash bench/gpu_check.sh compile   # there, if time is left: the train step under
 #                                     # torch.compile (train.compile=true), dhm-s0 and resnet
 #
@@ -39,6 +39,10 @@ accelerate.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
   timeout 300 $py -m bench.run --only pipeline,train_step,eval_cost,flops \
     --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench_gpu.log"
   bench=${PIPESTATUS[0]}
+  # Packed runs (cluster.runs_per_task): width-16 DHMs side by side, N = 1, 2, 4, 8, ~2 min.
+  timeout 200 $py -m bench.run --only packing --width 16 --images 4000 --steps 10 \
+    --out "$out/bench_gpu_packing.json" 2>&1 | tee "$out/bench_gpu_packing.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || bench=1
   echo "gpu tests exit $tests, benchmarks exit $bench; results in $out"
   [ "$tests" = 0 ] && [ "$bench" = 0 ]
   ;;

@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, str] = {
     "train_step": "bench.train_step",
     "eval_cost": "bench.eval_cost",
     "flops": "bench.flops",
+    "packing": "bench.packing",
     "launcher": "bench.launcher",
     "aggregate": "bench.aggregate",
 }

@@ -34,7 +34,7 @@ from dhm import metrics as M
 from dhm import results
 from dhm.config import RunConfig
 from dhm.fsutil import atomic_write_text
-from dhm.layout import MANIFEST, summary_ok_count
+from dhm.layout import MANIFEST, plan_estimates, summary_ok_count
 from dhm.layout import summary_complete as summary_complete  # re-exported
 from dhm.summary_io import plain, plot_labels, write_csv, write_h5, write_md
 from dhm.summary_io import read_table as read_table  # re-exported: docs/results.md uses it
@@ -500,19 +500,6 @@ def _columns(
     return [*head, *metrics, *[c for c in cis if c in present], "problem"], headline
 
 
-def _estimates(sweep_dir: Path) -> dict[str, float]:
-    """{run id: device-hours the plan estimated}, from plan.json (empty without one)."""
-    try:
-        plan = json.loads((sweep_dir / "plan.json").read_text())
-        return {
-            str(r["run_id"]): float(r["estimated_hours"])
-            for r in plan["runs"]
-            if r.get("estimated_hours")
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
 def _add_cost_columns(
     runs: list[RunSummary],
     columns: list[str],
@@ -641,7 +628,7 @@ def aggregate(
         if sizes[run.cell] == 1 and bootstrap:
             _intervals(run, boot, headline)
     columns, headline = _columns(runs, setting_keys)
-    columns = _add_cost_columns(runs, columns, states, _estimates(sweep_dir))
+    columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
     rows = [_row(run, columns) for run in runs]
     metric_cols = [
         c

@@ -118,6 +118,19 @@ def newest_shard_mtime(sweep_dir: Path, run_ids: list[str] | None = None) -> flo
     return newest
 
 
+def plan_estimates(sweep_dir: str | Path) -> dict[str, float]:
+    """{run id: device-hours the plan estimated for it}, from plan.json (empty without one)."""
+    try:
+        plan = json.loads((Path(sweep_dir) / "plan.json").read_text())
+        return {
+            str(r["run_id"]): float(r["estimated_hours"])
+            for r in plan["runs"]
+            if r.get("estimated_hours")
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def summary_ok_count(summary_dir: Path) -> int | None:
     """How many ok runs the summary in ``summary_dir`` has (None: no complete summary)."""
     try:

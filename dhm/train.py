@@ -429,15 +429,12 @@ def train_one_epoch(rs: RunState, stop: StopRequest | None = None) -> None:
                 raise TrainingStopped(rs.step, path)
 
 
-def _maybe_validate(rs: RunState) -> None:
-    """Validation after epoch ``rs.epoch - 1`` when due (and always after the last epoch)."""
-    every, last = rs.cfg.train.val_every_epochs, rs.epoch == rs.cfg.train.epochs
-    if rs.val_set is None or not (last or (every and rs.epoch % every == 0)):
-        return
+def _validation_pass(rs: RunState, data: data_lib.ImageSet) -> val_lib.ValStats:
+    """One pass over ``data`` on every rank (blocks split over ranks, sums reduced)."""
     acc = rs.accelerator
-    stats = val_lib.validation_pass(
+    return val_lib.validation_pass(
         rs.unwrapped,
-        rs.val_set,
+        data,
         rs.cfg.eval.batch_size,
         acc.device,
         seed=rs.cfg.train.seed,
@@ -445,10 +442,20 @@ def _maybe_validate(rs: RunState) -> None:
         world_size=acc.num_processes,
         reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
     )
+
+
+def _maybe_validate(rs: RunState) -> None:
+    """Validation after epoch ``rs.epoch - 1`` when due (and always after the last epoch)."""
+    every, last = rs.cfg.train.val_every_epochs, rs.epoch == rs.cfg.train.epochs
+    if rs.val_set is None or not (last or (every and rs.epoch % every == 0)):
+        return
+    stats = _validation_pass(rs, rs.val_set)
     rs.last_val = stats
     if rs.log is not None:
         rs.log.write({"step": rs.step, "epoch": rs.epoch - 1, **stats.metrics()})
-        grids = val_lib.image_grids(rs.unwrapped, rs.val_set.images[:16], seed=0, device=acc.device)
+        grids = val_lib.image_grids(
+            rs.unwrapped, rs.val_set.images[:16], seed=0, device=rs.accelerator.device
+        )
         if grids:
             from torchvision.utils import make_grid
 
@@ -464,19 +471,9 @@ def _eval_sigma(rs: RunState) -> dict[str, Any]:
         return {}
     if m.log_sigma.requires_grad:
         return {"eval_sigma_source": "learned"}
-    acc = rs.accelerator
 
     def fit(data: data_lib.ImageSet) -> val_lib.ValStats:
-        return val_lib.validation_pass(
-            m,
-            data,
-            rs.cfg.eval.batch_size,
-            acc.device,
-            seed=rs.cfg.train.seed,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            reduce=(lambda t: acc.reduce(t, "sum")) if acc.num_processes > 1 else None,
-        )
+        return _validation_pass(rs, data)
 
     if rs.val_set is not None:
         stats = rs.last_val or fit(rs.val_set)

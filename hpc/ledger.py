@@ -183,6 +183,17 @@ def parse_sacct(text: str) -> dict[str, list[SlurmRecord]]:
     return {**ranged, **own}
 
 
+def run_slurm(cmd: list[str], what: str) -> str:
+    """stdout of a Slurm command; SlurmError saying what failed and why."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SlurmError(f"{what}: {' '.join(cmd[:2])} could not run ({err})") from None
+    if out.returncode != 0:
+        raise SlurmError(f"{what}: {' '.join(cmd[:2])} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
 def sacct(job_ids: list[str]) -> dict[str, list[SlurmRecord]]:
     """Every attempt of these jobs and their array tasks, from the accounting database."""
     if not job_ids:
@@ -198,13 +209,7 @@ def sacct(job_ids: list[str]) -> dict[str, list[SlurmRecord]]:
         "-j",
         ",".join(sorted(set(job_ids))),
     ]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SlurmError(f"sacct could not run ({err}): is this a Slurm login node?") from None
-    if out.returncode != 0:
-        raise SlurmError(f"sacct failed ({out.stderr.strip()}): is slurmdbd running?")
-    return parse_sacct(out.stdout)
+    return parse_sacct(run_slurm(cmd, "reading job states (is slurmdbd running?)"))
 
 
 def pending_reasons(job_ids: list[str]) -> dict[str, str]:

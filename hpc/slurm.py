@@ -25,20 +25,10 @@ from omegaconf import OmegaConf
 
 from dhm.config import ConfigError
 from hpc import ledger
-from hpc.ledger import SlurmError
+from hpc.ledger import SlurmError, run_slurm
 from hpc.schema import memory_mb, parse_time_minutes, ranks_per_node
 
 __all__ = ["ArraySpec", "ClusterInfo", "SlurmError", "cluster_info", "submit_all"]
-
-
-def _run(cmd: list[str], what: str) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SlurmError(f"{what}: {' '.join(cmd[:2])} could not run ({err})") from None
-    if out.returncode != 0:
-        raise SlurmError(f"{what}: {' '.join(cmd[:2])} failed: {out.stderr.strip()}")
-    return out.stdout
 
 
 @dataclass
@@ -90,10 +80,10 @@ def cluster_info() -> ClusterInfo:
     if shutil.which("sbatch") is None:
         raise ConfigError("cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)")
     parts: dict[str, Partition] = {}
-    for line in _run(["sinfo", "-h", "-o", "%P|%l"], "reading partitions").splitlines():
+    for line in run_slurm(["sinfo", "-h", "-o", "%P|%l"], "reading partitions").splitlines():
         name, limit = line.split("|")[:2]
         parts[name.rstrip("*")] = Partition(name.rstrip("*"), name.endswith("*"), _time(limit))
-    nodes = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
+    nodes = run_slurm(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
     for line in nodes.splitlines():
         node, part, cpus, mem, gres = (line.split("|") + [""] * 5)[:5]
         p = parts.get(part.rstrip("*"))
@@ -104,7 +94,7 @@ def cluster_info() -> ClusterInfo:
         p.cpus[node] = int(cpus) if cpus.isdigit() else 0
         p.mem_mb[node] = int(mem) if mem.isdigit() else 0
         p.gpus[node] = _gpus(gres)
-    config = _run(["scontrol", "show", "config"], "reading the Slurm config")
+    config = run_slurm(["scontrol", "show", "config"], "reading the Slurm config")
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
     max_array = int(m.group(1)) if m else 1001
     return ClusterInfo(parts, max_array, _max_submit())
@@ -117,7 +107,7 @@ def _max_submit() -> int | None:
     limits = []
     try:
         user = getpass.getuser()
-        assoc = _run(
+        assoc = run_slurm(
             ["sacctmgr", "-n", "-P", "show", "assoc", f"user={user}", "format=maxsubmit,qos"],
             "reading limits",
         )
@@ -128,7 +118,7 @@ def _max_submit() -> int | None:
                 limits.append(int(value))
             qos_names.update(q for q in qos.split(",") if q)
         if qos_names:
-            qos = _run(
+            qos = run_slurm(
                 [
                     "sacctmgr",
                     "-n",

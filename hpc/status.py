@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dhm.fsutil import tail
+from dhm.layout import plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
 from hpc.plan import RunState, run_states
@@ -86,18 +87,6 @@ def _bucket(stage: str) -> str:
     if stage.startswith("eval "):
         return "evaluating"
     return stage
-
-
-def _estimates(cfg: Any) -> dict[str, float]:
-    try:
-        plan = json.loads((sweep_dir(cfg) / "plan.json").read_text())
-        return {
-            str(r["run_id"]): float(r["estimated_hours"])
-            for r in plan["runs"]
-            if r.get("estimated_hours")
-        }
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 def describe(st: RunState) -> dict[str, Any]:
@@ -179,7 +168,7 @@ def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dic
     states = run_states(cfg, runs, query_slurm=query, check_stale=False)
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
-    estimates = _estimates(cfg)
+    estimates = plan_estimates(sweep_dir(cfg))
     for st in states:
         i = infos[st.run.run_id]
         key = _bucket(i["stage"])

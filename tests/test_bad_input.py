@@ -18,11 +18,25 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM = ["cluster=slurm", "cluster.partition=debug", "cluster.cpus_per_task=1",
-         "cluster.eval_cpus=1"]
-TINY = ["sweep=single", "model.width=4", "model.latent_dim=4", "train.epochs=1",
-        "train.batch_size=100", "eval.batch_size=50", "eval.max_images=50", "eval.pgd_steps=0",
-        "eval.fgsm_eps=[0.0]", "eval.iwae_k=[1]", "train.progress=false"]
+SLURM = [
+    "cluster=slurm",
+    "cluster.partition=debug",
+    "cluster.cpus_per_task=1",
+    "cluster.eval_cpus=1",
+]
+TINY = [
+    "sweep=single",
+    "model.width=4",
+    "model.latent_dim=4",
+    "train.epochs=1",
+    "train.batch_size=100",
+    "eval.batch_size=50",
+    "eval.max_images=50",
+    "eval.pgd_steps=0",
+    "eval.fgsm_eps=[0.0]",
+    "eval.iwae_k=[1]",
+    "train.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +44,11 @@ def fake_slurm(tmp_path_factory):
     bin_dir = tmp_path_factory.mktemp("fake-slurm-bin")
     for name in ("sinfo", "scontrol", "sacctmgr", "sacct", "squeue", "sbatch", "scancel"):
         script = bin_dir / name
-        script.write_text(f"#!{sys.executable}\nimport sys\n"
-                          f"sys.path.insert(0, {str(REPO / 'tests' / 'helpers')!r})\n"
-                          f"import fake_slurm\nsys.exit(fake_slurm.main({name!r}))\n")
+        script.write_text(
+            f"#!{sys.executable}\nimport sys\n"
+            f"sys.path.insert(0, {str(REPO / 'tests' / 'helpers')!r})\n"
+            f"import fake_slurm\nsys.exit(fake_slurm.main({name!r}))\n"
+        )
         script.chmod(0o755)
     return bin_dir
 
@@ -43,10 +59,15 @@ def listing(root: Path) -> dict[str, int]:
 
 def launch(fake_slurm: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
     log = root.parent / "sbatch.log"
-    env = {**os.environ, "PATH": f"{fake_slurm}:{os.environ['PATH']}",
-           "FAKE_SLURM_LOG": str(log)}
-    out = subprocess.run([sys.executable, str(REPO / "launch.py"), f"root={root}", *args],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    env = {**os.environ, "PATH": f"{fake_slurm}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), f"root={root}", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     return out
 
 
@@ -66,7 +87,12 @@ def refused(fake_slurm: Path, root: Path, args: list[str], status: int, message:
 CASES = [
     # keys, types, group options, Hydra's own settings
     ("unknown key", ["model.no_such_key=1"], 2, "Key 'no_such_key' not in 'ModelConfig'"),
-    ("unknown key added with +", ["+model.no_such_key=1"], 2, "model.no_such_key is not a config key"),
+    (
+        "unknown key added with +",
+        ["+model.no_such_key=1"],
+        2,
+        "model.no_such_key is not a config key",
+    ),
     ("unknown top-level key", ["++nope=1"], 2, "nope is not a config key"),
     ("wrong type", ["model.width=wide"], 2, "model.width"),
     ("unknown group option", ["model=typo"], 2, "Could not find 'model/typo'"),
@@ -85,42 +111,98 @@ CASES = [
     ("epsilon above 1", [*TINY, "eval.fgsm_eps=[1.5]"], 2, "values in [0, 1] (pixel units)"),
     ("iwae_k [0]", [*TINY, "eval.iwae_k=[0]"], 2, "eval.iwae_k=[0]"),
     ("shard not whole blocks", [*TINY, "eval.shard_size=70"], 2, "eval.shard_size=70"),
-    ("thesis objective with IWAE", [*TINY, "model.likelihood=thesis", "model.importance_num=3"],
-     2, "an IWAE bound needs a likelihood"),
+    (
+        "thesis objective with IWAE",
+        [*TINY, "model.likelihood=thesis", "model.importance_num=3"],
+        2,
+        "an IWAE bound needs a likelihood",
+    ),
     # cluster profiles, against what sinfo says the partition has
-    ("contradictory cluster", [*TINY, *SLURM, "cluster.gpus_per_node=4",
-                               "cluster.tasks_per_node=2"], 2, "must equal gpus_per_node"),
-    ("time limit forever", [*TINY, *SLURM, "cluster.time=forever"], 2,
-     "cluster.time='forever' is not a Slurm time limit"),
-    ("more nodes than the partition", [*TINY, *SLURM, "cluster.nodes=3", "train.batch_size=99"], 2,
-     "cluster.nodes=3 is not allowed: partition debug has 2 node(s)"),
-    ("more CPUs than a node", [*TINY, *SLURM, "cluster.cpus_per_task=8"], 2,
-     "the largest node of partition debug has 2 CPUs"),
-    ("GPUs the nodes lack", [*TINY, *SLURM, "cluster.gpus_per_node=1"], 2,
-     "cluster.gpus_per_node=1 is not allowed: nodes of partition debug have at most 0 GPU"),
+    (
+        "contradictory cluster",
+        [*TINY, *SLURM, "cluster.gpus_per_node=4", "cluster.tasks_per_node=2"],
+        2,
+        "must equal gpus_per_node",
+    ),
+    (
+        "time limit forever",
+        [*TINY, *SLURM, "cluster.time=forever"],
+        2,
+        "cluster.time='forever' is not a Slurm time limit",
+    ),
+    (
+        "more nodes than the partition",
+        [*TINY, *SLURM, "cluster.nodes=3", "train.batch_size=99"],
+        2,
+        "cluster.nodes=3 is not allowed: partition debug has 2 node(s)",
+    ),
+    (
+        "more CPUs than a node",
+        [*TINY, *SLURM, "cluster.cpus_per_task=8"],
+        2,
+        "the largest node of partition debug has 2 CPUs",
+    ),
+    (
+        "GPUs the nodes lack",
+        [*TINY, *SLURM, "cluster.gpus_per_node=1"],
+        2,
+        "cluster.gpus_per_node=1 is not allowed: nodes of partition debug have at most 0 GPU",
+    ),
     ("more memory than a node", [*TINY, *SLURM, "cluster.mem=64G"], 2, "at most 8000 MB"),
-    ("unknown partition", [*TINY, *SLURM, "cluster.partition=gpu"], 2,
-     "gpu is not a partition sinfo knows: debug"),
+    (
+        "unknown partition",
+        [*TINY, *SLURM, "cluster.partition=gpu"],
+        2,
+        "gpu is not a partition sinfo knows: debug",
+    ),
     # shell syntax wherever a value reaches a script, a job name or a path
-    ("; in partition", [*TINY, *SLURM, "cluster.partition='debug;touch x'"], 2,
-     "cluster.partition='debug;touch x' is not allowed"),
-    ("$() in account", [*TINY, *SLURM, "cluster.account='$(touch x)'"], 2,
-     "cluster.account='$(touch x)' is not allowed"),
-    ("backticks in extra_sbatch", [*TINY, *SLURM, "+cluster.extra_sbatch={comment:'a`b`'}"], 2,
-     "cluster.extra_sbatch.comment"),
-    ("; in python", [*TINY, *SLURM, "cluster.python='python;touch pwned'"], 2,
-     "cluster.python='python;touch pwned' is not allowed"),
-    ("newline in a setup line", [*TINY, *SLURM, "cluster.setup=['echo a\necho b']"], 2,
-     "cluster.setup[0] contains a newline"),
+    (
+        "; in partition",
+        [*TINY, *SLURM, "cluster.partition='debug;touch x'"],
+        2,
+        "cluster.partition='debug;touch x' is not allowed",
+    ),
+    (
+        "$() in account",
+        [*TINY, *SLURM, "cluster.account='$(touch x)'"],
+        2,
+        "cluster.account='$(touch x)' is not allowed",
+    ),
+    (
+        "backticks in extra_sbatch",
+        [*TINY, *SLURM, "+cluster.extra_sbatch={comment:'a`b`'}"],
+        2,
+        "cluster.extra_sbatch.comment",
+    ),
+    (
+        "; in python",
+        [*TINY, *SLURM, "cluster.python='python;touch pwned'"],
+        2,
+        "cluster.python='python;touch pwned' is not allowed",
+    ),
+    (
+        "newline in a setup line",
+        [*TINY, *SLURM, "cluster.setup=['echo a\necho b']"],
+        2,
+        "cluster.setup[0] contains a newline",
+    ),
     ("; in sweep.name", [*TINY, "sweep.name='a;b'"], 2, "sweep.name='a;b' is not allowed"),
     ("newline in sweep.name", [*TINY, "sweep.name='a\nb'"], 2, "sweep.name='a\\nb'"),
-    ("path traversal in sweep.name", [*TINY, "sweep.name=../../../x"], 2,
-     "sweep.name='../../../x' is not allowed: one folder name under root"),
+    (
+        "path traversal in sweep.name",
+        [*TINY, "sweep.name=../../../x"],
+        2,
+        "sweep.name='../../../x' is not allowed: one folder name under root",
+    ),
     ("$() in root", [*TINY, "root='/tmp/x$(touch y)'"], 2, "root='/tmp/x$(touch y)'"),
     ("backticks in root", [*TINY, "root='/tmp/`id`'"], 2, "root='/tmp/`id`'"),
     # sweeps
-    ("colliding points", ["sweep=single", "sweep.points=[{train.compile:true},"
-                          "{train.compile:false}]"], 2, "train the same model"),
+    (
+        "colliding points",
+        ["sweep=single", "sweep.points=[{train.compile:true},{train.compile:false}]"],
+        2,
+        "train the same model",
+    ),
     ("empty grid", ["sweep=single", "sweep.points=[]"], 2, "has an empty grid"),
     ("unknown run id", [*TINY, "runs=[abcdef12]"], 2, "names no run of the 1 in the plan"),
 ]
@@ -141,8 +223,13 @@ def test_the_cases_cover_at_least_thirty_inputs():
 def trained(tmp_path_factory):
     """A tiny sweep trained, evaluated and aggregated once (cluster=local)."""
     root = tmp_path_factory.mktemp("trained")
-    out = subprocess.run([sys.executable, str(REPO / "launch.py"), *TINY, f"root={root}"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *TINY, f"root={root}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     (run_dir,) = (root / "single" / "runs").iterdir()
     return root, run_dir
@@ -167,9 +254,15 @@ def _vae_checkpoint(path: Path) -> None:
     torch.save({"model": {}, "config_yaml": to_yaml(cfg)}, path)
 
 
-FILE_CASES = ["truncated resume checkpoint", "truncated warm start", "warm start of a vae",
-              "truncated shard then aggregate", "foreign shard then aggregate",
-              "truncated dataset file", "missing data folder in dry_run"]
+FILE_CASES = [
+    "truncated resume checkpoint",
+    "truncated warm start",
+    "warm start of a vae",
+    "truncated shard then aggregate",
+    "foreign shard then aggregate",
+    "truncated dataset file",
+    "missing data folder in dry_run",
+]
 
 
 def test_a_truncated_resume_checkpoint_is_named_with_the_way_out(fake_slurm, trained, tmp_path):
@@ -189,12 +282,22 @@ def test_warm_starts_that_do_not_load_or_do_not_fit_are_refused(fake_slurm, tmp_
     root.mkdir()
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(b"PK\x03\x04 not a whole archive")
-    refused(fake_slurm, root, [*TINY, f"model.warm_start={bad}", "mode=dry_run"], 2,
-            f"checkpoint {bad} cannot be read")
+    refused(
+        fake_slurm,
+        root,
+        [*TINY, f"model.warm_start={bad}", "mode=dry_run"],
+        2,
+        f"checkpoint {bad} cannot be read",
+    )
     vae = tmp_path / "vae.pt"
     _vae_checkpoint(vae)
-    refused(fake_slurm, root, [*TINY, f"model.warm_start={vae}"], 2,
-            f"model.warm_start={vae} is a vae checkpoint; a resnet (or dhm) one is needed")
+    refused(
+        fake_slurm,
+        root,
+        [*TINY, f"model.warm_start={vae}"],
+        2,
+        f"model.warm_start={vae} is a vae checkpoint; a resnet (or dhm) one is needed",
+    )
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign"])
@@ -220,16 +323,30 @@ def test_dataset_files_are_looked_for_and_read_at_launch(fake_slurm, tmp_path):
     batch = data / "cifar-10-batches-py" / "data_batch_3"
     _truncate(batch)
     root = tmp_path / "root"
-    refused(fake_slurm, root, [*TINY, "data=cifar10", f"data.root={data}", *SLURM], 2,
-            f"truncated or corrupt file(s) {batch}")
-    refused(fake_slurm, root, [*TINY, "data=svhn", f"data.root={tmp_path / 'nothing'}", *SLURM,
-                               "mode=dry_run"], 2, f"{tmp_path / 'nothing'}/ does not exist")
+    refused(
+        fake_slurm,
+        root,
+        [*TINY, "data=cifar10", f"data.root={data}", *SLURM],
+        2,
+        f"truncated or corrupt file(s) {batch}",
+    )
+    refused(
+        fake_slurm,
+        root,
+        [*TINY, "data=svhn", f"data.root={tmp_path / 'nothing'}", *SLURM, "mode=dry_run"],
+        2,
+        f"{tmp_path / 'nothing'}/ does not exist",
+    )
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
     return ok
 
 
@@ -258,8 +375,13 @@ def test_an_unwritable_root_is_refused_before_anything(fake_slurm, tmpfs):
 
 def test_a_full_disk_fails_with_a_clear_error_and_no_partial_file(tmpfs):
     root = tmpfs("full", "size=150k")
-    out = subprocess.run([sys.executable, str(REPO / "launch.py"), *TINY, f"root={root}"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *TINY, f"root={root}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert out.returncode == 1, out.stdout[-2000:]
     assert "No space left on device" in out.stderr
     names = [p.name for p in root.rglob("*") if p.is_file()]

@@ -76,22 +76,34 @@ def test_flop_count_scales_with_width():
     assert 3.5 < large / small < 4.1
 
 
+def test_packing_reports_the_throughput_of_runs_side_by_side(report):
+    pack = report["benchmarks"]["packing"]
+    assert [r["runs per task"] for r in pack["rows"]] == [1, 2]
+    assert pack["rows"][0]["ratio vs 1 run"] == 1.0
+    assert all(_positive(r["images/s (all runs)"]) for r in pack["rows"])
+
+
 def test_launcher_counts_sbatch_calls(report):
     summary = report["benchmarks"]["launcher"]["summary"]
     assert summary["runs"] == 20
-    # One train array, one eval array per set (digits + digits_ood), one aggregate job ...
-    assert summary["sbatch_calls_ours"] == 4
+    # One train array, one eval array per set (test, validation, 2 OOD sets), one aggregate ...
+    assert summary["sbatch_calls_ours"] == 6
     assert summary["tasks_per_stage"] == {
-        "train": 20, "eval:digits": 20, "eval:digits_ood": 20, "aggregate": 1,
+        "train": 20, "eval:digits": 20, "eval:digits-val": 20, "eval:digits_heldout": 20,
+        "eval:digits_ood": 20, "aggregate": 1,
     }  # fmt: skip
     # ... against one script per run for training and per run and set for evaluation.
-    assert summary["sbatch_calls_one_script_per_run_and_stage"] == 60
+    assert summary["sbatch_calls_one_script_per_run_and_stage"] == 100
+    # The command line ran (dry run and status through launch.py, against import hydra).
+    assert _positive(summary["cli_dry_run_over_import_hydra"])
+    assert _positive(summary["cli_status_over_import_hydra"])
 
 
 def test_aggregate_reads_every_run(report):
     agg = report["benchmarks"]["aggregate"]
     assert agg["summary"]["runs"] == 20
     assert _positive(agg["summary"]["ratio_aggregate_over_h5py_read"])
+    assert _positive(agg["summary"]["ratio_report_over_aggregate"])
 
 
 def test_bad_options_exit_2_naming_the_option(capsys):
@@ -114,7 +126,7 @@ def test_gpu_benchmarks_import_without_hydra_or_submitit():
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from bench import run\n"
-        "for name in ('pipeline', 'train_step', 'eval_cost', 'flops'):\n"
+        "for name in ('pipeline', 'train_step', 'eval_cost', 'flops', 'packing'):\n"
         "    run.benchmark(name)\n"
         "print('ok')\n"
     )

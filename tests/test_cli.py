@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from hpc.cli import cli, compose_config
 from hpc.sweep import expand, run_id_of
 
@@ -19,15 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "launch.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def test_help_lists_the_config_groups_and_their_options():
     out = launch("--help")
     assert out.returncode == 0, out.stderr
-    for line in ("model: dhm, resnet, vae, zmodel", "sweep: alpha_beta, demo, iwae, single",
-                 "cluster: local, slurm", "data: cifar10, digits, svhn"):
+    for line in (
+        "model: dhm, resnet, vae, zmodel",
+        "sweep: alpha_beta, demo, iwae, single",
+        "cluster: local, slurm",
+        "data: cifar10, digits, svhn",
+    ):
         assert line in out.stdout
     assert "--multirun,-m" in out.stdout and "model:\n  name:" not in out.stdout
     bad = launch("--help", "model=typo")
@@ -60,46 +63,56 @@ def test_config_name_path_and_dir(tmp_path):
     assert out.returncode == 0 and "root: elsewhere" in out.stdout, out.stderr
     copy = tmp_path / "confs"
     subprocess.run(["cp", "-r", str(REPO / "configs"), str(copy)], check=True)
-    (copy / "sweep" / "tiny.yaml").write_text("# @package _global_\nsweep:\n  name: tiny\n"
-                                              "  points: [{}]\n")
+    (copy / "sweep" / "tiny.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: tiny\n  points: [{}]\n"
+    )
     out = launch("-cp", str(copy), "sweep=tiny", "--cfg", "job")
     assert out.returncode == 0 and "name: tiny" in out.stdout
     assert launch("-cp", str(tmp_path / "nope")).returncode == 2
 
 
 def test_multirun_comma_lists_and_ranges_become_sweep_axes(tmp_path):
-    cfg = compose_config(["sweep=single", "model.beta=0.1,1", "train.seed=range(3)"],
-                         multirun=True)
+    cfg = compose_config(["sweep=single", "model.beta=0.1,1", "train.seed=range(3)"], multirun=True)
     runs = expand(cfg)
     assert sorted((r.cfg.model.beta, r.cfg.train.seed) for r in runs) == [
-        (b, s) for b in (0.1, 1.0) for s in range(3)]
+        (b, s) for b in (0.1, 1.0) for s in range(3)
+    ]
     # A config group sweep becomes the settings each option sets.
-    cfg = compose_config(["sweep=single", "model=dhm,resnet", "data=cifar10,svhn"],
-                         multirun=True)
-    kinds = sorted((r.cfg.model.name, r.cfg.model.beta, r.cfg.data.name, r.cfg.data.val_size)
-                   for r in expand(cfg))
-    assert kinds == [("dhm", 1.0, "cifar10", 8000), ("dhm", 1.0, "svhn", 14652),
-                     ("resnet", 0.0, "cifar10", 8000), ("resnet", 0.0, "svhn", 14652)]
+    cfg = compose_config(["sweep=single", "model=dhm,resnet", "data=cifar10,svhn"], multirun=True)
+    kinds = sorted(
+        (r.cfg.model.name, r.cfg.model.beta, r.cfg.data.name, r.cfg.data.val_size)
+        for r in expand(cfg)
+    )
+    assert kinds == [
+        ("dhm", 1.0, "cifar10", 8000),
+        ("dhm", 1.0, "svhn", 14652),
+        ("resnet", 0.0, "cifar10", 8000),
+        ("resnet", 0.0, "svhn", 14652),
+    ]
     # On a sweep, -m multiplies every point; a point's own setting wins.
     cfg = compose_config(["sweep=demo", "train.seed=0,1"], multirun=True)
     assert len(expand(cfg)) == 8
     out = launch("-m", "sweep=single", "model.beta=0.1,1", f"root={tmp_path}", "mode=dry_run")
     assert out.returncode == 0, out.stderr
     assert "sweep single: 2 runs" in out.stdout and "model.beta=0.1" in out.stdout
-    for bad, message in ((["-m", "model.beta=interval(0,1)"], "interval() sweeps"),
-                         (["-m", "cluster=local,slurm"], "one launch has one cluster"),
-                         (["-m", "eval.iwae_k=[1],[10]"], "eval settings take lists"),
-                         (["-m", "model.beta=0.1"], "needs a sweep override"),
-                         (["model.beta=0.1,1"], "Ambiguous value for argument")):
+    for bad, message in (
+        (["-m", "model.beta=interval(0,1)"], "interval() sweeps"),
+        (["-m", "cluster=local,slurm"], "one launch has one cluster"),
+        (["-m", "eval.iwae_k=[1],[10]"], "eval settings take lists"),
+        (["-m", "model.beta=0.1"], "needs a sweep override"),
+        (["model.beta=0.1,1"], "Ambiguous value for argument"),
+    ):
         res = launch(*bad, "mode=dry_run")
         assert res.returncode == 2 and message in res.stderr, (bad, res.stderr)
 
 
 def test_hydra_overrides_and_added_unknown_keys_are_refused(tmp_path):
-    for args, message in ((["hydra.run.dir=x"], "hydra.* settings are not used"),
-                          (["+model.no_such_key=1"], "model.no_such_key is not a config key"),
-                          (["++train.nope=2"], "train.nope is not a config key"),
-                          (["+nope=2"], "nope is not a config key")):
+    for args, message in (
+        (["hydra.run.dir=x"], "hydra.* settings are not used"),
+        (["+model.no_such_key=1"], "model.no_such_key is not a config key"),
+        (["++train.nope=2"], "train.nope is not a config key"),
+        (["+nope=2"], "nope is not a config key"),
+    ):
         out = launch(*args, f"root={tmp_path}", "mode=dry_run")
         assert out.returncode == 2, (args, out.stdout)
         assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -136,10 +149,21 @@ def test_a_new_field_with_a_neutral_default_moves_no_run_id(monkeypatch):
 
 
 def test_status_cancel_and_aggregate_need_only_the_sweep_name(tmp_path, capsys):
-    args = ["sweep=single", "sweep.name=byname", f"root={tmp_path}", "model.width=4",
-            "model.latent_dim=4", "train.epochs=1", "train.batch_size=100",
-            "eval.max_images=50", "eval.pgd_steps=0", "eval.fgsm_eps=[0.0]",
-            "eval.iwae_k=[1]", "train.progress=false", "eval.batch_size=50"]
+    args = [
+        "sweep=single",
+        "sweep.name=byname",
+        f"root={tmp_path}",
+        "model.width=4",
+        "model.latent_dim=4",
+        "train.epochs=1",
+        "train.batch_size=100",
+        "eval.max_images=50",
+        "eval.pgd_steps=0",
+        "eval.fgsm_eps=[0.0]",
+        "eval.iwae_k=[1]",
+        "train.progress=false",
+        "eval.batch_size=50",
+    ]
     assert cli(args) == 0
     capsys.readouterr()
     assert cli(["sweep.name=byname", f"root={tmp_path}", "mode=status"]) == 0

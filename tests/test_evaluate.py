@@ -66,8 +66,14 @@ def trained(tmp_path_factory):
     """A tiny dhm trained for one epoch, with its run config."""
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     cfg = small_config(
-        run_dir, **{"train.epochs": 1, "eval.iwae_k": [1, 3], "eval.max_images": 150,
-                    "eval.fgsm_eps": [0.0, 0.02, 0.05], "eval.pgd_steps": 3}
+        run_dir,
+        **{
+            "train.epochs": 1,
+            "eval.iwae_k": [1, 3],
+            "eval.max_images": 150,
+            "eval.fgsm_eps": [0.0, 0.02, 0.05],
+            "eval.pgd_steps": 3,
+        },
     )
     return cfg, train(cfg)
 
@@ -114,7 +120,10 @@ def test_shard_contents_and_provenance(trained):
         fgsm_ok = digits["fgsm/pred"][e] == digits["labels"]
         assert not (pgd_ok & ~fgsm_ok).any()
     np.testing.assert_array_equal(digits["pgd/pred"][0], digits["logits"].argmax(1))
-    assert digits["images/recon"].shape == (16, 3, 32, 32) and digits["images/samples"].dtype == np.uint8
+    assert (
+        digits["images/recon"].shape == (16, 3, 32, 32)
+        and digits["images/samples"].dtype == np.uint8
+    )
     assert (digits["complexity_bits"] > 0).all()
     val = sets["digits-val"].arrays
     assert set(val) == {"indices", "labels", "logits"} and sets["digits-val"].role == "val"
@@ -125,7 +134,9 @@ def test_shard_contents_and_provenance(trained):
         assert len(f.attrs["checkpoint_sha256"]) == 64
         assert "model:" in f.attrs["config_yaml"] and f.attrs["git_commit"]
         assert f.attrs["num_dims"] == 3 * 32 * 32
-        assert f.attrs["likelihood_space"] == "pixels-dequantized" and f.attrs["pixel_levels"] == 255
+        assert (
+            f.attrs["likelihood_space"] == "pixels-dequantized" and f.attrs["pixel_levels"] == 255
+        )
         # Trained with the default learned sigma: evaluation uses it, and says so.
         assert f.attrs["sigma_source"] == "learned" and len(json.loads(f.attrs["sigma"])) == 1
     # Evaluating again keeps the complete files.
@@ -154,8 +165,12 @@ def test_plan_shards_cover_each_set_once(small_cfg):
     cfg = small_cfg(**{"eval.shard_size": 100})
     shards = plan_shards(cfg, "digits", "id", 360)
     assert [(s.start, s.stop) for s in shards] == [(0, 100), (100, 200), (200, 300), (300, 360)]
-    assert eval_sets(cfg) == [("digits", "id"), ("digits-val", "val"),
-                              ("digits_heldout", "ood"), ("digits_ood", "ood")]
+    assert eval_sets(cfg) == [
+        ("digits", "id"),
+        ("digits-val", "val"),
+        ("digits_heldout", "ood"),
+        ("digits_ood", "ood"),
+    ]
     assert ShardSpec("svhn", "ood", 0, 10, 10).filename == "svhn__0000000-0000010.h5"
 
 
@@ -350,9 +365,12 @@ def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
 
     old = os.umask(0o027)
     try:
-        shard = results.write_shard(tmp_path / "digits__0000000-0000002.h5", "digits",
-                                    {"indices": np.arange(2)},
-                                    {"role": "id", "set_size": 2, "start": 0, "stop": 2})
+        shard = results.write_shard(
+            tmp_path / "digits__0000000-0000002.h5",
+            "digits",
+            {"indices": np.arange(2)},
+            {"role": "id", "set_size": 2, "start": 0, "stop": 2},
+        )
         ckpt = ckpt_io.atomic_save({"model": {}, "config_yaml": ""}, tmp_path / "final.pt")
         text = atomic_write_text(tmp_path / "plan.json", "{}")
     finally:

@@ -581,3 +581,91 @@ def test_train_stage_ends_the_process_group(tmp_path):
     end_process_group()
     assert not dist.is_initialized()
     end_process_group()  # nothing to end: no error
+
+
+def test_the_plan_costs_the_time_limit_bound_or_the_sweeps_own_history(tmp_path, monkeypatch):
+    import torch
+
+    from hpc import costs, ledger
+
+    cfg = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep=demo",
+        "cluster.time=02:00:00",
+        "cluster.cpus_per_task=4",
+    )
+    runs = expand(cfg)
+    est = costs.estimate(cfg, make_plan(cfg, runs, query_slurm=False))
+    # No history, no calibration: 2 h x 4 CPUs per run, an upper bound, and it says so.
+    assert est["unit"] == "CPU" and est["total"].bound
+    assert est["train"][1].hours == pytest.approx(4 * 2 * 4)
+    assert sum(est["per_run"].values()) == pytest.approx(est["total"].hours)
+    assert "<= " in costs.describe(est)[0] and "mode=calibrate" in costs.describe(est)[0]
+    over = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep=demo",
+        "cluster.time=02:00:00",
+        "cluster.cpus_per_task=4",
+        "cluster.budget_gpu_hours=10",
+    )
+    with pytest.raises(ConfigError, match="cluster.budget_gpu_hours=10: this plan costs"):
+        costs.check_budget(over, costs.estimate(over, make_plan(over, runs, query_slurm=False)))
+    # History: two finished runs of the same model took 360 s on 4 CPUs for their 6 epochs.
+    seeds = _cfg(
+        "cluster=slurm",
+        f"root={tmp_path}",
+        "sweep=demo",
+        "sweep.points=[]",
+        "cluster.cpus_per_task=4",
+        "+sweep.axes={train.seed:[0,1]}",
+    )
+    runs = expand(seeds)  # 4 dhm runs of one width and dataset
+    ledger.record_submission(seeds, "train", "800", [{"runs": [r.run_id]} for r in runs[:2]], None)
+    for r in runs[:2]:
+        (r.run_dir / "checkpoints").mkdir(parents=True)
+        torch.save({"model": {}}, r.run_dir / "checkpoints" / "final.pt")
+    _fake_slurm(
+        monkeypatch,
+        {
+            f"800_{i}": [("COMPLETED", "0:0", 360, "node1", "", "cpu=4,mem=2000M,node=1")]
+            for i in range(2)
+        },
+    )
+    plan = make_plan(seeds, runs, query_slurm=True)
+    est = costs.estimate(seeds, plan)
+    assert len(plan.train) == 2 and est["train"][1].source == "history"
+    assert not est["train"][1].bound
+    assert est["train"][1].hours == pytest.approx(2 * 360 * 4 / 3600)  # CPU-hours, 2 runs
+
+
+def test_runs_per_task_auto_packs_from_the_calibrations_peak_memory(tmp_path):
+    import json
+
+    from hpc import costs
+
+    cfg = _cfg(
+        "cluster=slurm", f"root={tmp_path}", "cluster.gpus_per_node=1", "cluster.runs_per_task=auto"
+    )
+    assert costs.auto_runs_per_task(cfg)[0] == 1  # no calibration yet: say so, pack nothing
+    path = costs.calibration_path(cfg)
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "k": {
+                        "images_per_s": 1.0,
+                        "device": "H100",
+                        "peak_mem_mb": 9000,
+                        "device_mem_mb": 81000,
+                    }
+                }
+            }
+        )
+    )
+    n, why = costs.auto_runs_per_task(cfg)
+    assert n == 7 and "peak 9000 MB" in why  # floor(0.8 x 81000 / 9000)
+    cpu = _cfg("cluster=slurm", f"root={tmp_path}", "cluster.runs_per_task=auto")
+    assert costs.auto_runs_per_task(cpu)[0] == 1

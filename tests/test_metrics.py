@@ -308,9 +308,13 @@ def test_ece_and_auroc_against_torchmetrics():
     from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
     x, y = _random_logits(7, n=3000, scale=2.0)
-    theirs = multiclass_calibration_error(torch.softmax(torch.from_numpy(x), 1),
-                                          torch.from_numpy(y), num_classes=10, n_bins=15,
-                                          norm="l1")
+    theirs = multiclass_calibration_error(
+        torch.softmax(torch.from_numpy(x), 1),
+        torch.from_numpy(y),
+        num_classes=10,
+        n_bins=15,
+        norm="l1",
+    )
     assert M.expected_calibration_error(x, y, 15) == pytest.approx(float(theirs), abs=1e-6)
     rng = np.random.default_rng(3)
     s_in, s_out = rng.normal(1.0, 1.0, 700), rng.normal(0.0, 1.3, 500)

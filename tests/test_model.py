@@ -138,8 +138,9 @@ def test_the_vae_loss_trains_the_classifier_trunk_below_the_split_only_if_asked(
     # the stem and stage 1 through the encoder's input (vae_trunk_grad=True), or not at all
     # (False); the target is stop-gradient either way, and stage 2 onwards never sees it.
     torch.manual_seed(0)
-    model = DeepHybridModel("dhm", width=4, latent_dim=6, vae_split_layer=2,
-                            vae_trunk_grad=trunk_grad)
+    model = DeepHybridModel(
+        "dhm", width=4, latent_dim=6, vae_split_layer=2, vae_trunk_grad=trunk_grad
+    )
     out = model(torch.rand(3, 3, 32, 32))
     assert not out.target.requires_grad
     vae_loss = (out.recon - out.target.unsqueeze(0)).square().mean() + out.mu.square().mean()
@@ -153,8 +154,11 @@ def test_the_vae_loss_trains_the_classifier_trunk_below_the_split_only_if_asked(
 
 
 def test_sigma_is_a_learned_scalar_a_learned_vector_per_channel_or_fixed():
-    for sigma, shape, learned in (("global", (), True), ("channel", (3,), True),
-                                  ("fixed", (), False)):
+    for sigma, shape, learned in (
+        ("global", (), True),
+        ("channel", (3,), True),
+        ("fixed", (), False),
+    ):
         model = DeepHybridModel("vae", width=4, latent_dim=6, sigma=sigma, obs_sigma=0.2)
         assert model.log_sigma.shape == shape and model.log_sigma.requires_grad == learned
         assert torch.allclose(model.log_sigma.exp(), torch.tensor(0.2))

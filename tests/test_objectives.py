@@ -40,7 +40,10 @@ def test_per_channel_sigma_matches_torch_distributions():
 
 def test_float64_inputs_keep_their_precision():
     # DDP equivalence is checked in float64 (tests/test_train.py): nothing may round to float32.
-    x, mean = torch.rand(2, 3, 4, 4, dtype=torch.float64), torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    x, mean = (
+        torch.rand(2, 3, 4, 4, dtype=torch.float64),
+        torch.rand(2, 3, 4, 4, dtype=torch.float64),
+    )
     assert gaussian_log_likelihood(x, mean, 0.0).dtype == torch.float64
     mu = torch.randn(2, 5, dtype=torch.float64)
     assert gaussian_kl(mu, mu).dtype == torch.float64

@@ -31,11 +31,18 @@ def demo(tmp_path_factory):
     from hpc.cli import cli
 
     root = tmp_path_factory.mktemp("report")
-    args = ["sweep=demo", f"root={root}", "train.epochs=1", "train.progress=false",
-            "eval.max_images=100", "eval.pgd_steps=2", "eval.fgsm_eps=[0.0,0.03137254901960784]",
-            "sweep.points=[{model.name:resnet,model.alpha:1.0,model.beta:0.0},"
-            "{model.name:vae,model.alpha:0.0,model.beta:1.0},"
-            "{model.beta:0.5,train.debug_nan_at_step:2}]"]
+    args = [
+        "sweep=demo",
+        f"root={root}",
+        "train.epochs=1",
+        "train.progress=false",
+        "eval.max_images=100",
+        "eval.pgd_steps=2",
+        "eval.fgsm_eps=[0.0,0.03137254901960784]",
+        "sweep.points=[{model.name:resnet,model.alpha:1.0,model.beta:0.0},"
+        "{model.name:vae,model.alpha:0.0,model.beta:1.0},"
+        "{model.beta:0.5,train.debug_nan_at_step:2}]",
+    ]
     assert cli(args) == 1  # the failed run makes the launch exit non-zero; the rest is summarised
     sweep = root / "demo"
     plan = json.loads((sweep / "plan.json").read_text())
@@ -50,8 +57,7 @@ def test_the_report_is_self_contained_and_names_every_run_and_metric(demo):
     assert "https://" not in page and "<link" not in page
     for run in plan["runs"]:
         assert run["run_id"] in page
-    headline = json.loads(__import__("h5py").File(sweep / "summary/results.h5")
-                          .attrs["headline"])
+    headline = json.loads(__import__("h5py").File(sweep / "summary/results.h5").attrs["headline"])
     assert {"accuracy", "ece", "auroc_digits_heldout_elbo", "auroc_digits_ood_msp"} <= set(headline)
 
 
@@ -59,8 +65,10 @@ def _open(sweep: Path) -> Browser:
     b = Browser()
     b.open((sweep / "summary" / "report.html").as_uri())
     # Open every run's section, so its figures and images are drawn.
-    b.evaluate("document.querySelectorAll('details.run').forEach(d => { d.open = true; "
-               "d.dispatchEvent(new Event('toggle')); }); true")
+    b.evaluate(
+        "document.querySelectorAll('details.run').forEach(d => { d.open = true; "
+        "d.dispatchEvent(new Event('toggle')); }); true"
+    )
     b.evaluate("new Promise(r => setTimeout(r, 300))")
     return b
 
@@ -75,19 +83,23 @@ def test_the_report_renders_in_a_browser_without_errors(demo, tmp_path):
         text = b.evaluate("document.body.innerText")
         for run in plan["runs"]:
             assert run["run_id"] in text
-        headline = json.loads(__import__("h5py").File(sweep / "summary/results.h5")
-                              .attrs["headline"])
+        headline = json.loads(
+            __import__("h5py").File(sweep / "summary/results.h5").attrs["headline"]
+        )
         for metric in headline:
             assert column_meta(metric)[0] in text, metric
         images = b.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
         assert len(images) >= 6 and all(done and width > 0 for done, width in images)
         assert b.evaluate("document.querySelectorAll('details.run svg').length") >= 6
         # The failed run: its row says why, and its heatmap cell is masked, not absent.
-        row = b.evaluate(f"Array.from(document.querySelectorAll('tr.failure')).map(r => "
-                         f"r.innerText).find(t => t.includes('{failed}'))")
+        row = b.evaluate(
+            f"Array.from(document.querySelectorAll('tr.failure')).map(r => "
+            f"r.innerText).find(t => t.includes('{failed}'))"
+        )
         assert row and "non-finite loss at step 2" in row
-        masked = b.evaluate("Array.from(document.querySelectorAll('table.hm td.masked'))"
-                            ".map(td => td.title)")
+        masked = b.evaluate(
+            "Array.from(document.querySelectorAll('table.hm td.masked')).map(td => td.title)"
+        )
         assert any(failed in title for title in masked)
         b.screenshot(tmp_path / "report.png")
     shot = tmp_path / "report.png"
@@ -118,8 +130,46 @@ def test_status_refreshes_the_report_without_recomputing(demo, capsys):
     sweep, plan, failed = demo
     report = sweep / "summary" / "report.html"
     results = (sweep / "summary" / "results.csv").stat().st_mtime_ns
-    assert cli([f"sweep.name=demo", f"root={sweep.parent}", "mode=status"]) == 0
+    assert cli(["sweep.name=demo", f"root={sweep.parent}", "mode=status"]) == 0
     out = capsys.readouterr().out
     assert f"report: {report}" in out and failed in out
     assert (sweep / "summary" / "results.csv").stat().st_mtime_ns == results
     assert "Runs now" in report.read_text()
+
+
+def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
+    # 60 runs: every heatmap cell and table row is there, the per-run figures come 25 to a
+    # page and are drawn when opened, and image grids are embedded for the first runs only.
+    from dhm.aggregate import aggregate
+    from dhm.report import PAGE_RUNS
+    from tests.test_aggregate import write_plan, write_run
+
+    runs = [
+        (f"r{i:07d}", "dhm", a, b)
+        for i, (a, b) in enumerate(
+            (a, b) for a in (0.5, 1.0, 2.0) for b in np.logspace(-4, 1, 20).round(8).tolist()
+        )
+    ]
+    for i, r in enumerate(runs):
+        write_run(tmp_path, *r, seed=i)
+    write_plan(tmp_path, runs)
+    aggregate(tmp_path, plots=False, tensorboard=False, allow_partial=True)
+    page = (tmp_path / "summary" / "report.html").read_text()
+    data = json.loads(page.split("const RUNS = ", 1)[1].split(";\nconst PAGE", 1)[0])
+    assert len(data) == 60 and PAGE_RUNS == 25
+    assert all("images" in r for r in data[:48]) and not any("images" in r for r in data[48:])
+    assert all(r["id"] in page for r in data)
+    heat = page.count('<td style="background:')
+    assert heat >= 60  # every grid point in every heatmap (3 x 20 cells each)
+    if chromium() is None:
+        _need_browser()
+    with Browser() as b:
+        b.open((tmp_path / "summary" / "report.html").as_uri())
+        assert b.errors() == []
+        assert b.evaluate("document.querySelectorAll('details.run').length") == PAGE_RUNS
+        assert b.evaluate("document.querySelectorAll('#pager button').length") == 3
+        # Only the opened run's figures exist until another is opened.
+        assert b.evaluate("document.querySelectorAll('details.run svg').length") > 0
+        assert b.evaluate("document.querySelectorAll('details.run[open]').length") == 1
+        b.evaluate("document.querySelectorAll('#pager button')[2].click(); true")
+        assert b.evaluate("document.querySelectorAll('details.run').length") == 60 - 2 * PAGE_RUNS

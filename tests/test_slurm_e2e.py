@@ -42,8 +42,13 @@ PROFILE = [
     "eval.pgd_steps=2",
     "eval.max_images=100",
 ]
-TINY = ["model.width=4", "model.latent_dim=4", "train.batch_size=100", "eval.batch_size=50",
-        "eval.ood_sets=[digits_ood]"]
+TINY = [
+    "model.width=4",
+    "model.latent_dim=4",
+    "train.batch_size=100",
+    "eval.batch_size=50",
+    "eval.ood_sets=[digits_ood]",
+]
 
 
 def _cluster_env() -> dict[str, str]:
@@ -81,7 +86,10 @@ def ledger(sweep_dir: Path) -> list[dict]:
 def sacct_states(env: dict[str, str], job_ids: list[str]) -> dict[str, str]:
     out = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return {k: v[-1].state for k, v in parse_sacct(out).items()}
 
@@ -90,8 +98,12 @@ def wait_for_jobs(env: dict[str, str], job_ids: list[str], timeout: float = 900)
     """Poll until no job is pending or running; return {job or job_task: sacct state}."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)],
-                                env=env, capture_output=True, text=True).stdout.split()
+        queued = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)],
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         if not queued:
             break
         time.sleep(3)
@@ -114,8 +126,14 @@ def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(sl
     assert f"follow: python launch.py sweep.name=demo root={tmp_path} mode=status" in first.stdout
     sweep_dir = tmp_path / "demo"
     jobs = ledger(sweep_dir)
-    assert [j["stage"] for j in jobs] == ["train", "eval:digits", "eval:digits-val",
-                                          "eval:digits_heldout", "eval:digits_ood", "aggregate"]
+    assert [j["stage"] for j in jobs] == [
+        "train",
+        "eval:digits",
+        "eval:digits-val",
+        "eval:digits_heldout",
+        "eval:digits_ood",
+        "aggregate",
+    ]
     assert jobs[1]["dependency"] == f"aftercorr:{jobs[0]['job_id']}"
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs])
     # 4 train tasks, 4 tasks in each of the 4 eval arrays (the vae's val task a no-op), 1 aggregate
@@ -141,9 +159,7 @@ def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(sl
     assert len(ledger(sweep_dir)) == 6
 
 
-def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(
-    slurm_env, tmp_path
-):
+def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(slurm_env, tmp_path):
     base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=truth"]
     points = "sweep.points=[{model.beta:1.0},{model.beta:2.0,train.debug_nan_at_step:3}]"
     first = launch(slurm_env, *base, points)
@@ -164,8 +180,9 @@ def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(
     log = bad_row.split()[-1]
     assert Path(log).exists() and log.endswith("_log.err")
     assert f"aggregate job {agg} FAILED" in out
-    detail = launch(slurm_env, "sweep.name=truth", f"root={tmp_path}", "mode=status",
-                    f"runs=[{bad}]").stdout
+    detail = launch(
+        slurm_env, "sweep.name=truth", f"root={tmp_path}", "mode=status", f"runs=[{bad}]"
+    ).stdout
     assert re.search(rf"^train\s+{train}_1\s", detail, re.M), detail
     assert "tail of" in detail and "NonFiniteLossError" in detail
     rows = (sweep_dir / "summary" / "results.csv").read_text()
@@ -181,8 +198,13 @@ def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(
     retry = launch(slurm_env, *base, fixed, "retry_failed=true", "replace_summary=true")
     assert retry.returncode == 0, retry.stderr
     new = ledger(sweep_dir)[before:]
-    assert [j["stage"] for j in new] == ["train", "eval:digits", "eval:digits-val",
-                                         "eval:digits_ood", "aggregate"]
+    assert [j["stage"] for j in new] == [
+        "train",
+        "eval:digits",
+        "eval:digits-val",
+        "eval:digits_ood",
+        "aggregate",
+    ]
     assert all([t.get("runs") for t in j["tasks"]] == [[bad]] for j in new[:-1]), new
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in new])
     assert set(states.values()) == {"COMPLETED"}, states
@@ -210,8 +232,9 @@ def test_an_sbatch_failure_cancels_what_the_launch_submitted(slurm_env, tmp_path
     # after --test-only passed: the two arrays already queued are cancelled and recorded.
     shim = tmp_path / "bin"
     shim.mkdir()
-    real = subprocess.run(["bash", "-c", "command -v sbatch"], capture_output=True,
-                          text=True).stdout.strip()
+    real = subprocess.run(
+        ["bash", "-c", "command -v sbatch"], capture_output=True, text=True
+    ).stdout.strip()
     count = tmp_path / "count"
     (shim / "sbatch").write_text(
         "#!/bin/bash\n"
@@ -227,7 +250,9 @@ def test_an_sbatch_failure_cancels_what_the_launch_submitted(slurm_env, tmp_path
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "sbatch failed for the eval:digits-val array" in err[0]
     assert "cancelled the 2 array(s) it had submitted" in err[0] and "Traceback" not in out.stderr
-    entries = [json.loads(ln) for ln in (tmp_path / "half" / "ledger.jsonl").read_text().splitlines()]
+    entries = [
+        json.loads(ln) for ln in (tmp_path / "half" / "ledger.jsonl").read_text().splitlines()
+    ]
     submitted = [e["job_id"] for e in entries if e.get("kind") == "submission"]
     cancel = [e for e in entries if e.get("kind") == "cancel"]
     assert len(submitted) == 2 and cancel and cancel[0]["job_ids"] == submitted
@@ -249,9 +274,17 @@ def test_usr2_checkpoints_the_exact_position_and_the_requeued_run_is_bit_identic
 ):
     # checkpoint_every_steps=0: the only checkpoint that can exist mid-epoch is the one USR2
     # makes. The same run uninterrupted, in another sweep, on the same cluster and CPUs.
-    args = ["sweep=single", *PROFILE, "model.width=8", "model.latent_dim=16", "train.epochs=3",
-            "train.batch_size=50", "train.checkpoint_every_steps=0", "eval.ood_sets=[digits_ood]",
-            "train.log_every_steps=1"]
+    args = [
+        "sweep=single",
+        *PROFILE,
+        "model.width=8",
+        "model.latent_dim=16",
+        "train.epochs=3",
+        "train.batch_size=50",
+        "train.checkpoint_every_steps=0",
+        "eval.ood_sets=[digits_ood]",
+        "train.log_every_steps=1",
+    ]
     ref = launch(slurm_env, *args, f"root={tmp_path}/ref")
     assert ref.returncode == 0, ref.stderr
     first = launch(slurm_env, *args, f"root={tmp_path}/cut")
@@ -269,8 +302,10 @@ def test_usr2_checkpoints_the_exact_position_and_the_requeued_run_is_bit_identic
     jobs = [j["job_id"] for j in ledger(sweep_dir)]
     states = wait_for_jobs(slurm_env, jobs)
     assert set(states.values()) == {"COMPLETED"}, states
-    attempts = [json.loads(ln) for ln in (run_dir / "logs" / "train_attempts.jsonl").read_text()
-                .splitlines()]
+    attempts = [
+        json.loads(ln)
+        for ln in (run_dir / "logs" / "train_attempts.jsonl").read_text().splitlines()
+    ]
     stopped = [a for a in attempts if a["outcome"] == "stopped"]
     assert len(stopped) == 1 and stopped[0]["step"] % 19 != 0  # mid-epoch: 19 steps an epoch
     assert attempts[-1]["outcome"] == "completed" and attempts[-1]["restart"] == 1
@@ -283,15 +318,25 @@ def test_usr2_checkpoints_the_exact_position_and_the_requeued_run_is_bit_identic
 
 
 def test_beyond_max_requeues_the_task_stops_and_the_next_launch_resumes(slurm_env, tmp_path):
-    args = ["sweep=single", f"root={tmp_path}", *PROFILE, "model.width=8", "model.latent_dim=16",
-            "train.epochs=3", "train.batch_size=50", "cluster.max_requeues=0",
-            "eval.ood_sets=[digits_ood]"]
+    args = [
+        "sweep=single",
+        f"root={tmp_path}",
+        *PROFILE,
+        "model.width=8",
+        "model.latent_dim=16",
+        "train.epochs=3",
+        "train.batch_size=50",
+        "cluster.max_requeues=0",
+        "eval.ood_sets=[digits_ood]",
+    ]
     assert launch(slurm_env, *args).returncode == 0
     sweep_dir = tmp_path / "single"
     run_dir = _run_dir(sweep_dir)
     deadline = time.time() + 300
-    while not list((run_dir / "logs").glob("metrics.csv")) or len(
-        (run_dir / "logs" / "metrics.csv").read_text().splitlines()) < 5:
+    while (
+        not list((run_dir / "logs").glob("metrics.csv"))
+        or len((run_dir / "logs" / "metrics.csv").read_text().splitlines()) < 5
+    ):
         assert time.time() < deadline
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", _train_job(sweep_dir)], env=slurm_env, check=True)
@@ -308,8 +353,16 @@ def test_beyond_max_requeues_the_task_stops_and_the_next_launch_resumes(slurm_en
 def test_out_of_memory_is_relaunched_with_more_memory(slurm_env, tmp_path):
     # The cluster kills a step above its --mem. 300M is too little for a torch process; the
     # relaunch asks for 4x (cluster.oom_mem_factor) up to cluster.max_mem.
-    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "cluster.mem=300M",
-            "cluster.eval_mem=2000M", "cluster.oom_mem_factor=4", "cluster.max_mem=3000M"]
+    args = [
+        "sweep=single",
+        f"root={tmp_path}",
+        *PROFILE,
+        *TINY,
+        "cluster.mem=300M",
+        "cluster.eval_mem=2000M",
+        "cluster.oom_mem_factor=4",
+        "cluster.max_mem=3000M",
+    ]
     assert launch(slurm_env, *args).returncode == 0
     sweep_dir = tmp_path / "single"
     wait_for_jobs(slurm_env, [j["job_id"] for j in ledger(sweep_dir)])
@@ -317,7 +370,9 @@ def test_out_of_memory_is_relaunched_with_more_memory(slurm_env, tmp_path):
     assert "out of memory (asked for 300M)" in status
     again = launch(slurm_env, *args)
     assert again.returncode == 0, again.stderr
-    assert "train: resubmit with mem=1200M (x4 after running out of memory with 300M" in again.stdout
+    assert (
+        "train: resubmit with mem=1200M (x4 after running out of memory with 300M" in again.stdout
+    )
     new = ledger(sweep_dir)[-5:]
     assert new[0]["stage"] == "train" and new[0]["params"]["mem"] == "1200M"
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in new])
@@ -326,9 +381,15 @@ def test_out_of_memory_is_relaunched_with_more_memory(slurm_env, tmp_path):
 
 def test_a_pending_reason_and_packed_runs_with_one_failing(slurm_env, tmp_path):
     # Two runs packed in one task, one made to fail: the other trains and is evaluated.
-    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "cluster.runs_per_task=2",
-            "cluster.cpus_per_task=2",
-            "sweep.points=[{model.beta:1.0},{model.beta:2.0,train.debug_nan_at_step:2}]"]
+    args = [
+        "sweep=single",
+        f"root={tmp_path}",
+        *PROFILE,
+        *TINY,
+        "cluster.runs_per_task=2",
+        "cluster.cpus_per_task=2",
+        "sweep.points=[{model.beta:1.0},{model.beta:2.0,train.debug_nan_at_step:2}]",
+    ]
     out = launch(slurm_env, *args)
     assert out.returncode == 0 and "train: 1 task(s), 2 runs per task" in out.stdout
     sweep_dir = tmp_path / "single"
@@ -342,33 +403,53 @@ def test_a_pending_reason_and_packed_runs_with_one_failing(slurm_env, tmp_path):
     (bad_row,) = [ln for ln in status.splitlines() if ln.startswith(bad)]
     assert "train failed" in bad_row and "NonFiniteLossError" in bad_row
     # A job that cannot start yet shows Slurm's reason.
-    later = launch(slurm_env, "sweep=single", f"root={tmp_path}/later", *PROFILE, *TINY,
-                   "+cluster.extra_sbatch={begin:now+1hour}")
+    later = launch(
+        slurm_env,
+        "sweep=single",
+        f"root={tmp_path}/later",
+        *PROFILE,
+        *TINY,
+        "+cluster.extra_sbatch={begin:now+1hour}",
+    )
     assert later.returncode == 0, later.stderr
     time.sleep(6)
     st = launch(slurm_env, "sweep.name=single", f"root={tmp_path}/later", "mode=status").stdout
     assert "train pending" in st and "pending: BeginTime" in st
-    assert launch(slurm_env, "sweep.name=single", f"root={tmp_path}/later",
-                  "mode=cancel").returncode == 0
+    assert (
+        launch(slurm_env, "sweep.name=single", f"root={tmp_path}/later", "mode=cancel").returncode
+        == 0
+    )
 
 
 def test_thirty_tiny_runs_in_chunks_every_shard_and_row_present(slurm_env, tmp_path):
-    # The CI-sized version of docs/reliability.md's load measurement: MaxArraySize=11 splits
-    # each stage into 3 chunks; every task completes and every run is summarised.
+    # The CI-sized version of docs/reliability.md's load measurement, packed two runs a task
+    # to keep CI short: 15 tasks a stage, so MaxArraySize=11 splits each stage into 2 chunks;
+    # every task completes and every run is summarised.
     seeds = ",".join(str(s) for s in range(30))
-    args = ["sweep=single", f"root={tmp_path}", *PROFILE, *TINY, "sweep.points=[]",
-            f"+sweep.axes={{train.seed:[{seeds}]}}", "eval.pgd_steps=0",
-            "cluster.array_parallelism=4", "train.val_every_epochs=0"]
+    args = [
+        "sweep=single",
+        f"root={tmp_path}",
+        *PROFILE,
+        *TINY,
+        "sweep.points=[]",
+        f"+sweep.axes={{train.seed:[{seeds}]}}",
+        "eval.pgd_steps=0",
+        "cluster.array_parallelism=4",
+        "train.val_every_epochs=0",
+        "cluster.runs_per_task=2",
+        "cluster.cpus_per_task=2",
+    ]
     start = time.time()
     out = launch(slurm_env, *args)
     assert out.returncode == 0, out.stderr
     sweep_dir = tmp_path / "single"
     jobs = ledger(sweep_dir)
     train = [j for j in jobs if j["stage"] == "train"]
-    assert [len(j["tasks"]) for j in train] == [11, 11, 8]
-    assert len(jobs) == 3 * (1 + 3) + 1  # train + 3 eval arrays per chunk, one aggregate
+    assert [len(j["tasks"]) for j in train] == [11, 4]
+    assert all(len(t["runs"]) == 2 for j in train for t in j["tasks"])
+    assert len(jobs) == 2 * (1 + 3) + 1  # train + 3 eval arrays per chunk, one aggregate
     states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs], timeout=1500)
-    assert len(states) == 30 * 4 + 1 and set(states.values()) == {"COMPLETED"}, states
+    assert len(states) == 15 * 4 + 1 and set(states.values()) == {"COMPLETED"}, states
     rows = (sweep_dir / "summary" / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 30 and all(",ok," in r for r in rows)
     shards = list(sweep_dir.glob("runs/*/eval/*.h5"))

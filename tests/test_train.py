@@ -307,8 +307,9 @@ def test_warm_start_from_a_resnet_checkpoint(small_cfg, tmp_path):
         train(small_config(tmp_path / "dhm2", **{"model.warm_start": str(train(vae_cfg))}))
 
 
-def _run_ddp(tmp_path: Path, run_name: str, overrides: dict, world_size: int,
-             float64: bool = False) -> list[dict]:
+def _run_ddp(
+    tmp_path: Path, run_name: str, overrides: dict, world_size: int, float64: bool = False
+) -> list[dict]:
     out = tmp_path / f"{run_name}-weights"
     out.mkdir()
     port = free_port()
@@ -481,8 +482,11 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     val = V.validation_set(cfg, None)
     sse, n, elbos = 0.0, 0, []
     with torch.no_grad():
-        for block, (_, x, _) in enumerate(__import__("dhm.data", fromlist=["x"]).iterate_batches(
-            val, cfg.eval.batch_size, device="cpu")):
+        for block, (_, x, _) in enumerate(
+            __import__("dhm.data", fromlist=["x"]).iterate_batches(
+                val, cfg.eval.batch_size, device="cpu"
+            )
+        ):
             eps = V.block_noise(cfg.train.seed, block, (1, x.shape[0], cfg.model.latent_dim))
             out = model(x, eps=eps)
             sse += float((out.recon[0] - out.target).square().sum())
@@ -492,8 +496,9 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     assert state["eval_log_sigma"] == pytest.approx(fitted, rel=1e-5)
 
     def mean_elbo(log_sigma):
-        return sum(float((gaussian_log_likelihood(t, r, log_sigma) - kl).sum())
-                   for t, r, kl in elbos)
+        return sum(
+            float((gaussian_log_likelihood(t, r, log_sigma) - kl).sum()) for t, r, kl in elbos
+        )
 
     best = mean_elbo(fitted)
     assert best > mean_elbo(fitted + 0.01) and best > mean_elbo(fitted - 0.01)

@@ -17,8 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--remote-debugging-pipe",
+]
 
 
 def chromium() -> str | None:
@@ -44,17 +51,25 @@ class Browser:
             os.set_inheritable(4, True)
 
         self.proc = subprocess.Popen(
-            [exe, *FLAGS, f"--user-data-dir={self._profile}", "--window-size=1400,1800",
-             "about:blank"],
+            [
+                exe,
+                *FLAGS,
+                f"--user-data-dir={self._profile}",
+                "--window-size=1400,1800",
+                "about:blank",
+            ],
             # close_fds=False: subprocess would close fds after preexec_fn, the dup'd 3 and 4 too
-            preexec_fn=fds, close_fds=False,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=fds,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
         target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.send("Target.attachToTarget", targetId=target,
-                                 flatten=True)["sessionId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
         for domain in ("Runtime", "Log", "Page"):
             self.send(f"{domain}.enable", session=True)
 
@@ -96,8 +111,13 @@ class Browser:
         self.evaluate("new Promise(r => setTimeout(r, 300))")
 
     def evaluate(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", session=True, expression=expression,
-                           returnByValue=True, awaitPromise=True)
+        result = self.send(
+            "Runtime.evaluate",
+            session=True,
+            expression=expression,
+            returnByValue=True,
+            awaitPromise=True,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -116,8 +136,9 @@ class Browser:
         return out
 
     def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", session=True, format="png",
-                         captureBeyondViewport=True)["data"]
+        data = self.send(
+            "Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True
+        )["data"]
         path.write_bytes(base64.b64decode(data))
         return path
 

@@ -3,8 +3,9 @@
 Installed as ``sinfo``, ``scontrol``, ``sacctmgr``, ``sacct``, ``squeue``, ``sbatch`` and
 ``scancel`` (symlinks to this file) in a folder put first on PATH. It describes one partition,
 ``debug``, of two nodes with 2 CPUs, 8000 MB and no GPU (the local test cluster's shape).
-``sbatch`` and ``scancel`` append their command line to $FAKE_SLURM_LOG and fail, so a test
-can check that a refused launch never called them.
+``sbatch`` (but ``sbatch --test-only``, which submits nothing and is accepted) and ``scancel``
+append their command line to $FAKE_SLURM_LOG and fail, so a test can check that a refused
+launch never called them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ NODES = [("node1", 2, 8000), ("node2", 2, 8000)]
 
 def main(name: str | None = None) -> int:
     name, args = name or Path(sys.argv[0]).name, sys.argv[1:]
+    if name == "sbatch" and "--test-only" in args:  # submits nothing: Slurm's verdict only
+        print(
+            "sbatch: Job 1 to start at 2026-12-01T00:00:00 using 1 processors on nodes node1 "
+            "in partition debug",
+            file=sys.stderr,
+        )
+        return 0
     if name in ("sbatch", "scancel"):
         with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
             f.write(" ".join([name, *args]) + "\n")
