@@ -3,8 +3,16 @@
 Inside an ``srun`` task Slurm sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
 SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE and SLURM_JOB_NODELIST. torch.distributed (and so
 Accelerate) reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
-MASTER_ADDR is the first host of the allocation; MASTER_PORT is derived from the job id, so two
-jobs (or two array tasks) sharing a node never collide.
+MASTER_ADDR is the first host of the allocation; MASTER_PORT is derived from the job id (each
+array task has its own), so two jobs (or two array tasks) sharing a node do not collide.
+
+A task that trains packed runs (``cluster.runs_per_task``) needs one rendezvous port per run.
+Each job id owns PORT_SLOTS consecutive slots: slot 0 for the task's own group, slot i for its
+i-th packed run. The port is ``PORT_BASE + (job_id * PORT_SLOTS + slot) % PORT_SPAN``, so the
+tasks of one array, whose job ids are consecutive, never share a port: two slots meet only for
+job ids at least 606 apart (PORT_SLOTS = 33 is invertible modulo 20,000). Ports stay below
+Linux's ephemeral range (32768+) only in part; a rendezvous that finds its port taken fails
+with DistNetworkError, which the next launch resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import re
 from collections.abc import Mapping
 
 PORT_BASE, PORT_SPAN = 20000, 20000
+MAX_RUNS_PER_TASK = 32
+PORT_SLOTS = MAX_RUNS_PER_TASK + 1
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -32,8 +42,11 @@ def expand_hostlist(hostlist: str) -> list[str]:
     return hosts
 
 
-def master_port(job_id: int | str) -> int:
-    return PORT_BASE + int(job_id) % PORT_SPAN
+def master_port(job_id: int | str, slot: int = 0) -> int:
+    """The rendezvous port of this job id's ``slot`` (0: the task; i: its i-th packed run)."""
+    if not 0 <= slot < PORT_SLOTS:
+        raise ValueError(f"port slot {slot} is outside 0..{PORT_SLOTS - 1}")
+    return PORT_BASE + (int(job_id) * PORT_SLOTS + slot) % PORT_SPAN
 
 
 def _tasks_on_first_node(value: str) -> int:

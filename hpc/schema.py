@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from dhm.config import ConfigError, RunSections, check_known_keys
+from hpc.distributed import MAX_RUNS_PER_TASK
 
 MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate")
 CLUSTERS = ("local", "slurm")
@@ -149,8 +150,8 @@ def runs_per_task(cluster: Any) -> int | str:
         n = int(value)
     except (TypeError, ValueError):
         n = 0
-    if isinstance(value, bool) or n < 1 or str(n) != str(value).strip():
-        _fail("cluster.runs_per_task", value, "an integer >= 1, or auto")
+    if isinstance(value, bool) or not 1 <= n <= MAX_RUNS_PER_TASK or str(n) != str(value).strip():
+        _fail("cluster.runs_per_task", value, f"an integer in 1..{MAX_RUNS_PER_TASK}, or auto")
     return n
 
 

@@ -41,7 +41,7 @@ import submitit
 from dhm import provenance
 from dhm.config import from_yaml
 from dhm.fsutil import atomic_write_text
-from hpc.distributed import export_torch_env
+from hpc.distributed import export_torch_env, master_port
 
 SLURM_KEYS = (
     "SLURM_JOB_ID",
@@ -218,7 +218,7 @@ class _Stop:
         count, bound = _count_requeue(run_dir, kind, limits)
         if count > bound:
             raise RequeueLimitError(
-                f"{kind} number {count} of this job, beyond cluster.max_requeues={bound}; the "
+                f"beyond cluster.max_requeues={bound}: {kind} number {count} of this job; the "
                 f"checkpoint at step {step} is kept and the next launch resumes from it"
             )
         print(
@@ -304,6 +304,13 @@ class TrainStage(submitit.helpers.Checkpointable):
         return train_packed(run_yamls, stage_to, limits)
 
 
+def free_port() -> int:
+    """A port the OS says is free on this host (outside Slurm: a local packed run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, Any]) -> list[str]:
     """Train several runs side by side as child processes (``hpc.packed``) sharing this task's
     CPUs (threads split evenly) and GPU. One failing run does not stop the others: its
@@ -315,7 +322,7 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
     env["OMP_NUM_THREADS"] = str(max(1, cpus // n))
     if in_slurm_job():
         env.update(export_torch_env())
-    base_port = int(env.get("MASTER_PORT", 29500))
+    job_id = env.get("SLURM_JOB_ID")
     children: list[subprocess.Popen] = []
     files = []
     from dhm.train import StopRequest
@@ -327,7 +334,8 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
             f.write(text)
             f.close()
             files.append(f.name)
-            child_env = {**env, "MASTER_PORT": str(base_port + 1 + i), "DHM_PACKED": "1"}
+            port = master_port(job_id, 1 + i) if job_id else free_port()
+            child_env = {**env, "MASTER_PORT": str(port), "DHM_PACKED": "1"}
             cmd = [sys.executable, "-m", "hpc.packed", f.name, json.dumps(limits)]
             if stage_to:
                 cmd.append(stage_to)

@@ -155,6 +155,18 @@ def describe(st: RunState) -> dict[str, Any]:
     }
 
 
+_DOTTED_ERROR = re.compile(
+    r"^(exception: )(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b)"
+)
+
+
+def _short_reason(reason: str, width: int = 100) -> str:
+    """The table's cell for a reason: an exception's class without its module path (the full
+    line is in the one-run view), cut to ``width`` characters."""
+    reason = _DOTTED_ERROR.sub(r"\1\2", reason)
+    return reason if len(reason) <= width else reason[: width - 3] + "..."
+
+
 def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return [
@@ -173,7 +185,7 @@ def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dic
         i = infos[st.run.run_id]
         key = _bucket(i["stage"])
         counts[key] = counts.get(key, 0) + 1
-        why = i["reason"] if len(i["reason"]) <= 90 else i["reason"][:87] + "..."
+        why = _short_reason(i["reason"])
         est = estimates.get(st.run.run_id)
         rows.append(
             (

@@ -1,12 +1,14 @@
 """A load measurement on the local cluster: a sweep of many tiny runs, end to end.
 
-    python slurm/load.py [--runs 300] [--parallelism 4] [--root DIR]     (as root, cluster up)
+    python slurm/load.py [--runs 300] [--parallelism 4] [--runs-per-task 4] [--root DIR]
+                                                                          (as root, cluster up)
 
 Launches ``--runs`` tiny digits runs (one per train.seed) through launch.py with
-``cluster.array_parallelism``, waits for every task, and prints the wall time, the sbatch calls
-(the ledger), the sacct state of every task, and whether every shard and every summary row is
-there. A measurement, not a test (about 30 minutes for 300 runs on 2 x 2 CPUs); CI runs the
-30-run version (tests/test_slurm_e2e.py::test_thirty_tiny_runs_*).
+``cluster.array_parallelism`` and ``cluster.runs_per_task``, waits for every task, and prints
+the wall time, the sbatch calls (the ledger), the sacct state of every task, and whether every
+shard and every summary row is there. A measurement, not a test: about 30 minutes for 300 runs
+packed 4 a task on 2 x 2 CPUs (each task pays the interpreter and torch start-up once for its
+runs). CI runs the 30-run version (tests/test_slurm_e2e.py::test_thirty_tiny_runs_*).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, default=300)
     p.add_argument("--parallelism", type=int, default=4)
+    p.add_argument("--runs-per-task", type=int, default=4)
     p.add_argument("--root", type=Path)
     args = p.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="dhm-load-"))
@@ -65,6 +68,7 @@ def main() -> int:
         f"root={root}",
         f"+sweep.axes={{train.seed:[{seeds}]}}",
         f"cluster.array_parallelism={args.parallelism}",
+        f"cluster.runs_per_task={args.runs_per_task}",
     ]
     start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -94,6 +98,7 @@ def main() -> int:
     result = {
         "runs": args.runs,
         "array_parallelism": args.parallelism,
+        "runs_per_task": args.runs_per_task,
         "launch_seconds": round(launched, 1),
         "wall_seconds": round(wall, 1),
         "sbatch_calls": len(ids),

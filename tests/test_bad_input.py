@@ -110,6 +110,12 @@ CASES = [
     ("negative epsilon", [*TINY, "eval.fgsm_eps=[-0.1]"], 2, "eval.fgsm_eps=[-0.1]"),
     ("epsilon above 1", [*TINY, "eval.fgsm_eps=[1.5]"], 2, "values in [0, 1] (pixel units)"),
     ("iwae_k [0]", [*TINY, "eval.iwae_k=[0]"], 2, "eval.iwae_k=[0]"),
+    (
+        "more packed runs than ports",
+        [*TINY, "cluster.runs_per_task=40"],
+        2,
+        "an integer in 1..32, or auto",
+    ),
     ("shard not whole blocks", [*TINY, "eval.shard_size=70"], 2, "eval.shard_size=70"),
     (
         "thesis objective with IWAE",

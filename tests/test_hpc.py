@@ -182,6 +182,19 @@ def test_hostlists_and_torch_env():
         "MASTER_ADDR": "node1", "MASTER_PORT": str(master_port(777)),
     }  # fmt: skip
     assert master_port(777) != master_port(778)
+
+
+def test_packed_runs_of_neighbouring_array_tasks_never_share_a_port():
+    # The CI's 30-run sweep packed 2 runs a task: each child took the task's port + 1 + i, which
+    # is the next task's own port, and 6 runs failed with EADDRINUSE. Every slot of every job id
+    # in a window of 600 consecutive ids (an array's tasks on shared nodes) is distinct.
+    from hpc.distributed import MAX_RUNS_PER_TASK, PORT_BASE, PORT_SLOTS, PORT_SPAN
+
+    ports = [master_port(j, s) for j in range(5000, 5600) for s in range(PORT_SLOTS)]
+    assert len(set(ports)) == len(ports)
+    assert all(PORT_BASE <= p < PORT_BASE + PORT_SPAN for p in ports)
+    with pytest.raises(ValueError, match="port slot 33"):
+        master_port(1, MAX_RUNS_PER_TASK + 1)
     assert torch_env_from_slurm({}) == {}
 
 
@@ -669,3 +682,17 @@ def test_runs_per_task_auto_packs_from_the_calibrations_peak_memory(tmp_path):
     assert n == 7 and "peak 9000 MB" in why  # floor(0.8 x 81000 / 9000)
     cpu = _cfg("cluster=slurm", f"root={tmp_path}", "cluster.runs_per_task=auto")
     assert costs.auto_runs_per_task(cpu)[0] == 1
+
+
+def test_status_cell_names_the_exception_class_without_its_module():
+    from hpc.status import _short_reason
+
+    line = (
+        "exception: hpc.stages.RequeueLimitError: beyond cluster.max_requeues=0: preemption "
+        "number 1 of this job; the checkpoint at step 20 is kept and the next launch resumes"
+    )
+    cell = _short_reason(line)
+    assert cell.startswith("exception: RequeueLimitError: beyond cluster.max_requeues=0")
+    assert len(cell) == 100 and cell.endswith("...")
+    assert _short_reason("exception: KeyError: 'x'") == "exception: KeyError: 'x'"
+    assert _short_reason("pending: (PartitionNodeLimit)") == "pending: (PartitionNodeLimit)"

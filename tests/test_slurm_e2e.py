@@ -342,7 +342,11 @@ def test_beyond_max_requeues_the_task_stops_and_the_next_launch_resumes(slurm_en
     subprocess.run(["scancel", "--signal=USR2", _train_job(sweep_dir)], env=slurm_env, check=True)
     wait_for_jobs(slurm_env, [j["job_id"] for j in ledger(sweep_dir)])
     status = launch(slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status").stdout
-    assert "RequeueLimitError" in status and "beyond cluster.max_requeues=0" in status
+    assert "RequeueLimitError: beyond cluster.max_requeues=0" in status, status
+    one = launch(
+        slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status", f"runs=[{run_dir.name}]"
+    ).stdout
+    assert "hpc.stages.RequeueLimitError: beyond cluster.max_requeues=0" in one, one
     again = launch(slurm_env, *args)
     assert again.returncode == 0 and "train: resume from step" in again.stdout
     assert "RequeueLimitError" in again.stdout
