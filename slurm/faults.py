@@ -12,6 +12,7 @@ rows are docs/reliability.md's fault table. A measurement, not a test: about 20 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -58,7 +59,7 @@ ENV = env()
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    out = subprocess.run(
         [sys.executable, "launch.py", *args],
         cwd=REPO,
         env=ENV,
@@ -66,6 +67,9 @@ def launch(*args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"launch.py {' '.join(args)} exited {out.returncode}: {out.stderr}")
+    return out
 
 
 def jobs(sweep: Path) -> list[dict]:
@@ -112,7 +116,13 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def run_dir_of(sweep: Path) -> Path:
+def run_dir_of(sweep: Path, timeout: float = 600) -> Path:
+    """The sweep's one run folder; the train task creates it when it starts."""
+    deadline = time.time() + timeout
+    while not (sweep / "runs").is_dir() or not any((sweep / "runs").iterdir()):
+        if time.time() > deadline:
+            raise TimeoutError(f"{sweep}: no run folder after {timeout:.0f} s")
+        time.sleep(0.5)
     (rd,) = (sweep / "runs").iterdir()
     return rd
 
@@ -125,6 +135,11 @@ def resumes(sweep: Path) -> list[int]:
             if "resuming from" in line and "(step " in line:
                 steps.append(int(line.split("(step ")[1].split(")")[0]))
     return steps
+
+
+def footer(status: str) -> str:
+    """mode=status's summary line ("N runs: ...; summary ...; aggregate job ...")."""
+    return next((ln for ln in status.splitlines() if " runs: " in ln and ln[0].isdigit()), "")
 
 
 def scenario_usr2(root: Path, ref: Path) -> list[str]:
@@ -161,13 +176,19 @@ def scenario_requeue(root: Path, ref: Path) -> list[str]:
     rd = run_dir_of(sweep)
     train = jobs(sweep)[0]["job_id"]
     wait_step(rd, 25)
-    at = step_reached(rd)
+    asked = step_reached(rd)
     subprocess.run(["scontrol", "requeue", train], env=ENV, check=True)
+    # The task runs on until Slurm kills it: the last step it logged is the step it reached.
+    at, deadline = asked, time.time() + 600
+    while not resumes(sweep) and time.time() < deadline:
+        at = max(at, step_reached(rd))
+        time.sleep(0.1)
     wait(sweep)
     back = resumes(sweep)
     return [
         "`scontrol requeue` (no USR2 first)",
-        f"at step {at}, checkpoints every 10 steps",
+        f"asked at step {asked}; the task reached step {at} before Slurm killed it; "
+        "checkpoints every 10 steps",
         f"{at - back[0] if back else '?'} steps redone (resumed from step "
         f"{back[0] if back else '?'}, the newest periodic checkpoint)",
         "none needed: Slurm restarted the task, which resumed",
@@ -204,7 +225,7 @@ def scenario_killed_eval(root: Path, ref: Path) -> list[str]:
     again = launch(f"root={root}", *PROFILE, "eval.pgd_steps=20")
     planned = [ln.strip() for ln in again.stdout.splitlines() if ln.strip().startswith("eval ")]
     wait(sweep)
-    final = launch("sweep.name=single", f"root={root}", "mode=status").stdout.splitlines()[-1]
+    final = footer(launch("sweep.name=single", f"root={root}", "mode=status").stdout)
     return [
         "a killed eval task",
         f"`scancel {task}` while it ran",
@@ -223,18 +244,31 @@ def scenario_killed_aggregate(root: Path, ref: Path) -> list[str]:
     while task is None and time.time() < deadline:
         task = _first_running(sweep, "aggregate")
         time.sleep(0.2)
-    time.sleep(1.5)
-    subprocess.run(["scancel", "--signal=KILL", task], env=ENV, check=True)
+    # Kill it mid-write: the tables are out (results.csv), the plots, report and manifest not.
+    summary = sweep / "summary"
+    while not (summary / "results.csv").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    # SIGKILL every process of the job at once, as the OOM killer or a lost node would
+    # (scancel sends SIGTERM to the step first, and the aggregate finished within KillWait).
+    listing = subprocess.run(
+        ["scontrol", "listpids", task], env=ENV, capture_output=True, text=True
+    ).stdout.splitlines()[1:]
+    for pid in {int(ln.split()[0]) for ln in listing if ln.split() and ln.split()[0].isdigit()}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    written = sorted(p.name for p in summary.iterdir() if p.is_file())
     wait(sweep)
-    status = launch("sweep.name=single", f"root={root}", "mode=status").stdout.splitlines()[-1]
+    plots_missing = not any((summary / "plots").glob("*.png"))
+    status = footer(launch("sweep.name=single", f"root={root}", "mode=status").stdout)
     again = launch(f"root={root}", *PROFILE)
     wait(sweep)
-    after = launch("sweep.name=single", f"root={root}", "mode=status").stdout.splitlines()[-1]
+    after = footer(launch("sweep.name=single", f"root={root}", "mode=status").stdout)
     line = next((ln for ln in again.stdout.splitlines() if "aggregate:" in ln), "")
     return [
         "a killed aggregate job",
-        f"`scancel --signal=KILL {task}` while it wrote",
-        "the summary's manifest (written last), so the summary counts as not done",
+        f"`kill -9` of every process of job {task} once results.csv was written",
+        f"the rest of the summary (files there: {', '.join(written)}; plots missing: "
+        f"{plots_missing}); no manifest.json (written last), so the summary is not done",
         f"status: '{status.split(';')[1].strip()}'; relaunch: '{line.strip()}', then "
         f"'{after.split(';')[1].strip()}'",
         "-",
