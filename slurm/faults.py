@@ -329,8 +329,8 @@ def scenario_slurmd_down(root: Path, ref: Path) -> list[str]:
         "slurmd down on the training node",
         "`kill -9` slurmd and slurmstepd of node2",
         "the steps since the newest checkpoint (every 10 steps)",
-        f"sacct: {' '.join(states)}; relaunch: '{plan[:120]}'; trained: "
-        f"{(rd / 'checkpoints/final.pt').exists()}",
+        f"sacct: {', '.join(st.replace('|', ' ') for st in states)}; "
+        f"relaunch: '{plan[:120]}'; trained: {(rd / 'checkpoints/final.pt').exists()}",
         "-",
     ]
 
