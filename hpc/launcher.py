@@ -159,6 +159,12 @@ def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
         pack = f", {packed} runs per task" if packed > 1 else ""
         group = f" [{spec.group}]" if spec.group else ""
         print(f"  {spec.stage}{group}: {len(spec.tasks)} task(s){pack}{dep}")
+        if packed > 1 and not spec.params.get("mem"):
+            print(
+                f"    note: each task holds {packed} processes (Slurm counts ~0.5 GB of RSS "
+                "for each torch process) in the partition's default memory; set cluster.mem "
+                "(eval: cluster.eval_mem) if that is less"
+            )
         if scripts:
             params = dict(spec.params)
             if spec.dependency_kind:

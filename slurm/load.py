@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--parallelism", type=int, default=4)
     p.add_argument("--runs-per-task", type=int, default=4)
     p.add_argument("--root", type=Path)
+    p.add_argument("overrides", nargs="*", help="more launch.py overrides (e.g. cluster.mem=3G)")
     args = p.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="dhm-load-"))
     seeds = ",".join(str(s) for s in range(args.runs))
@@ -69,6 +70,7 @@ def main() -> int:
         f"+sweep.axes={{train.seed:[{seeds}]}}",
         f"cluster.array_parallelism={args.parallelism}",
         f"cluster.runs_per_task={args.runs_per_task}",
+        *args.overrides,
     ]
     start = time.time()
     out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -99,6 +101,7 @@ def main() -> int:
         "runs": args.runs,
         "array_parallelism": args.parallelism,
         "runs_per_task": args.runs_per_task,
+        "overrides": args.overrides,
         "launch_seconds": round(launched, 1),
         "wall_seconds": round(wall, 1),
         "sbatch_calls": len(ids),

@@ -339,6 +339,21 @@ def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
     )
 
 
+def test_a_packed_plan_without_memory_says_each_task_holds_n_processes(tmp_path, capsys):
+    # The 300-run load measurement packed 10 runs a task in the default 2,000 MB: every train
+    # task exceeded it. The plan says so unless cluster.mem is set.
+    from hpc.launcher import print_arrays
+
+    for extra, noted in (([], True), (["cluster.mem=4G", "cluster.eval_mem=4G"], False)):
+        cfg = _cfg(
+            "cluster=slurm", f"root={tmp_path}", "sweep=demo", "cluster.runs_per_task=2", *extra
+        )
+        print_arrays(cfg, arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False)), False)
+        out = capsys.readouterr().out
+        assert "train: 2 task(s), 2 runs per task" in out
+        assert ("each task holds 2 processes" in out) == noted, out
+
+
 def test_stage_data_copies_once_per_node_and_returns_the_new_root(tmp_path, monkeypatch):
     from hpc.stages import stage_data
 
