@@ -232,8 +232,7 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
     specs = arrays_for(cfg, plan, info.max_array_size)
     tasks = sum(len(s.tasks) for s in specs)
     costs.refuse_if_over_limits(cfg, info, tasks)
-    for spec in specs:
-        slurm.test_only(cfg, _slurm_folder(cfg), spec)
+    slurm.test_only(cfg, _slurm_folder(cfg), specs)
     print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")
     if specs:
         print(f"sbatch --test-only accepted all {len(specs)} array(s)")

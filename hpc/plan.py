@@ -30,7 +30,7 @@ from dhm import layout
 from hpc import ledger
 from hpc.ledger import RESUME_STATES, Attempt
 from hpc.schema import memory_mb, parse_time_minutes, runs_per_task
-from hpc.slurm import ArraySpec, Resources, stage_params, stage_resources
+from hpc.slurm import ArraySpec, Resources, Yamls, stage_params, stage_resources
 from hpc.sweep import Run, sweep_dir
 
 # Exceptions that say the infrastructure failed, not the code: resumed like a node failure. A
@@ -366,10 +366,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
                 ArraySpec(
                     "train",
                     [_task(runs) for runs in part],
-                    [
-                        (TrainStage(), [x.yaml for x in runs], stage_to, _limits(cfg))
-                        for runs in part
-                    ],
+                    [(TrainStage(), Yamls(runs), stage_to, _limits(cfg)) for runs in part],
                     stage_params(cfg, "train", r, "train"),
                     group=label,
                 )
@@ -383,7 +380,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
                     mine = [x for x in runs if x.run_id in wanted]
                     ev_tasks.append(_task(mine, set_name) if mine else {"noop": True})
                     ev_calls.append(
-                        (EvalStage(), [x.yaml for x in mine], set_name, role) if mine else (NoOp(),)
+                        (EvalStage(), Yamls(mine), set_name, role) if mine else (NoOp(),)
                     )
                 specs.append(
                     ArraySpec(
@@ -409,7 +406,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
                     ArraySpec(
                         name(set_name, role, plan.eval_now),
                         [_task(runs, set_name) for runs in part],
-                        [(EvalStage(), [x.yaml for x in runs], set_name, role) for runs in part],
+                        [(EvalStage(), Yamls(runs), set_name, role) for runs in part],
                         stage_params(cfg, "eval", r, f"eval-{set_name}"),
                         group=_label(r, base_eval, k, len(parts)),
                     )
