@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from dhm.config import ConfigError
@@ -711,3 +714,33 @@ def test_status_cell_names_the_exception_class_without_its_module():
     assert len(cell) == 100 and cell.endswith("...")
     assert _short_reason("exception: KeyError: 'x'") == "exception: KeyError: 'x'"
     assert _short_reason("pending: (PartitionNodeLimit)") == "pending: (PartitionNodeLimit)"
+
+
+def test_test_only_runs_every_array_and_names_the_first_it_refuses(tmp_path, monkeypatch):
+    # The launch's sbatch --test-only calls run concurrently; the first refused array in plan
+    # order is named with Slurm's reason, and no script file is left behind.
+    from hpc import slurm
+
+    bin_dir, seen = tmp_path / "bin", tmp_path / "seen"
+    bin_dir.mkdir()
+    fake = bin_dir / "sbatch"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$2" >> {seen}\n'
+        'if grep -q "job-name=dhm-demo-eval-digits_ood$" "$2"; then\n'
+        '  echo "sbatch: error: Requested node configuration is not available" >&2; exit 1\n'
+        "fi\n"
+        'echo "sbatch: Job 1 to start at 2026-12-01T00:00:00"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo")
+    specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    with pytest.raises(slurm.SlurmError) as err:
+        slurm.test_only(cfg, tmp_path, specs)
+    assert "refused the eval:digits_ood array (4 tasks)" in str(err.value)
+    assert "Requested node configuration is not available" in str(err.value)
+    scripts = seen.read_text().split()
+    assert len(scripts) == len(specs) and not any(Path(p).exists() for p in scripts)
+    fake.write_text('#!/bin/bash\necho "sbatch: Job 1 to start"\n')
+    slurm.test_only(cfg, tmp_path, specs)  # every array accepted: no error
