@@ -72,7 +72,7 @@ def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run]]:
 def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
     """What a compute node would refuse, refused here: warm starts, dataset files, resources,
     an unwritable root."""
-    from dhm.results import eval_sets
+    from dhm.layout import eval_sets  # not dhm.results: that imports h5py (~0.25 s)
 
     seen: set[tuple[str, str, bool]] = set()
     for run in runs:
