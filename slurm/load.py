@@ -6,9 +6,11 @@
 Launches ``--runs`` tiny digits runs (one per train.seed) through launch.py with
 ``cluster.array_parallelism`` and ``cluster.runs_per_task``, waits for every task, and prints
 the wall time, the sbatch calls (the ledger), the sacct state of every task, and whether every
-shard and every summary row is there. A measurement, not a test: about 30 minutes for 300 runs
-packed 4 a task on 2 x 2 CPUs (each task pays the interpreter and torch start-up once for its
-runs). CI runs the 30-run version (tests/test_slurm_e2e.py::test_thirty_tiny_runs_*).
+shard and every summary row is there. A measurement, not a test: on 2 x 2 CPUs, 300 runs packed
+3 a task (``--runs-per-task 3 cluster.mem=3800M cluster.eval_mem=3800M``: Slurm counts ~0.5 GB
+of RSS per torch process, so 4 a task exceeded 3,800 MB) project to about 85 minutes, since
+every task and packed child pays ~4 CPU-seconds of start-up. CI runs the 30-run version
+(tests/test_slurm_e2e.py::test_thirty_tiny_runs_*).
 """
 
 from __future__ import annotations
