@@ -278,7 +278,9 @@ class Plain(dict):
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Plain:
-        return cls({k: cls.of(v) if isinstance(v, dict) else v for k, v in data.items()})
+        """A new Plain holding a copy of ``data``: its dicts and lists are copied (a Plain is
+        never a view of data that someone else may change), scalars shared."""
+        return cls({k: v if type(v) in _SCALARS else _plain_copy(v) for k, v in data.items()})
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -291,7 +293,31 @@ class Plain(dict):
         return {k: v.plain() if isinstance(v, Plain) else v for k, v in self.items()}
 
 
-_DEFAULTS = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of YAML data for a Plain: its dicts become Plain, lists are copied."""
+    if isinstance(value, dict):
+        return Plain({k: v if type(v) in _SCALARS else _plain_copy(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [v if type(v) in _SCALARS else copy_data(v) for v in value]
+    return value
+
+
+def copy_data(value: Any) -> Any:
+    """``copy.deepcopy`` of YAML data (dicts, lists, scalars), several times faster."""
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, dict):
+        return {k: copy_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_data(v) for v in value]
+    return value
+
+
+# RunConfig's defaults as plain data (read only): what identities and key checks compare with.
+RUN_DEFAULTS = OmegaConf.to_container(OmegaConf.structured(RunConfig))
 
 
 def _delta(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +350,7 @@ def training_identity(cfg: Any, *, full: bool = False) -> dict[str, Any]:
     ident = {"model": dict(plain["model"]), "data": data, "train": train}
     if full:
         return ident
-    defaults = {k: _DEFAULTS[k] for k in ident}
+    defaults = {k: RUN_DEFAULTS[k] for k in ident}
     return {"identity": IDENTITY_VERSION, **_delta(ident, defaults)}
 
 

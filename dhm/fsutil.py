@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 def umask() -> int:
@@ -62,17 +63,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def tail(path: str | Path, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
-    """The last ``lines`` lines of a text file, reading at most ``max_bytes`` from its end.
+def tail(path: str | Path | BinaryIO, lines: int = 20, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last ``lines`` lines of a text file (a path, or a file open in binary mode),
+    reading at most ``max_bytes`` from its end.
 
     Returns [] for a missing or unreadable file; cost does not grow with the file's size.
     """
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
+        if isinstance(path, str | Path):
+            with open(path, "rb") as f:
+                return tail(f, lines, max_bytes)
+        f = path
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - max_bytes))
+        data = f.read()
     except OSError:
         return []
     text = data.decode("utf-8", errors="replace")

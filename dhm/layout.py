@@ -18,12 +18,16 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 2  # 2: val role, iwae_ess, complexity_bits, pgd, images, dequantized pixels
 ROLES = ("id", "val", "ood")
 MANIFEST = "manifest.json"
+# In <run_dir>/logs/: per-step metrics (dhm.monitor), and the train attempts hpc.stages records.
+METRICS_LOG, ATTEMPTS_LOG = "metrics.csv", "train_attempts.jsonl"
 _SHARD_RE = re.compile(r"^(?P<set>.+)__(?P<start>\d{7})-(?P<stop>\d{7})\.h5$")
 
 
@@ -75,22 +79,66 @@ def eval_id(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def set_shards(eval_dir: str | Path, set_name: str) -> list[tuple[int, int, Path]]:
-    """(start, stop, path) of a set's shard files, by start."""
-    folder = Path(eval_dir)
-    if not folder.is_dir():
+def names_in(folder: str | Path) -> list[str]:
+    """The names in a folder ([] when it does not exist or cannot be read)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
         return []
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The names one scan of a run folder found: what the launcher decides a run's state from,
+    with one listing per subfolder instead of a stat per file it might hold."""
+
+    checkpoints: frozenset[str] = frozenset()  # names in checkpoints/
+    shards: tuple[str, ...] = ()  # names in eval/
+    logs: frozenset[str] = frozenset()  # names in logs/
+
+
+def scan_runs(run_dirs: list[str]) -> dict[str, RunFiles]:
+    """{run dir: RunFiles} with one listing of each parent folder (``<sweep>/runs``), so the
+    runs that have no folder yet (a new sweep: all of them) cost nothing more."""
+    listed: dict[str, set[str]] = {}
+    out: dict[str, RunFiles] = {}
+    for run_dir in run_dirs:
+        parent, name = os.path.split(os.path.normpath(run_dir))
+        if parent not in listed:
+            listed[parent] = set(names_in(parent))
+        if name not in listed[parent]:
+            out[run_dir] = RunFiles()
+            continue
+        out[run_dir] = RunFiles(
+            frozenset(names_in(os.path.join(run_dir, "checkpoints"))),
+            tuple(names_in(os.path.join(run_dir, "eval"))),
+            frozenset(names_in(os.path.join(run_dir, "logs"))),
+        )
+    return out
+
+
+def set_shards(
+    eval_dir: str | Path, set_name: str, names: Iterable[str] | None = None
+) -> list[tuple[int, int, Path]]:
+    """(start, stop, path) of a set's shard files, by start; ``names``: the folder's listing,
+    when the caller has it."""
+    folder = Path(eval_dir)
     return sorted(
-        (int(m["start"]), int(m["stop"]), folder / entry.name)
-        for entry in os.scandir(folder)
-        if (m := _SHARD_RE.match(entry.name)) and m["set"] == set_name
+        (int(m["start"]), int(m["stop"]), folder / name)
+        for name in (names_in(folder) if names is None else names)
+        if (m := _SHARD_RE.match(name)) and m["set"] == set_name
     )
 
 
-def set_complete(eval_dir: str | Path, set_name: str, size: int | None = None) -> bool:
+def set_complete(
+    eval_dir: str | Path,
+    set_name: str,
+    size: int | None = None,
+    names: Iterable[str] | None = None,
+) -> bool:
     """True when the set's shard files cover [0, size) without gaps. ``size`` None: read it
-    from the first shard (the only case that opens a file)."""
-    spans = set_shards(eval_dir, set_name)
+    from the first shard (the only case that opens a file). ``names``: the folder's listing."""
+    spans = set_shards(eval_dir, set_name, names)
     if not spans:
         return False
     covered = 0

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from dhm.layout import METRICS_LOG
+
 METRIC_FIELDS = (
     "step", "epoch", "lr", "loss", "ce", "accuracy", "rec_nll", "kl", "neg_elbo",
     "vae_objective", "images_per_s", "val_accuracy", "val_nll", "val_neg_elbo",
@@ -67,7 +69,7 @@ class MetricLog:
 
     def __init__(self, log_dir: Path, resume_step: int):
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.csv_path = log_dir / "metrics.csv"
+        self.csv_path = log_dir / METRICS_LOG
         rows = []
         if self.csv_path.exists() and resume_step > 0:
             # Rows past the resumed step were logged by the interrupted attempt and are redone.

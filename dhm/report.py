@@ -22,13 +22,16 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
-
-import h5py
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from dhm.fsutil import atomic_write_text
-from dhm.summary_io import axis_values, column_meta, grid_layout
+
+if TYPE_CHECKING:
+    import h5py
+    import numpy as np
+
+# numpy, h5py and dhm.summary_io (~0.15 s to import) are imported where a summary is read or
+# drawn: mode=status rewrites this page for runs in flight, before any summary exists.
 
 VIRIDIS = [
     "#440154",
@@ -48,6 +51,8 @@ PAGE_TEMPLATE = Path(__file__).with_name("report_page.html")  # style and the ch
 
 
 def _head(col: str) -> str:
+    from dhm.summary_io import column_meta
+
     words, unit, better = column_meta(col)
     arrow = {1: " ↑", -1: " ↓"}.get(better, "")
     unit = f" <span class=u>{html.escape(unit)}</span>" if unit else ""
@@ -55,6 +60,8 @@ def _head(col: str) -> str:
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
+    import numpy as np
+
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float | np.floating):
@@ -105,6 +112,8 @@ def _curves(g: h5py.Group) -> dict[str, Any]:
 
 
 def _round(values: Any) -> Any:
+    import numpy as np
+
     if values is None:
         return None
     a = np.asarray(values, dtype=np.float64)
@@ -112,6 +121,8 @@ def _round(values: Any) -> Any:
 
 
 def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
+    import numpy as np
+
     d: dict[str, Any] = {"id": rid, "id_set": row.get("dataset")}
     for kind in ("fgsm", "pgd"):
         if c[f"{kind}/eps"] is not None and not np.isnan(c[f"{kind}/accuracy"][i]).all():
@@ -129,6 +140,7 @@ def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
 
 def _png(images: np.ndarray, ncol: int = 8) -> str:
     """A grid of uint8 images [n, 3, 32, 32] as a PNG data URI (2x upscaled)."""
+    import numpy as np
     from PIL import Image
 
     n = len(images)
@@ -145,6 +157,8 @@ def _png(images: np.ndarray, ncol: int = 8) -> str:
 
 
 def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
+    import h5py
+
     if not id_set:
         return {}
     paths = sorted((sweep_dir / "runs" / rid / "eval").glob(f"{id_set}__0000000-*.h5"))
@@ -165,6 +179,10 @@ def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
 def _heatmap(
     metric: str, grid: list[dict], base: list[dict], axes: list[str], states: dict[str, dict]
 ) -> str:
+    import numpy as np
+
+    from dhm.summary_io import axis_values, column_meta
+
     words, _, better = column_meta(metric)
     xs = axis_values(grid, axes[0])
     ys = axis_values(grid, axes[1]) if len(axes) > 1 else [None]
@@ -224,6 +242,8 @@ def _table(
 ) -> str:
     """The headline table: a row per seed cell (mean ± std when it has several seeds, else the
     value and its 95% bootstrap interval), failed runs masked with their reason."""
+    import numpy as np
+
     by_id = {r["run_id"]: r for r in rows}
     groups = [c["runs"].split() for c in cells] if cells else [[r["run_id"]] for r in rows]
     shown = [c for c in settings if c not in ("seed", "train.seed")]
@@ -320,6 +340,8 @@ def write_report(
     attrs: dict[str, Any] = {}
     h5 = summary / "results.h5"
     if h5.exists():
+        import h5py
+
         with h5py.File(h5, "r") as f:
             cols, rows = _read_table(f["table"])
             if "cells" in f:
@@ -346,6 +368,8 @@ def write_report(
         f" root={html.escape(root)} mode=report</code></p>",
     ]
     if rows:
+        from dhm.summary_io import grid_layout
+
         parts += ["<h2>Headline</h2>", _table(cols, rows, cells, settings, headline, states)]
         grid, base, axes = grid_layout(settings, rows)
         if axes:

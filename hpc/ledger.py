@@ -12,15 +12,18 @@ tracks Slurm.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dhm.fsutil import tail
+from dhm.layout import names_in
 from hpc.sweep import sweep_dir
 
 ACTIVE_STATES = {
@@ -213,8 +216,8 @@ def sacct(job_ids: list[str]) -> dict[str, list[SlurmRecord]]:
 
 
 def pending_reasons(job_ids: list[str]) -> dict[str, str]:
-    """{job or job_task: squeue's reason} of queued tasks (Resources, Priority, Dependency,
-    PartitionNodeLimit, ...), one squeue call."""
+    """{job or job_task: squeue's reason} of the queued tasks of these jobs or arrays
+    (Resources, Priority, Dependency, PartitionNodeLimit, ...), one squeue call."""
     if not job_ids:
         return {}
     cmd = ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(job_ids)))]
@@ -290,18 +293,24 @@ def _exception_line(folder: Path, job_id: str) -> str | None:
     return exception_line(str(value))
 
 
-def _log(folder: Path, job_id: str, suffix: str) -> str:
-    path = folder / f"{job_id}_0_log.{suffix}"
-    return str(path) if path.exists() else ""
+def _log(folder: Path, job_id: str, suffix: str, names: set[str]) -> str:
+    name = f"{job_id}_0_log.{suffix}"
+    return os.path.join(folder, name) if name in names else ""
 
 
 def attempts(cfg: Any, query: bool = True) -> list[Attempt]:
     """Every task this sweep submitted, newest attempt state first resolved, in ledger order."""
     subs = submissions(cfg)
-    records = sacct([s["job_id"] for s in subs]) if (subs and query) else {}
-    queued = [k for k, v in records.items() if v and v[-1].state == "PENDING"]
-    pending = pending_reasons(queued) if queued else {}
+    records: dict[str, list[SlurmRecord]] = {}
+    pending: dict[str, str] = {}
+    if subs and query:  # sacct and squeue at once: each is a round trip to a daemon
+        ids = [s["job_id"] for s in subs]
+        with ThreadPoolExecutor(1) as pool:
+            queue = pool.submit(pending_reasons, ids)
+            records = sacct(ids)
+            pending = queue.result()
     folder = sweep_dir(cfg) / "slurm"
+    logs = set(names_in(folder)) if subs else set()  # one listing, not two stats per task
     now = datetime.now()
     out = []
     for sub in subs:
@@ -331,8 +340,8 @@ def attempts(cfg: Any, query: bool = True) -> list[Attempt]:
                 rec.nodes,
                 rec.req_mem,
                 rec.alloc_tres,
-                log=_log(folder, name, "out"),
-                err_log=_log(folder, name, "err"),
+                log=_log(folder, name, "out", logs),
+                err_log=_log(folder, name, "err", logs),
                 history=history[:-1],
                 params=sub.get("params", {}),
             )

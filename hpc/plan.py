@@ -20,7 +20,9 @@ constant per resource class and chunk, whatever the grid size.
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,13 @@ class RunState:
     run: Run
     trained: bool
     final_problem: str | None  # final.pt exists but is truncated or corrupt
-    resume_step: int | None  # newest complete step checkpoint
+    resume_step: int | None  # newest complete step checkpoint (None when trained: no resume)
     bad_resume: Path | None  # the newest step checkpoint, when it is not complete
     eval_done: dict[str, bool]  # set name -> complete
     roles: dict[str, str]  # set name -> id | val | ood
     stale: dict[str, list[Path]] = field(default_factory=dict)  # set -> shards of old settings
     attempts: dict[tuple[str, str], list[Attempt]] = field(default_factory=dict)  # (stage, set)
+    files: layout.RunFiles = field(default_factory=layout.RunFiles)  # what the scan found
 
     def last(self, stage: str, set_name: str = "") -> Attempt | None:
         found = self.attempts.get((stage, set_name))
@@ -72,43 +75,57 @@ class RunState:
         return None
 
 
+def slurm_attempts(cfg: Any, query_slurm: bool) -> list[Attempt]:
+    """The sweep's attempts from its ledger (and sacct/squeue when querying Slurm)."""
+    if query_slurm or cfg.cluster.name == "slurm":
+        return ledger.attempts(cfg, query=query_slurm)
+    return []
+
+
 def run_states(
-    cfg: Any, runs: list[Run], query_slurm: bool, check_stale: bool = True
+    cfg: Any,
+    runs: list[Run],
+    query_slurm: bool,
+    check_stale: bool = True,
+    atts: list[Attempt] | None = None,
 ) -> list[RunState]:
-    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt)."""
-    atts = (
-        ledger.attempts(cfg, query=query_slurm)
-        if query_slurm or cfg.cluster.name == "slurm"
-        else []
-    )
-    by_run: dict[str, dict[tuple[str, str], list[Attempt]]] = {}
-    for a in atts:
-        for rid in a.runs:
-            by_run.setdefault(rid, {}).setdefault((a.stage, a.set_name), []).append(a)
+    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt;
+    ``atts`` when the caller has read them). The Slurm commands run while the disk is read."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None if atts is not None else pool.submit(slurm_attempts, cfg, query_slurm)
+        disk = layout.scan_runs([run.cfg.run_dir for run in runs])
+        atts = atts if pending is None else pending.result()
     out = []
     for run in runs:
-        ckpt_dir = run.run_dir / "checkpoints"
-        final = ckpt_dir / ckpt_io.FINAL_NAME
-        trained = final.exists() and ckpt_io.looks_complete(final)
-        steps = ckpt_io.step_checkpoints(ckpt_dir)
-        good = ckpt_io.newest_complete(ckpt_dir)
-        bad = steps[-1][1] if steps and (good is None or steps[-1][0] != good[0]) else None
+        files = disk[run.cfg.run_dir]
+        ckpt_dir = os.path.join(run.cfg.run_dir, "checkpoints")
+        final = os.path.join(ckpt_dir, ckpt_io.FINAL_NAME)
+        has_final = ckpt_io.FINAL_NAME in files.checkpoints
+        trained = has_final and ckpt_io.looks_complete(final)
+        good = bad = None
+        if not trained and files.checkpoints:
+            steps = ckpt_io.step_checkpoints(ckpt_dir, files.checkpoints)
+            good = ckpt_io.newest_complete(ckpt_dir, files.checkpoints)
+            bad = steps[-1][1] if steps and (good is None or steps[-1][0] != good[0]) else None
         sets = layout.eval_sets(run.cfg)
-        eval_dir = run.run_dir / "eval"
+        eval_dir = os.path.join(run.cfg.run_dir, "eval")
         state = RunState(
             run=run,
             trained=trained,
-            final_problem=None if trained or not final.exists() else "truncated or corrupt",
+            final_problem=None if trained or not has_final else "truncated or corrupt",
             resume_step=good[0] if good else None,
             bad_resume=bad,
             eval_done={
-                name: layout.set_complete(eval_dir, name, layout.expected_size(run.cfg, name, role))
+                name: bool(files.shards)
+                and layout.set_complete(
+                    eval_dir, name, layout.expected_size(run.cfg, name, role), files.shards
+                )
                 for name, role in sets
             },
             roles=dict(sets),
-            attempts=by_run.get(run.run_id, {}),
+            files=files,
         )
-        if check_stale and eval_dir.is_dir():
+        if check_stale and files.shards:
             from dhm.results import stale_shards  # h5py: only when planning new work
 
             current = layout.eval_id(run.cfg)
@@ -118,7 +135,18 @@ def run_states(
                     state.stale[name] = old
                     state.eval_done[name] = False
         out.append(state)
+    attach(out, atts)
     return out
+
+
+def attach(states: list[RunState], atts: list[Attempt]) -> None:
+    """Give each run state its attempts, by (stage, set), oldest first."""
+    by_run: dict[str, dict[tuple[str, str], list[Attempt]]] = {}
+    for a in atts:
+        for rid in a.runs:
+            by_run.setdefault(rid, {}).setdefault((a.stage, a.set_name), []).append(a)
+    for st in states:
+        st.attempts = by_run.get(st.run.run_id, {})
 
 
 @dataclass

@@ -41,6 +41,7 @@ import submitit
 from dhm import provenance
 from dhm.config import from_yaml
 from dhm.fsutil import atomic_write_text
+from dhm.layout import ATTEMPTS_LOG
 from hpc.distributed import export_torch_env, master_port
 
 SLURM_KEYS = (
@@ -125,7 +126,7 @@ def record_attempt(run_dir: Path, **fields: Any) -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **fields,
     }
-    path = run_dir / "logs" / "train_attempts.jsonl"
+    path = run_dir / "logs" / ATTEMPTS_LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")

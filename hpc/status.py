@@ -14,27 +14,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from dhm.fsutil import tail
-from dhm.layout import plan_estimates
+from dhm.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
-from hpc.plan import RunState, run_states
+from hpc.plan import RunState, attach, run_states, slurm_attempts
 from hpc.sweep import Run, sweep_dir
 
 
 def progress(run_dir: Path) -> tuple[str, str]:
     """(epoch/step reached, last loss) from the last line of metrics.csv, '-' when none; reads
-    at most 64 KiB from the file's end whatever its length."""
-    path = run_dir / "logs" / "metrics.csv"
-    lines = tail(path, 40)
-    if not lines:
+    its first line and at most 64 KiB from its end, whatever its length."""
+    path = run_dir / "logs" / METRICS_LOG
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode("utf-8", errors="replace")
+            lines = tail(f, 40)
+    except OSError:
         return "-", "-"
-    with open(path) as f:
-        header = f.readline()
     for line in reversed(lines):
         if line.startswith("step,"):
             continue
@@ -67,9 +70,10 @@ def used_hours(st: RunState) -> tuple[float, str]:
     return total, unit
 
 
-def _own_attempts(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "logs" / "train_attempts.jsonl"
-    if not path.exists():
+def _own_attempts(run_dir: Path, logs: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """The attempts the run recorded itself; ``logs``: the names in its logs/ folder."""
+    path = run_dir / "logs" / ATTEMPTS_LOG
+    if (ATTEMPTS_LOG not in logs) if logs is not None else not path.exists():
         return []
     out = []
     for line in tail(path, 50):
@@ -103,7 +107,8 @@ def describe(st: RunState) -> dict[str, Any]:
         ),
         None,
     )
-    own = _own_attempts(st.run.run_dir)
+    logs = st.files.logs
+    own = _own_attempts(st.run.run_dir, logs)
     packed_failure = next((o for o in reversed(own) if o.get("outcome") == "failed"), None)
     relevant: Attempt | None = train
     if st.trained and done == sets:
@@ -135,9 +140,8 @@ def describe(st: RunState) -> dict[str, Any]:
     if relevant is not None:
         log = relevant.err_log if stage.endswith("failed") and relevant.err_log else relevant.log
     if not log:
-        metrics = st.run.run_dir / "logs" / "metrics.csv"
-        log = str(metrics) if metrics.exists() else "-"
-    step, loss = progress(st.run.run_dir)
+        log = os.path.join(st.run.cfg.run_dir, "logs", METRICS_LOG) if METRICS_LOG in logs else "-"
+    step, loss = progress(st.run.run_dir) if METRICS_LOG in logs else ("-", "-")
     hours, unit = used_hours(st)
     return {
         "stage": stage,
@@ -177,7 +181,11 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
 
 def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dict[str, dict]]:
     """The status table (one row per run), its footer, and the states for the report."""
-    states = run_states(cfg, runs, query_slurm=query, check_stale=False)
+    with ThreadPoolExecutor(1) as pool:  # Slurm's answers while the disk is read
+        pending = pool.submit(slurm_attempts, cfg, query)
+        states = run_states(cfg, runs, query_slurm=query, check_stale=False, atts=[])
+        atts = pending.result()
+    attach(states, atts)
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
     estimates = plan_estimates(sweep_dir(cfg))
@@ -218,7 +226,7 @@ def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dic
     from dhm.layout import summary_complete
 
     done, why = summary_complete(sweep_dir(cfg), [r.run_id for r in runs])
-    agg = ledger.latest(ledger.attempts(cfg, query=query)).get(("aggregate", "", ""))
+    agg = ledger.latest(atts).get(("aggregate", "", ""))
     if agg is not None:
         why += f"; aggregate job {agg.job_id} {agg.state}" + (
             f": {agg.reason}" if agg.reason else ""

@@ -13,7 +13,6 @@ for ``sweep.seeds`` seeds. ``plan.json`` stores the runs with their resolved con
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import itertools
@@ -25,7 +24,16 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dhm.config import ConfigError, Plain, RunConfig, check_run, to_yaml, training_identity
+from dhm.config import (
+    RUN_DEFAULTS,
+    ConfigError,
+    Plain,
+    RunConfig,
+    check_run,
+    copy_data,
+    to_yaml,
+    training_identity,
+)
 from dhm.fsutil import atomic_write_text
 
 RUN_SECTIONS = ("model", "data", "train")
@@ -59,18 +67,27 @@ def run_id_of(run_cfg: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+def _in_schema(key: str) -> bool:
+    """Whether a dotted key names a field of RunConfig (or an element of a list field)."""
+    node: Any = RUN_DEFAULTS
+    for part in key.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
+
+
 def _check_key(key: str, where: str) -> None:
-    template = OmegaConf.structured(RunConfig)
     section = key.split(".", 1)[0]
     if section == "eval":
         raise ConfigError(
             f"{where} key {key!r} is not allowed: a run is identified by its training config; "
             "put several values in the eval settings instead (e.g. eval.iwae_k=[1,10,100])"
         )
-    if (
-        section not in RUN_SECTIONS
-        or OmegaConf.select(template, key, default="<absent>") == "<absent>"
-    ):
+    if section not in RUN_SECTIONS or not _in_schema(key):
         raise ConfigError(
             f"{where} key {key!r} is not allowed: use a dotted key of "
             f"{', '.join(s + '.*' for s in RUN_SECTIONS)} that exists in the schema, "
@@ -124,11 +141,10 @@ def grid_points(sweep: Any, base_seed: int = 0) -> list[dict[str, Any]]:
             for p in out
             for i in range(int(seeds))
         ]
-    unique: list[dict[str, Any]] = []
-    for point in out:  # the same point from two dimensions: once
-        if point not in unique:
-            unique.append(point)
-    return unique
+    unique: dict[str, dict[str, Any]] = {}
+    for point in out:  # the same point from two dimensions: once (keyed, not a list scan)
+        unique.setdefault(json.dumps(point, sort_keys=True, default=repr), point)
+    return list(unique.values())
 
 
 def expand(cfg: Any) -> list[Run]:
@@ -150,25 +166,25 @@ def expand(cfg: Any) -> list[Run]:
     # to run_dir: such configs go through OmegaConf per run and resolve once run_dir is set.
     base_interpolates = _has_interpolation(base_plain)
     coerce = _Coercer(base)
+    runs_dir = sweep_dir(cfg) / "runs"
     runs: dict[str, Run] = {}
     for point in points:
         slow = base_interpolates or any(_has_interpolation(v) for v in point.values())
         if slow:
             run_cfg: Any = _updated(base, point)
         else:
-            data = copy.deepcopy(base_plain)
+            run_cfg = Plain.of(base_plain)  # a fresh copy: Plain.of copies dicts and lists
             for key, value in point.items():
                 *parents, leaf = key.split(".")
-                node = data
+                node = run_cfg
                 for part in parents:
                     node = node[part]
                 node[leaf] = coerce(key, value, point)
-            run_cfg = Plain.of(data)
         run_cfg["run_dir"] = "unset"
         try:
             check_run(run_cfg)
             rid = run_id_of(run_cfg)
-            run_cfg["run_dir"] = str(sweep_dir(cfg) / "runs" / rid)
+            run_cfg["run_dir"] = str(runs_dir / rid)
             if slow:
                 run_cfg = Plain.of(OmegaConf.to_container(run_cfg, resolve=True))
         except Exception as err:  # a ConfigError, or an interpolation that does not resolve
@@ -207,7 +223,10 @@ class _Coercer:
         self.cache: dict[tuple[str, str], Any] = {}
 
     def __call__(self, key: str, value: Any, point: dict[str, Any]) -> Any:
-        cache_key = (key, json.dumps(value, sort_keys=True, default=repr))
+        if type(value) in (str, int, float, bool, type(None)):
+            cache_key: tuple = (key, type(value), value)
+        else:
+            cache_key = (key, json.dumps(value, sort_keys=True, default=repr))
         if cache_key not in self.cache:
             try:
                 OmegaConf.update(self.probe, key, value, merge=False)
@@ -217,7 +236,7 @@ class _Coercer:
             except Exception as err:  # a value of the wrong type for its key
                 raise ConfigError(f"sweep point {point}: {err}") from None
             self.cache[cache_key] = got
-        return copy.deepcopy(self.cache[cache_key])
+        return copy_data(self.cache[cache_key])
 
 
 def _updated(base: DictConfig, point: dict[str, Any]) -> DictConfig:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.fake_slurm import install as install_fake_slurm
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM = [
     "cluster=slurm",
@@ -41,16 +43,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def fake_slurm(tmp_path_factory):
-    bin_dir = tmp_path_factory.mktemp("fake-slurm-bin")
-    for name in ("sinfo", "scontrol", "sacctmgr", "sacct", "squeue", "sbatch", "scancel"):
-        script = bin_dir / name
-        script.write_text(
-            f"#!{sys.executable}\nimport sys\n"
-            f"sys.path.insert(0, {str(REPO / 'tests' / 'helpers')!r})\n"
-            f"import fake_slurm\nsys.exit(fake_slurm.main({name!r}))\n"
-        )
-        script.chmod(0o755)
-    return bin_dir
+    return Path(install_fake_slurm(tmp_path_factory.mktemp("fake-slurm-bin")))
 
 
 def listing(root: Path) -> dict[str, int]:

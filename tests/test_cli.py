@@ -141,8 +141,8 @@ def test_a_new_field_with_a_neutral_default_moves_no_run_id(monkeypatch):
     before = run_id_of(run.cfg)
     data = run.cfg.plain()
     data["model"]["future_knob"] = 3  # a field the schema gains later, at its default
-    defaults = {**C._DEFAULTS, "model": {**C._DEFAULTS["model"], "future_knob": 3}}
-    monkeypatch.setattr(C, "_DEFAULTS", defaults)
+    defaults = {**C.RUN_DEFAULTS, "model": {**C.RUN_DEFAULTS["model"], "future_knob": 3}}
+    monkeypatch.setattr(C, "RUN_DEFAULTS", defaults)
     assert run_id_of(data) == before
     data["model"]["future_knob"] = 4  # set to something else: another run
     assert run_id_of(data) != before

@@ -75,7 +75,7 @@ def _open(sweep: Path) -> Browser:
 
 def test_the_report_renders_in_a_browser_without_errors(demo, tmp_path):
     _need_browser()
-    from dhm.report import column_meta
+    from dhm.summary_io import column_meta
 
     sweep, plan, failed = demo
     with _open(sweep) as b:

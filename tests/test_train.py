@@ -513,3 +513,60 @@ def test_an_unreadable_final_checkpoint_is_set_aside_and_training_resumes(small_
     assert ckpt_io.looks_complete(again)
     aside = list(final.parent.glob("final.pt.unreadable-*"))
     assert len(aside) == 1 and aside[0].stat().st_size == 1000
+
+
+def _zipfile_verdict(path: Path) -> bool:
+    """The reference: the standard library's zip reader finds every record of a torch archive
+    inside the file, one of them data.pkl."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return any(i.filename.endswith("/data.pkl") for i in infos) and all(
+        i.header_offset + i.compress_size <= size for i in infos
+    )
+
+
+def test_looks_complete_agrees_with_zipfile_on_every_truncation(tmp_path, monkeypatch):
+    # A checkpoint as training writes it (weights + Adam state: hundreds of records), cut at
+    # 400 points including every byte of its end records, plus a zip64 archive and a comment.
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(60)])
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    path = tmp_path / "step_000000010.pt"
+    ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    data = path.read_bytes()
+    assert ckpt_io.looks_complete(path) and _zipfile_verdict(path)
+    cuts = sorted(
+        {*range(0, len(data), max(1, len(data) // 300)), *range(len(data) - 100, len(data))}
+    )
+    cut = tmp_path / "cut.pt"
+    for n in cuts:
+        cut.write_bytes(data[:n])
+        assert ckpt_io.looks_complete(cut) == _zipfile_verdict(cut) == False, n  # noqa: E712
+
+    import zipfile
+
+    for zip64, comment in ((True, b""), (False, b"a comment")):
+        # More records than the (lowered) limit: the writer ends the archive with zip64 records.
+        monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2 if zip64 else 0xFFFF)
+        other = tmp_path / "other.zip"
+        with zipfile.ZipFile(other, "w") as archive:
+            archive.comment = comment
+            for i in range(3):
+                archive.writestr(f"archive/data/{i}", bytes(10))
+            archive.writestr("archive/data.pkl", b"x")
+        blob = other.read_bytes()
+        assert (b"PK\x06\x06" in blob) == zip64
+        assert ckpt_io.looks_complete(other) and _zipfile_verdict(other)
+        other.write_bytes(blob[:-1])  # (zipfile itself forgives a cut comment or record end)
+        assert not ckpt_io.looks_complete(other)
+    no_pickle = tmp_path / "no_pickle.zip"
+    with zipfile.ZipFile(no_pickle, "w") as archive:
+        archive.writestr("archive/data/0", b"x")
+    assert not ckpt_io.looks_complete(no_pickle) and not _zipfile_verdict(no_pickle)
