@@ -317,7 +317,7 @@ def copy_data(value: Any) -> Any:
 
 
 # RunConfig's defaults as plain data (read only): what identities and key checks compare with.
-RUN_DEFAULTS = OmegaConf.to_container(OmegaConf.structured(RunConfig))
+RUN_DEFAULTS = dataclasses.asdict(RunConfig())
 
 
 def _delta(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:

@@ -94,7 +94,6 @@ class RunFiles:
 
     checkpoints: frozenset[str] = frozenset()  # names in checkpoints/
     shards: tuple[str, ...] = ()  # names in eval/
-    logs: frozenset[str] = frozenset()  # names in logs/
 
 
 def scan_runs(run_dirs: list[str]) -> dict[str, RunFiles]:
@@ -112,7 +111,6 @@ def scan_runs(run_dirs: list[str]) -> dict[str, RunFiles]:
         out[run_dir] = RunFiles(
             frozenset(names_in(os.path.join(run_dir, "checkpoints"))),
             tuple(names_in(os.path.join(run_dir, "eval"))),
-            frozenset(names_in(os.path.join(run_dir, "logs"))),
         )
     return out
 
@@ -138,7 +136,12 @@ def set_complete(
 ) -> bool:
     """True when the set's shard files cover [0, size) without gaps. ``size`` None: read it
     from the first shard (the only case that opens a file). ``names``: the folder's listing."""
-    spans = set_shards(eval_dir, set_name, names)
+    listing = names_in(eval_dir) if names is None else names
+    spans = sorted(  # (start, stop, name): no path built unless a shard must be opened
+        (int(m["start"]), int(m["stop"]), name)
+        for name in listing
+        if (m := _SHARD_RE.match(name)) and m["set"] == set_name
+    )
     if not spans:
         return False
     covered = 0
@@ -149,7 +152,7 @@ def set_complete(
     if size is None or covered != size:
         from dhm.results import shard_set_size
 
-        size = shard_set_size(spans[0][2])
+        size = shard_set_size(Path(eval_dir) / spans[0][2])
     return covered == size
 
 
@@ -169,14 +172,18 @@ def newest_shard_mtime(sweep_dir: Path, run_ids: list[str] | None = None) -> flo
 def plan_estimates(sweep_dir: str | Path) -> dict[str, float]:
     """{run id: device-hours the plan estimated for it}, from plan.json (empty without one)."""
     try:
-        plan = json.loads((Path(sweep_dir) / "plan.json").read_text())
-        return {
-            str(r["run_id"]): float(r["estimated_hours"])
-            for r in plan["runs"]
-            if r.get("estimated_hours")
-        }
+        return estimates_of(json.loads((Path(sweep_dir) / "plan.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def estimates_of(plan: dict[str, Any]) -> dict[str, float]:
+    """{run id: device-hours the plan estimated for it} of a plan as read from plan.json."""
+    return {
+        str(r["run_id"]): float(r["estimated_hours"])
+        for r in plan["runs"]
+        if r.get("estimated_hours")
+    }
 
 
 def summary_ok_count(summary_dir: Path) -> int | None:

@@ -324,14 +324,17 @@ def write_report(
     states: dict[str, dict] | None = None,
     summary_dir: str | Path | None = None,
     max_image_runs: int = 48,
+    plan: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<summary_dir>/report.html`` (default ``<sweep_dir>/summary``); return its path."""
+    """Write ``<summary_dir>/report.html`` (default ``<sweep_dir>/summary``); return its path.
+    ``plan``: the sweep's plan.json as read (read here when None)."""
     sweep_dir = Path(sweep_dir)
     summary = Path(summary_dir) if summary_dir is not None else sweep_dir / "summary"
     states = states or {}
-    plan = {}
-    if (sweep_dir / "plan.json").exists():
-        plan = json.loads((sweep_dir / "plan.json").read_text())
+    if plan is None:
+        plan = {}
+        if (sweep_dir / "plan.json").exists():
+            plan = json.loads((sweep_dir / "plan.json").read_text())
     plan_runs = plan.get("runs", [])
     cols: list[str] = []
     rows: list[dict] = []

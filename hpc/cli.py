@@ -48,6 +48,23 @@ class UsageError(ValueError):
     """A command line this launcher does not accept; the message says why and what instead."""
 
 
+def _config_dirs(args: Any) -> tuple[Path, Path | None]:
+    """(the primary config folder: configs/ or -cp, the -cd folder or None)."""
+    config_dir = CONFIG_DIR
+    if args.config_path is not None:
+        config_dir = Path(args.config_path)
+        if not config_dir.is_absolute():
+            config_dir = REPO / config_dir  # as Hydra: relative to the entry point's folder
+        if not config_dir.is_dir():
+            raise UsageError(f"--config-path {args.config_path}: {config_dir} is not a folder")
+    extra = None
+    if args.config_dir is not None:
+        extra = Path(args.config_dir).resolve()
+        if not extra.is_dir():
+            raise UsageError(f"--config-dir {args.config_dir}: {extra} is not a folder")
+    return config_dir, extra
+
+
 def _hydra(args: Any) -> Any:
     """A Hydra instance over configs/ (or -cp), with -cd prepended, registered globally."""
     from hydra._internal.hydra import Hydra
@@ -56,18 +73,9 @@ def _hydra(args: Any) -> Any:
     from hpc.schema import register_configs
 
     register_configs()
-    config_dir = CONFIG_DIR
-    if args.config_path is not None:
-        config_dir = Path(args.config_path)
-        if not config_dir.is_absolute():
-            config_dir = REPO / config_dir  # as Hydra: relative to the entry point's folder
-        if not config_dir.is_dir():
-            raise UsageError(f"--config-path {args.config_path}: {config_dir} is not a folder")
+    config_dir, extra = _config_dirs(args)
     search_path = create_config_search_path(str(config_dir))
-    if args.config_dir is not None:
-        extra = Path(args.config_dir).resolve()
-        if not extra.is_dir():
-            raise UsageError(f"--config-dir {args.config_dir}: {extra} is not a folder")
+    if extra is not None:
         search_path.prepend("command-line", f"file://{extra}", SearchPathQuery(provider="schema"))
     GlobalHydra.instance().clear()
     return Hydra.create_main_hydra2(task_name="launch", config_search_path=search_path)
@@ -202,10 +210,16 @@ def cli(argv: list[str]) -> int:
         return int(exit_.code or 0)
     config_name = args.config_name or "config"
     try:
-        hydra = _hydra(args)
         shows = sum([args.cfg is not None, args.info is not None, bool(args.shell_completion)])
         if shows + bool(args.multirun) > 1:
             raise UsageError("use only one of --cfg, --info, --shell-completion and --multirun")
+        launch = not (shows or args.help or args.hydra_help or args.resolve)
+        if launch and args.experimental_rerun is None:
+            cfg = _composed(args, config_name)
+            from hpc.launcher import main
+
+            return main(cfg, argv)
+        hydra = _hydra(args)
         if args.help:
             hydra.app_help(config_name=config_name, args_parser=parser, args=args)
             return 0
@@ -223,12 +237,7 @@ def cli(argv: list[str]) -> int:
         if args.shell_completion:
             hydra.shell_completion(config_name=config_name, overrides=args.overrides)
             return 0
-        if args.experimental_rerun is not None:
-            raise UsageError("--experimental-rerun is not supported: relaunch with the overrides")
-        cfg = compose_launch(hydra, config_name, list(args.overrides), args.multirun)
-        from hpc.launcher import main
-
-        return main(cfg, argv)
+        raise UsageError("--experimental-rerun is not supported: relaunch with the overrides")
     except (HydraException, OmegaConfBaseException) as err:
         return _report(_error_line(err), USAGE_ERROR)
     except (UsageError, ConfigError, DataError, CheckpointError) as err:
@@ -240,6 +249,21 @@ def cli(argv: list[str]) -> int:
         return _report(f"{err.strerror or err}{where}", RUNTIME_ERROR)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _composed(args: Any, config_name: str) -> DictConfig:
+    """The launch config of a command line: kept from an earlier identical composition
+    (hpc.compose_cache), else composed by Hydra and kept."""
+    from hpc import compose_cache
+
+    config_dir, extra = _config_dirs(args)
+    dirs = [config_dir] if extra is None else [extra, config_dir]
+    digest = compose_cache.key(config_name, list(args.overrides), bool(args.multirun), dirs)
+    cfg = compose_cache.load(digest)
+    if cfg is None:
+        cfg = compose_launch(_hydra(args), config_name, list(args.overrides), args.multirun)
+        compose_cache.store(digest, cfg)
+    return cfg
 
 
 def _report(message: str, status: int) -> int:

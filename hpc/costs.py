@@ -40,12 +40,13 @@ KEY_FIELDS = (
 )
 
 
+_KEY_PATHS = tuple(tuple(dotted.split(".")) for dotted in KEY_FIELDS)
+
+
 def model_key(run: Run) -> str:
-    values = []
-    for dotted in KEY_FIELDS:
-        section, leaf = dotted.split(".")
-        values.append(f"{leaf}={run.cfg[section][leaf]}")
-    return " ".join(values)
+    """What a run's cost is looked up by (runs of one key cost the same per epoch)."""
+    c = run.cfg
+    return " ".join(f"{leaf}={c[section][leaf]}" for section, leaf in _KEY_PATHS)
 
 
 def train_images(run: Run) -> int:
@@ -133,10 +134,12 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
     ev_total, ev_tasks, ev_bound = 0.0, 0, False
     groups = [(k, [r for r in runs]) for k, runs in plan.eval_after_train.items()]
     groups += [(k, [r for r, _ in runs]) for k, runs in plan.eval_now.items()]
+    keys: dict[str, str] = {}  # run id -> model key, computed once per run
     for (set_name, _), runs in groups:
         for run in runs:
             ev_tasks += 1
-            seen = hist_eval.get((model_key(run), set_name))
+            key = keys.get(run.run_id) or keys.setdefault(run.run_id, model_key(run))
+            seen = hist_eval.get((key, set_name))
             cost = sum(seen) / len(seen) / 3600 if seen else eval_h * eval_devices
             ev_bound = ev_bound or not seen
             ev_total += cost

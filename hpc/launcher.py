@@ -21,6 +21,7 @@ import os
 import shlex
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dhm.config import ConfigError
 from dhm.datasets import check_files
+from dhm.layout import estimates_of
 from hpc import costs, ledger, slurm
 from hpc.plan import Plan, arrays_for, make_plan, move_aside
 from hpc.schema import ClusterConfig, check_batch_split, check_launch
@@ -52,9 +54,9 @@ class DiskError(RuntimeError):
     """Something on disk that a launch cannot use as it is (exit 1); the message names it."""
 
 
-def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run]]:
-    """The sweep as stored in its plan (by name and root), with this command's selection; the
-    stored cluster profile unless the command line names another."""
+def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], dict[str, Any]]:
+    """The sweep as stored in its plan (by name and root): the config with the stored cluster
+    profile unless the command line names another, the runs, and the plan as stored."""
     path = plan_path(cfg)
     plan = read_plan(path)
     if plan is None:
@@ -66,7 +68,7 @@ def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run]]:
     if not any(a.startswith(("cluster=", "cluster.")) for a in argv):
         cfg = cfg.copy()
         cfg.cluster = OmegaConf.merge(OmegaConf.structured(ClusterConfig), plan["cluster"])
-    return cfg, runs
+    return cfg, runs, plan
 
 
 def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
@@ -287,7 +289,7 @@ def _selection_dir(cfg: Any, runs: list[Run]) -> Path:
 
 def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
     """status | cancel | aggregate | report: from the stored plan, by the sweep's name."""
-    cfg, all_runs = _stored(cfg, argv)
+    cfg, all_runs, stored = _stored(cfg, argv)
     runs = select(cfg, all_runs)
     whole = len(runs) == len(all_runs)
     query = cfg.cluster.name == "slurm"
@@ -297,19 +299,19 @@ def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
         if cfg.runs and len(runs) == 1:
             print("\n".join(detail_lines(cfg, runs[0], query)))
             return 0
-        lines, states = status_lines(cfg, runs, query)
+        lines, states = status_lines(cfg, runs, query, estimates_of(stored))
         print("\n".join(lines))
         if whole and sweep_dir(cfg).exists():
             from dhm.report import write_report
 
-            path = write_report(sweep_dir(cfg), states=states)
+            path = write_report(sweep_dir(cfg), states=states, plan=stored)
             print(f"report: {path}")
         return 0
     reasons, states = run_reports(cfg, runs, query)
     if cfg.mode == "report":
         from dhm.report import write_report
 
-        print(f"report: {write_report(sweep_dir(cfg), states=states)}")
+        print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
         return 0
     from dhm.aggregate import IncompleteSweepError, aggregate
 
@@ -336,16 +338,21 @@ def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
     check_launch(cfg)
     if cfg.mode in STORED_MODES:
         return stored_mode(cfg, argv)
-    runs = expand(cfg)
-    for run in runs:
-        check_batch_split(cfg.cluster, run.cfg.train.batch_size, f"run {run.run_id}: ")
-    check_plan_unchanged(cfg, runs)
-    selected = select(cfg, runs)
-    if cfg.mode == "calibrate":
-        print(f"calibration: {costs.calibrate(cfg, selected)}")
-        return 0
-    on_slurm = cfg.cluster.name == "slurm"
-    info = slurm.cluster_info() if on_slurm else None
+    on_slurm = cfg.cluster.name == "slurm" and cfg.mode != "calibrate"
+    with ThreadPoolExecutor(1) as pool:  # the cluster's answers while the grid is expanded
+        asked = pool.submit(slurm.cluster_info) if on_slurm else None
+        runs = expand(cfg)
+        batch_sizes: dict[int, str] = {}  # each distinct batch size, with its first run
+        for run in runs:
+            batch_sizes.setdefault(run.cfg.train.batch_size, run.run_id)
+        for batch_size, run_id in batch_sizes.items():
+            check_batch_split(cfg.cluster, batch_size, f"run {run_id}: ")
+        check_plan_unchanged(cfg, runs)
+        selected = select(cfg, runs)
+        if cfg.mode == "calibrate":
+            print(f"calibration: {costs.calibrate(cfg, selected)}")
+            return 0
+        info = asked.result() if asked is not None else None
     preflight(cfg, selected, info)
     plan = make_plan(cfg, selected, query_slurm=on_slurm, all_runs=runs)
     _check_resume_points(plan)

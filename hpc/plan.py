@@ -374,6 +374,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
     chunk = max(1, int(c.max_array_size or max_array_size))
     stage_to = c.scratch if c.stage_data else None
     base_train, base_eval = stage_resources(cfg, "train"), stage_resources(cfg, "eval")
+    limits = _limits(cfg)  # each train task gets its own copy (submitit pickles each call)
     specs: list[ArraySpec] = []
 
     def name(set_name: str, role: str, groups: Any) -> str:
@@ -394,7 +395,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
                 ArraySpec(
                     "train",
                     [_task(runs) for runs in part],
-                    [(TrainStage(), Yamls(runs), stage_to, _limits(cfg)) for runs in part],
+                    [(TrainStage(), Yamls(runs), stage_to, dict(limits)) for runs in part],
                     stage_params(cfg, "train", r, "train"),
                     group=label,
                 )

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,11 +80,21 @@ def cluster_info() -> ClusterInfo:
     """Partitions and their nodes (sinfo), MaxArraySize (scontrol), submit limits (sacctmgr)."""
     if shutil.which("sbatch") is None:
         raise ConfigError("cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)")
-    parts: dict[str, Partition] = {}
-    for line in run_slurm(["sinfo", "-h", "-o", "%P|%l"], "reading partitions").splitlines():
-        name, limit = line.split("|")[:2]
-        parts[name.rstrip("*")] = Partition(name.rstrip("*"), name.endswith("*"), _time(limit))
-    nodes = run_slurm(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
+    # Four round trips to the controller and the accounting database, at once.
+    with ThreadPoolExecutor(3) as pool:
+        partitions = pool.submit(run_slurm, ["sinfo", "-h", "-o", "%P|%l"], "reading partitions")
+        nodes_out = pool.submit(
+            run_slurm, ["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes"
+        )
+        config_out = pool.submit(
+            run_slurm, ["scontrol", "show", "config"], "reading the Slurm config"
+        )
+        max_submit = _max_submit()
+        parts: dict[str, Partition] = {}
+        for line in partitions.result().splitlines():
+            name, limit = line.split("|")[:2]
+            parts[name.rstrip("*")] = Partition(name.rstrip("*"), name.endswith("*"), _time(limit))
+        nodes, config = nodes_out.result(), config_out.result()
     for line in nodes.splitlines():
         node, part, cpus, mem, gres = (line.split("|") + [""] * 5)[:5]
         p = parts.get(part.rstrip("*"))
@@ -94,10 +105,9 @@ def cluster_info() -> ClusterInfo:
         p.cpus[node] = int(cpus) if cpus.isdigit() else 0
         p.mem_mb[node] = int(mem) if mem.isdigit() else 0
         p.gpus[node] = _gpus(gres)
-    config = run_slurm(["scontrol", "show", "config"], "reading the Slurm config")
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
     max_array = int(m.group(1)) if m else 1001
-    return ClusterInfo(parts, max_array, _max_submit())
+    return ClusterInfo(parts, max_array, max_submit)
 
 
 def _max_submit() -> int | None:

@@ -12,6 +12,7 @@ states to the report.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -28,16 +29,24 @@ from hpc.plan import RunState, attach, run_states, slurm_attempts
 from hpc.sweep import Run, sweep_dir
 
 
-def progress(run_dir: Path) -> tuple[str, str]:
-    """(epoch/step reached, last loss) from the last line of metrics.csv, '-' when none; reads
-    its first line and at most 64 KiB from its end, whatever its length."""
-    path = run_dir / "logs" / METRICS_LOG
+def progress(run_dir: Path | str) -> tuple[str, str] | None:
+    """(epoch/step reached, last loss) from the last rows of metrics.csv ('-' when no row has
+    a loss yet; None when there is no such file). Reads its first line and at most 64 KiB from
+    its end (4 KiB first: a row is ~100 bytes), whatever its length."""
+    path = os.path.join(run_dir, "logs", METRICS_LOG)
     try:
         with open(path, "rb") as f:
             header = f.readline().decode("utf-8", errors="replace")
-            lines = tail(f, 40)
+            for window in (4096, 64 * 1024):
+                found = _last_loss(header, tail(f, 40, max_bytes=window))
+                if found is not None:
+                    return found
     except OSError:
-        return "-", "-"
+        return None
+    return "-", "-"
+
+
+def _last_loss(header: str, lines: list[str]) -> tuple[str, str] | None:
     for line in reversed(lines):
         if line.startswith("step,"):
             continue
@@ -47,9 +56,10 @@ def progress(run_dir: Path) -> tuple[str, str]:
                 return f"{row['epoch']}/{row['step']}", f"{float(row['loss']):.4g}"
             except (KeyError, ValueError):
                 continue
-    return "-", "-"
+    return None
 
 
+@functools.lru_cache(maxsize=256)
 def _units(tres: str) -> tuple[float, str]:
     """(GPUs, 'GPU') or (CPUs, 'CPU') of an AllocTRES string such as cpu=8,gres/gpu=2."""
     gpus = re.search(r"gres/gpu(?::[^=,]+)?=(\d+)", tres or "")
@@ -70,13 +80,10 @@ def used_hours(st: RunState) -> tuple[float, str]:
     return total, unit
 
 
-def _own_attempts(run_dir: Path, logs: frozenset[str] | None = None) -> list[dict[str, Any]]:
-    """The attempts the run recorded itself; ``logs``: the names in its logs/ folder."""
-    path = run_dir / "logs" / ATTEMPTS_LOG
-    if (ATTEMPTS_LOG not in logs) if logs is not None else not path.exists():
-        return []
+def _own_attempts(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The attempts the run recorded itself (logs/train_attempts.jsonl; [] without one)."""
     out = []
-    for line in tail(path, 50):
+    for line in tail(os.path.join(run_dir, "logs", ATTEMPTS_LOG), 50):
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -107,8 +114,8 @@ def describe(st: RunState) -> dict[str, Any]:
         ),
         None,
     )
-    logs = st.files.logs
-    own = _own_attempts(st.run.run_dir, logs)
+    run_dir = st.run.cfg.run_dir
+    own = _own_attempts(run_dir)
     packed_failure = next((o for o in reversed(own) if o.get("outcome") == "failed"), None)
     relevant: Attempt | None = train
     if st.trained and done == sets:
@@ -139,9 +146,10 @@ def describe(st: RunState) -> dict[str, Any]:
     log = ""
     if relevant is not None:
         log = relevant.err_log if stage.endswith("failed") and relevant.err_log else relevant.log
+    reached = progress(run_dir)
     if not log:
-        log = os.path.join(st.run.cfg.run_dir, "logs", METRICS_LOG) if METRICS_LOG in logs else "-"
-    step, loss = progress(st.run.run_dir) if METRICS_LOG in logs else ("-", "-")
+        log = "-" if reached is None else os.path.join(run_dir, "logs", METRICS_LOG)
+    step, loss = reached or ("-", "-")
     hours, unit = used_hours(st)
     return {
         "stage": stage,
@@ -179,8 +187,11 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     ]
 
 
-def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dict[str, dict]]:
-    """The status table (one row per run), its footer, and the states for the report."""
+def status_lines(
+    cfg: Any, runs: list[Run], query: bool, estimates: dict[str, float] | None = None
+) -> tuple[list[str], dict[str, dict]]:
+    """The status table (one row per run), its footer, and the states for the report;
+    ``estimates``: the stored plan's device-hours per run (read from plan.json if None)."""
     with ThreadPoolExecutor(1) as pool:  # Slurm's answers while the disk is read
         pending = pool.submit(slurm_attempts, cfg, query)
         states = run_states(cfg, runs, query_slurm=query, check_stale=False, atts=[])
@@ -188,7 +199,8 @@ def status_lines(cfg: Any, runs: list[Run], query: bool) -> tuple[list[str], dic
     attach(states, atts)
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
-    estimates = plan_estimates(sweep_dir(cfg))
+    if estimates is None:
+        estimates = plan_estimates(sweep_dir(cfg))
     for st in states:
         i = infos[st.run.run_id]
         key = _bucket(i["stage"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -22,6 +23,20 @@ SMALL = {
     "eval.batch_size": 100,
     "eval.iwae_k": [4],
 }
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compose_cache_dir(tmp_path_factory):
+    """The launcher's compose cache (hpc.compose_cache) in a folder of this test session: tests
+    neither read a user's entries nor leave theirs behind. launch.py subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("compose-cache")
+    previous = os.environ.get("DHM_CACHE_DIR")
+    os.environ["DHM_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DHM_CACHE_DIR", None)
+    else:
+        os.environ["DHM_CACHE_DIR"] = previous
 
 
 def small_config(run_dir, **overrides: Any):

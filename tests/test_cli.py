@@ -134,6 +134,17 @@ def test_run_ids_of_the_shipped_sweeps_are_pinned():
         assert [r.run_id for r in expand(compose_config([f"sweep={sweep}"]))] == ids, sweep
 
 
+def test_the_identity_defaults_are_what_omegaconf_makes_of_the_schema():
+    # Run ids compare with dataclasses.asdict(RunConfig()): the same data, types included,
+    # as OmegaConf's structured config of RunConfig, which validates every composed value.
+    from omegaconf import OmegaConf
+
+    import dhm.config as C
+
+    schema = OmegaConf.to_container(OmegaConf.structured(C.RunConfig))
+    assert json.dumps(schema, sort_keys=True) == json.dumps(C.RUN_DEFAULTS, sort_keys=True)
+
+
 def test_a_new_field_with_a_neutral_default_moves_no_run_id(monkeypatch):
     import dhm.config as C
 
@@ -200,3 +211,78 @@ def test_selections_act_on_part_of_a_sweep(tmp_path, capsys):
     assert "2 selected" in out
     assert cli([*args, "runs=[ffffffff]"]) == 2
     assert "names no run of the 4 in the plan" in capsys.readouterr().err
+
+
+def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
+    tmp_path, monkeypatch, capsys
+):
+    from omegaconf import OmegaConf
+
+    import hpc.cli as cli_mod
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DHM_CACHE_DIR", str(cache))
+    fresh = compose_config(["sweep=single", "model.beta=0.5", "mode=dry_run", "root=first"])
+    composed = []
+    real = cli_mod.compose_launch
+    monkeypatch.setattr(cli_mod, "compose_launch", lambda *a: composed.append(a[2]) or real(*a))
+    seen = []
+    monkeypatch.setattr("hpc.launcher.main", lambda cfg, argv: seen.append(cfg) or 0)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: first\n")
+    line = ["-cd", str(extra), "-cn", "mine", "sweep=single", "model.beta=0.5", "mode=dry_run"]
+
+    assert cli(line) == 0 and cli(line) == 0
+    assert len(composed) == 1 and len(list(cache.glob("*.pkl"))) == 1  # the second: a hit
+    for cfg in seen:  # what the launcher receives is what Hydra composes, typed the same
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
+        assert OmegaConf.get_type(cfg) is OmegaConf.get_type(fresh)
+        assert OmegaConf.get_type(cfg.cluster) is OmegaConf.get_type(fresh.cluster)
+
+    (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: second\n")
+    assert cli(line) == 0 and seen[-1].root == "second"  # a config file changed: composed
+    assert cli([*line[:-1], "mode=status"]) == 0  # another override: composed
+    assert cli(["-m", *line, "train.seed=0,1"]) == 0 and seen[-1].sweep.multirun  # -m too
+    assert len(composed) == 4 and len(list(cache.glob("*.pkl"))) == 4
+
+    for entry in cache.glob("*.pkl"):  # an unreadable entry is a miss, not an error
+        entry.write_bytes(b"not a pickle")
+    assert cli(line) == 0 and len(composed) == 5 and seen[-1].root == "second"
+
+    assert cli([*line[:-1], "model.beta=oops"]) == 2  # failures are not kept
+    assert cli([*line[:-1], "model.beta=oops"]) == 2
+    assert len(composed) == 7 and "model.beta" in capsys.readouterr().err
+
+    monkeypatch.setenv("DHM_CACHE_DIR", "off")
+    assert cli(line) == 0 and cli(line) == 0 and len(composed) == 9
+
+
+def test_the_composition_key_covers_the_schema_source_and_hydras_version(monkeypatch, tmp_path):
+    from hpc import compose_cache
+
+    dirs = [REPO / "configs"]
+    base = compose_cache.key("config", ["a=1"], False, dirs)
+    assert base == compose_cache.key("config", ["a=1"], False, dirs)
+    assert base != compose_cache.key("config", ["a=1"], True, dirs)
+    assert base != compose_cache.key("other", ["a=1"], False, dirs)
+    assert base != compose_cache.key("config", ["a=1", "b=2"], False, dirs)
+    import hydra
+
+    monkeypatch.setattr(hydra, "__version__", "0.0.0")
+    assert base != compose_cache.key("config", ["a=1"], False, dirs)
+    monkeypatch.undo()
+    schema = tmp_path / "schema.py"
+    schema.write_text((REPO / "hpc" / "schema.py").read_text() + "\n# a change\n")
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+
+    def find(name, *a):
+        spec = real_find(name, *a)
+        if name == "hpc.schema":
+            spec.origin = str(schema)
+        return spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", find)
+    assert base != compose_cache.key("config", ["a=1"], False, dirs)

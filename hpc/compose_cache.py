@@ -1,0 +1,119 @@
+"""Composed launch configs, kept under a key that hashes everything they are composed from.
+
+Hydra composes this project's config in ~0.1 s (the defaults tree, Hydra's own ``hydra`` node,
+the structured-config merges): more than the rest of ``mode=status`` and half of a 1,000-run
+dry run. The same inputs always compose to the same config, so the launcher keeps each
+composition (pickled, ~15 KB, ~1 ms to load) under a SHA-256 of its inputs:
+
+* the command line: config name, ``-m``, and the overrides in their order;
+* every file under each config folder of the search path (``configs/`` or ``-cp``, and
+  ``-cd``): its relative path and bytes;
+* the source of the modules that define the schema and the composition (``SOURCES``);
+* the versions of Python, Hydra and OmegaConf, and the installed Hydra plugins (which may add
+  config folders).
+
+A change to any of them composes anew. Composition does not resolve interpolations
+(``${oc.env:...}`` is read when a run's config is resolved, after this), so the environment
+is not an input. Only compositions that succeeded are kept; a failing command line composes
+(and fails) every time. An entry that cannot be read is a miss; an entry that cannot be
+written is skipped (a read-only home works, uncached).
+
+Where: ``$DHM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dhm-grid/compose``, else
+``~/.cache/dhm-grid/compose``; ``DHM_CACHE_DIR=off`` turns the cache off. At most
+``MAX_ENTRIES`` entries are kept, the least recently used pruned first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1  # bump when what an entry holds changes
+MAX_ENTRIES = 256
+# Modules whose code decides what a command line composes to.
+SOURCES = ("hpc.schema", "hpc.cli", "hpc.compose_cache", "dhm.config", "dhm.datasets")
+
+
+def folder() -> Path | None:
+    """The cache folder (None: caching is off)."""
+    chosen = os.environ.get("DHM_CACHE_DIR")
+    if chosen:
+        return None if chosen.lower() in ("off", "0", "no", "false") else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dhm-grid" / "compose"
+
+
+def _plugins() -> list[str]:
+    """Names in the folders of the ``hydra_plugins`` namespace package, if any is installed."""
+    spec = importlib.util.find_spec("hydra_plugins")
+    if spec is None:
+        return []
+    names = []
+    for path in spec.submodule_search_locations or []:
+        try:
+            names += [os.path.join(path, n) for n in sorted(os.listdir(path))]
+        except OSError:
+            continue
+    return names
+
+
+def key(config_name: str, overrides: list[str], multirun: bool, config_dirs: list[Path]) -> str:
+    """The SHA-256 of everything a composition depends on (see the module docstring)."""
+    import hydra
+    import omegaconf
+
+    h = hashlib.sha256()
+    head = [FORMAT, sys.version, hydra.__version__, omegaconf.__version__, _plugins()]
+    h.update(json.dumps([head, config_name, multirun, list(overrides)]).encode())
+    for module in SOURCES:  # located, not imported (a hit needs none of them but hpc.schema)
+        h.update(b"\0module\0" + module.encode())
+        h.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+    for top in config_dirs:
+        h.update(b"\0folder\0" + str(top).encode())
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                h.update(b"\0file\0" + os.path.relpath(path, top).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def load(digest: str) -> Any | None:
+    """The composed config kept under ``digest`` (None: not kept, or unreadable)."""
+    where = folder()
+    if where is None:
+        return None
+    path = where / f"{digest}.pkl"
+    try:
+        with open(path, "rb") as f:
+            cfg = pickle.load(f)
+        os.utime(path)  # recently used: pruned last
+    except Exception:  # missing, truncated, or written by other versions of the classes
+        return None
+    return cfg
+
+
+def store(digest: str, cfg: Any) -> None:
+    """Keep ``cfg`` under ``digest`` (atomically), then prune beyond MAX_ENTRIES."""
+    where = folder()
+    if where is None:
+        return
+    from dhm.fsutil import atomic_path
+
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with atomic_path(where / f"{digest}.pkl") as tmp, open(tmp, "wb") as f:
+            pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
+        entries = sorted(where.glob("*.pkl"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-MAX_ENTRIES]:
+            old.unlink(missing_ok=True)
+    except Exception:  # an unwritable folder, a full disk: compose every time instead
+        return
