@@ -21,7 +21,6 @@ import os
 import shlex
 import sys
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -339,20 +338,19 @@ def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
     if cfg.mode in STORED_MODES:
         return stored_mode(cfg, argv)
     on_slurm = cfg.cluster.name == "slurm" and cfg.mode != "calibrate"
-    with ThreadPoolExecutor(1) as pool:  # the cluster's answers while the grid is expanded
-        asked = pool.submit(slurm.cluster_info) if on_slurm else None
-        runs = expand(cfg)
-        batch_sizes: dict[int, str] = {}  # each distinct batch size, with its first run
-        for run in runs:
-            batch_sizes.setdefault(run.cfg.train.batch_size, run.run_id)
-        for batch_size, run_id in batch_sizes.items():
-            check_batch_split(cfg.cluster, batch_size, f"run {run_id}: ")
-        check_plan_unchanged(cfg, runs)
-        selected = select(cfg, runs)
-        if cfg.mode == "calibrate":
-            print(f"calibration: {costs.calibrate(cfg, selected)}")
-            return 0
-        info = asked.result() if asked is not None else None
+    asked = slurm.AskedCluster() if on_slurm else None  # answering while the grid expands
+    runs = expand(cfg)
+    batch_sizes: dict[int, str] = {}  # each distinct batch size, with its first run
+    for run in runs:
+        batch_sizes.setdefault(run.cfg.train.batch_size, run.run_id)
+    for batch_size, run_id in batch_sizes.items():
+        check_batch_split(cfg.cluster, batch_size, f"run {run_id}: ")
+    check_plan_unchanged(cfg, runs)
+    selected = select(cfg, runs)
+    if cfg.mode == "calibrate":
+        print(f"calibration: {costs.calibrate(cfg, selected)}")
+        return 0
+    info = asked.info() if asked is not None else None
     preflight(cfg, selected, info)
     plan = make_plan(cfg, selected, query_slurm=on_slurm, all_runs=runs)
     _check_resume_points(plan)

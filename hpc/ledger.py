@@ -16,7 +16,6 @@ import os
 import pickle
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -186,51 +185,82 @@ def parse_sacct(text: str) -> dict[str, list[SlurmRecord]]:
     return {**ranged, **own}
 
 
+class Started:
+    """A Slurm command started now and answered later (``answer()``), so that several run at
+    once (each is a round trip to a daemon) while this process reads the disk, without a
+    thread competing with it for the interpreter."""
+
+    def __init__(self, cmd: list[str], what: str) -> None:
+        self.cmd, self.what = cmd, what
+        self.error: OSError | None = None
+        try:
+            self.proc: subprocess.Popen | None = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        except OSError as err:
+            self.proc, self.error = None, err
+
+    def answer(self, timeout: float = 60) -> str:
+        """Its stdout; SlurmError saying what failed and why."""
+        name = " ".join(self.cmd[:2])
+        if self.proc is None:
+            raise SlurmError(f"{self.what}: {name} could not run ({self.error})")
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as timed_out:
+            self.proc.kill()
+            self.proc.communicate()
+            raise SlurmError(f"{self.what}: {name} could not run ({timed_out})") from None
+        if self.proc.returncode != 0:
+            raise SlurmError(f"{self.what}: {name} failed: {err.strip()}")
+        return out
+
+
 def run_slurm(cmd: list[str], what: str) -> str:
     """stdout of a Slurm command; SlurmError saying what failed and why."""
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SlurmError(f"{what}: {' '.join(cmd[:2])} could not run ({err})") from None
-    if out.returncode != 0:
-        raise SlurmError(f"{what}: {' '.join(cmd[:2])} failed: {out.stderr.strip()}")
-    return out.stdout
+    return Started(cmd, what).answer()
 
 
-def sacct(job_ids: list[str]) -> dict[str, list[SlurmRecord]]:
-    """Every attempt of these jobs and their array tasks, from the accounting database."""
-    if not job_ids:
-        return {}
-    cmd = [
-        "sacct",
-        "-D",
-        "-X",
-        "-n",
-        "-P",
-        "-o",
-        ",".join(SACCT_FIELDS),
-        "-j",
-        ",".join(sorted(set(job_ids))),
-    ]
-    return parse_sacct(run_slurm(cmd, "reading job states (is slurmdbd running?)"))
+class Asked:
+    """sacct (every attempt of every task) and squeue (why queued tasks wait) for the jobs a
+    sweep's ledger lists, both started when this is made; ``attempts`` reads their answers."""
+
+    def __init__(self, subs: list[dict[str, Any]]) -> None:
+        self.subs = subs
+        ids = ",".join(sorted({s["job_id"] for s in subs}))
+        self.sacct = self.squeue = None
+        if ids:
+            fields = ",".join(SACCT_FIELDS)
+            self.sacct = Started(
+                ["sacct", "-D", "-X", "-n", "-P", "-o", fields, "-j", ids],
+                "reading job states (is slurmdbd running?)",
+            )
+            self.squeue = Started(
+                ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ids], "reading pending reasons"
+            )
+
+    def records(self) -> dict[str, list[SlurmRecord]]:
+        """Every attempt of these jobs and their array tasks, from the accounting database."""
+        return parse_sacct(self.sacct.answer()) if self.sacct else {}
+
+    def pending(self) -> dict[str, str]:
+        """{job_task: squeue's reason} of queued tasks (Resources, Priority, Dependency, ...);
+        {} when squeue cannot answer (the states come from sacct)."""
+        try:
+            out = self.squeue.answer() if self.squeue else ""
+        except SlurmError:
+            return {}
+        reasons = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[1] == "PENDING":
+                reasons[parts[0]] = parts[2]
+        return reasons
 
 
-def pending_reasons(job_ids: list[str]) -> dict[str, str]:
-    """{job or job_task: squeue's reason} of the queued tasks of these jobs or arrays
-    (Resources, Priority, Dependency, PartitionNodeLimit, ...), one squeue call."""
-    if not job_ids:
-        return {}
-    cmd = ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(sorted(set(job_ids)))]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    reasons = {}
-    for line in out.stdout.splitlines():
-        parts = line.split("|")
-        if len(parts) == 3 and parts[1] == "PENDING":
-            reasons[parts[0]] = parts[2]
-    return reasons
+def ask(cfg: Any) -> Asked:
+    """Start sacct and squeue for the sweep's submissions (see ``Asked``)."""
+    return Asked(submissions(cfg))
 
 
 # ---------------------------------------------------------------------------- attempts
@@ -298,17 +328,17 @@ def _log(folder: Path, job_id: str, suffix: str, names: set[str]) -> str:
     return os.path.join(folder, name) if name in names else ""
 
 
-def attempts(cfg: Any, query: bool = True) -> list[Attempt]:
-    """Every task this sweep submitted, newest attempt state first resolved, in ledger order."""
-    subs = submissions(cfg)
+def attempts(cfg: Any, query: bool = True, asked: Asked | None = None) -> list[Attempt]:
+    """Every task this sweep submitted, newest attempt state first resolved, in ledger order.
+
+    ``query``: ask Slurm (sacct, squeue), else only the ledger; ``asked``: the answers of
+    queries started earlier (``ask``), for the ledger as it was then."""
+    subs = asked.subs if asked is not None else submissions(cfg)
     records: dict[str, list[SlurmRecord]] = {}
     pending: dict[str, str] = {}
-    if subs and query:  # sacct and squeue at once: each is a round trip to a daemon
-        ids = [s["job_id"] for s in subs]
-        with ThreadPoolExecutor(1) as pool:
-            queue = pool.submit(pending_reasons, ids)
-            records = sacct(ids)
-            pending = queue.result()
+    if query and subs:
+        asked = asked or Asked(subs)
+        records, pending = asked.records(), asked.pending()
     folder = sweep_dir(cfg) / "slurm"
     logs = set(names_in(folder)) if subs else set()  # one listing, not two stats per task
     now = datetime.now()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,26 +74,26 @@ class RunState:
         return None
 
 
-def slurm_attempts(cfg: Any, query_slurm: bool) -> list[Attempt]:
+def run_states(
+    cfg: Any, runs: list[Run], query_slurm: bool, check_stale: bool = True
+) -> list[RunState]:
+    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt,
+    ``attempts``; sacct and squeue answer while the disk is read)."""
+    asked = ledger.ask(cfg) if query_slurm else None  # answering while the disk is read
+    states = disk_states(cfg, runs, check_stale)
+    return attach(states, attempts(cfg, query_slurm, asked))
+
+
+def attempts(cfg: Any, query_slurm: bool, asked: ledger.Asked | None = None) -> list[Attempt]:
     """The sweep's attempts from its ledger (and sacct/squeue when querying Slurm)."""
     if query_slurm or cfg.cluster.name == "slurm":
-        return ledger.attempts(cfg, query=query_slurm)
+        return ledger.attempts(cfg, query=query_slurm, asked=asked)
     return []
 
 
-def run_states(
-    cfg: Any,
-    runs: list[Run],
-    query_slurm: bool,
-    check_stale: bool = True,
-    atts: list[Attempt] | None = None,
-) -> list[RunState]:
-    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt;
-    ``atts`` when the caller has read them). The Slurm commands run while the disk is read."""
-    with ThreadPoolExecutor(1) as pool:
-        pending = None if atts is not None else pool.submit(slurm_attempts, cfg, query_slurm)
-        disk = layout.scan_runs([run.cfg.run_dir for run in runs])
-        atts = atts if pending is None else pending.result()
+def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[RunState]:
+    """Each run's state on disk, without its Slurm attempts (``attach`` adds them)."""
+    disk = layout.scan_runs([run.cfg.run_dir for run in runs])
     out = []
     for run in runs:
         files = disk[run.cfg.run_dir]
@@ -135,18 +134,18 @@ def run_states(
                     state.stale[name] = old
                     state.eval_done[name] = False
         out.append(state)
-    attach(out, atts)
     return out
 
 
-def attach(states: list[RunState], atts: list[Attempt]) -> None:
-    """Give each run state its attempts, by (stage, set), oldest first."""
+def attach(states: list[RunState], atts: list[Attempt]) -> list[RunState]:
+    """Give each run state its attempts, by (stage, set), oldest first; return the states."""
     by_run: dict[str, dict[tuple[str, str], list[Attempt]]] = {}
     for a in atts:
         for rid in a.runs:
             by_run.setdefault(rid, {}).setdefault((a.stage, a.set_name), []).append(a)
     for st in states:
         st.attempts = by_run.get(st.run.run_id, {})
+    return states
 
 
 @dataclass

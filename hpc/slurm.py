@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 
 from dhm.config import ConfigError
 from hpc import ledger
-from hpc.ledger import SlurmError, run_slurm
+from hpc.ledger import SlurmError, Started, run_slurm
 from hpc.schema import memory_mb, parse_time_minutes, ranks_per_node
 
 __all__ = ["ArraySpec", "ClusterInfo", "SlurmError", "cluster_info", "submit_all"]
@@ -76,74 +75,81 @@ def _time(text: str) -> int | None:
         return None
 
 
-def cluster_info() -> ClusterInfo:
-    """Partitions and their nodes (sinfo), MaxArraySize (scontrol), submit limits (sacctmgr)."""
-    if shutil.which("sbatch") is None:
-        raise ConfigError("cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)")
-    # Four round trips to the controller and the accounting database, at once.
-    with ThreadPoolExecutor(3) as pool:
-        partitions = pool.submit(run_slurm, ["sinfo", "-h", "-o", "%P|%l"], "reading partitions")
-        nodes_out = pool.submit(
-            run_slurm, ["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes"
-        )
-        config_out = pool.submit(
-            run_slurm, ["scontrol", "show", "config"], "reading the Slurm config"
-        )
-        max_submit = _max_submit()
+class AskedCluster:
+    """The questions ``cluster_info`` asks, started when this is made (four round trips to the
+    controller and the accounting database, at once), answered by ``info()``: a launch
+    expands its grid meanwhile."""
+
+    def __init__(self) -> None:
+        self.sbatch = shutil.which("sbatch") is not None
+        if not self.sbatch:
+            return
+        import getpass
+
+        self.partitions = Started(["sinfo", "-h", "-o", "%P|%l"], "reading partitions")
+        self.nodes = Started(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
+        self.config = Started(["scontrol", "show", "config"], "reading the Slurm config")
+        self.assoc = Started(
+            [
+                "sacctmgr", "-n", "-P", "show", "assoc", f"user={getpass.getuser()}",
+                "format=maxsubmit,qos",
+            ],
+            "reading limits",
+        )  # fmt: skip
+
+    def info(self) -> ClusterInfo:
+        """Partitions and their nodes (sinfo), MaxArraySize (scontrol), submit limits
+        (sacctmgr); ConfigError when this is no Slurm login node."""
+        if not self.sbatch:
+            raise ConfigError(
+                "cluster=slurm but sbatch is not on PATH (is this a Slurm login node?)"
+            )
         parts: dict[str, Partition] = {}
-        for line in partitions.result().splitlines():
+        for line in self.partitions.answer().splitlines():
             name, limit = line.split("|")[:2]
             parts[name.rstrip("*")] = Partition(name.rstrip("*"), name.endswith("*"), _time(limit))
-        nodes, config = nodes_out.result(), config_out.result()
-    for line in nodes.splitlines():
-        node, part, cpus, mem, gres = (line.split("|") + [""] * 5)[:5]
-        p = parts.get(part.rstrip("*"))
-        if p is None:
-            continue
-        if node not in p.nodes:
-            p.nodes.append(node)
-        p.cpus[node] = int(cpus) if cpus.isdigit() else 0
-        p.mem_mb[node] = int(mem) if mem.isdigit() else 0
-        p.gpus[node] = _gpus(gres)
-    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.M)
-    max_array = int(m.group(1)) if m else 1001
-    return ClusterInfo(parts, max_array, max_submit)
+        for line in self.nodes.answer().splitlines():
+            node, part, cpus, mem, gres = (line.split("|") + [""] * 5)[:5]
+            p = parts.get(part.rstrip("*"))
+            if p is None:
+                continue
+            if node not in p.nodes:
+                p.nodes.append(node)
+            p.cpus[node] = int(cpus) if cpus.isdigit() else 0
+            p.mem_mb[node] = int(mem) if mem.isdigit() else 0
+            p.gpus[node] = _gpus(gres)
+        m = re.search(r"^MaxArraySize\s*=\s*(\d+)", self.config.answer(), re.M)
+        max_array = int(m.group(1)) if m else 1001
+        return ClusterInfo(parts, max_array, self._max_submit())
+
+    def _max_submit(self) -> int | None:
+        """The smallest MaxSubmitJobs of this user's associations and their QOS (None: none
+        set, or sacctmgr cannot say)."""
+        limits = []
+        try:
+            qos_names = set()
+            for line in self.assoc.answer().splitlines():
+                value, _, qos = line.partition("|")
+                if value.isdigit():
+                    limits.append(int(value))
+                qos_names.update(q for q in qos.split(",") if q)
+            if qos_names:
+                qos = run_slurm(
+                    [
+                        "sacctmgr", "-n", "-P", "show", "qos", f"names={','.join(qos_names)}",
+                        "format=maxsubmitpu",
+                    ],
+                    "reading limits",
+                )  # fmt: skip
+                limits += [int(v) for v in qos.split() if v.isdigit()]
+        except SlurmError:
+            return None
+        return min(limits) if limits else None
 
 
-def _max_submit() -> int | None:
-    """The smallest MaxSubmitJobs of this user's associations and their QOS (None: none set)."""
-    import getpass
-
-    limits = []
-    try:
-        user = getpass.getuser()
-        assoc = run_slurm(
-            ["sacctmgr", "-n", "-P", "show", "assoc", f"user={user}", "format=maxsubmit,qos"],
-            "reading limits",
-        )
-        qos_names = set()
-        for line in assoc.splitlines():
-            value, _, qos = line.partition("|")
-            if value.isdigit():
-                limits.append(int(value))
-            qos_names.update(q for q in qos.split(",") if q)
-        if qos_names:
-            qos = run_slurm(
-                [
-                    "sacctmgr",
-                    "-n",
-                    "-P",
-                    "show",
-                    "qos",
-                    f"names={','.join(qos_names)}",
-                    "format=maxsubmitpu",
-                ],
-                "reading limits",
-            )
-            limits += [int(v) for v in qos.split() if v.isdigit()]
-    except SlurmError:
-        return None
-    return min(limits) if limits else None
+def cluster_info() -> ClusterInfo:
+    """What the cluster offers and allows (see ``AskedCluster.info``)."""
+    return AskedCluster().info()
 
 
 @dataclass

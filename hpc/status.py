@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from dhm.fsutil import tail
 from dhm.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
-from hpc.plan import RunState, attach, run_states, slurm_attempts
+from hpc.plan import RunState, attach, attempts, disk_states, run_states
 from hpc.sweep import Run, sweep_dir
 
 
@@ -192,10 +191,9 @@ def status_lines(
 ) -> tuple[list[str], dict[str, dict]]:
     """The status table (one row per run), its footer, and the states for the report;
     ``estimates``: the stored plan's device-hours per run (read from plan.json if None)."""
-    with ThreadPoolExecutor(1) as pool:  # Slurm's answers while the disk is read
-        pending = pool.submit(slurm_attempts, cfg, query)
-        states = run_states(cfg, runs, query_slurm=query, check_stale=False, atts=[])
-        atts = pending.result()
+    asked = ledger.ask(cfg) if query else None  # sacct, squeue: answering while the disk is read
+    states = disk_states(cfg, runs, check_stale=False)
+    atts = attempts(cfg, query, asked)
     attach(states, atts)
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}

@@ -412,15 +412,20 @@ def _fake_slurm(monkeypatch, records: dict, pending: dict | None = None):
     """sacct and squeue answers for ledger.attempts, without a cluster."""
     from hpc import ledger
 
-    monkeypatch.setattr(
-        ledger,
-        "sacct",
-        lambda job_ids: {
-            k: [ledger.SlurmRecord(k, *v) if isinstance(v, tuple) else v for v in vs]
-            for k, vs in records.items()
-        },
-    )
-    monkeypatch.setattr(ledger, "pending_reasons", lambda job_ids: pending or {})
+    class Asked:  # in place of the sacct and squeue processes ledger.Asked starts
+        def __init__(self, subs):
+            self.subs = subs
+
+        def records(self):
+            return {
+                k: [ledger.SlurmRecord(k, *v) if isinstance(v, tuple) else v for v in vs]
+                for k, vs in records.items()
+            }
+
+        def pending(self):
+            return pending or {}
+
+    monkeypatch.setattr(ledger, "Asked", Asked)
 
 
 def _exception(cfg, job_id: str, line: str) -> None:
@@ -744,3 +749,35 @@ def test_test_only_runs_every_array_and_names_the_first_it_refuses(tmp_path, mon
     assert len(scripts) == len(specs) and not any(Path(p).exists() for p in scripts)
     fake.write_text('#!/bin/bash\necho "sbatch: Job 1 to start"\n')
     slurm.test_only(cfg, tmp_path, specs)  # every array accepted: no error
+
+
+def test_attempts_read_sacct_and_squeue_started_as_processes(tmp_path, monkeypatch):
+    # The Slurm commands themselves (the test's fake ones, printing real sacct -P and squeue
+    # text): sacct's states per task and attempt, squeue's reason for the pending tasks.
+    from hpc import ledger
+    from hpc.plan import run_states
+    from tests.helpers.fake_slurm import install
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{install(bin_dir)}:{os.environ['PATH']}")
+    (tmp_path / "sacct.txt").write_text(
+        "700_0|NODE_FAIL|0:0|30|node1|4000M|cpu=2|None||\n"
+        "700_0|RUNNING|0:0|60|node2|4000M|cpu=2|None||\n"
+        "700_1|PENDING|0:0|0||4000M||Priority||\n"
+    )
+    (tmp_path / "squeue.txt").write_text("700_1|PENDING|Resources\n700_0|RUNNING|None\n")
+    monkeypatch.setenv("FAKE_SLURM_SACCT", str(tmp_path / "sacct.txt"))
+    monkeypatch.setenv("FAKE_SLURM_SQUEUE", str(tmp_path / "squeue.txt"))
+    cfg = _cfg("cluster=slurm", f"root={tmp_path / 'root'}", "sweep=demo")
+    runs = expand(cfg)[:2]
+    ledger.record_submission(cfg, "train", "700", [{"runs": [r.run_id]} for r in runs], None)
+    states = run_states(cfg, runs, query_slurm=True)
+    first, second = (st.last("train") for st in states)
+    assert (first.state, first.nodes, [h.state for h in first.history]) == (
+        "RUNNING", "node2", ["NODE_FAIL"],
+    )  # fmt: skip
+    assert (second.state, second.reason) == ("PENDING", "pending: Resources")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sacct at all: says so, by name
+    with pytest.raises(ledger.SlurmError, match="reading job states .* sacct -D could not run"):
+        run_states(cfg, runs, query_slurm=True)
