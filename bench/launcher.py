@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dhm.layout import eval_sets, expected_size, shard_name
+from dhm.layout import eval_id, eval_sets, expected_size, shard_name
 from hpc import ledger
 from hpc.cli import compose_config
 from hpc.launcher import print_arrays
@@ -115,6 +115,18 @@ def _zip(path: Path, template: Path) -> None:
     os.link(template, path)
 
 
+def _shard(path: Path, current: str) -> Path:
+    """An HDF5 file with the attributes the launcher reads of a shard (status reads its name
+    only; a relaunch reads its eval_id to find shards of other eval settings)."""
+    if not path.exists():
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            f.attrs["eval_id"] = current
+            f.attrs["schema_version"] = 2
+    return path
+
+
 def _metrics(path: Path, steps: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = ["step,epoch,loss,ce,neg_elbo,lr"]
@@ -171,7 +183,7 @@ def _populate(cfg: Any, runs: list[Run], folder: Path) -> dict[str, str]:
                 size = expected_size(run.cfg, name, role)
                 path = rd / "eval" / shard_name(name, 0, size)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(b"")  # complete by name and size; never opened by status
+                os.link(_shard(folder / "shard.h5", eval_id(run.cfg)), path)
                 state = "COMPLETED"
             else:
                 state = "RUNNING" if phase == "evaluating" else "PENDING"
@@ -250,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env_flight = {**env, **_populate(cfg, runs, fakes)}
         t_flight_first = _wall(status, env_flight, repeats, before=forget)
         t_flight = _wall(status, env_flight, repeats)
+        t_relaunch = _wall(launch, env_flight, repeats)
     timed = {
         "python -c 'import hydra, omegaconf' (reference)": t_hydra,
         "python launch.py ... mode=dry_run (a new command line)": t_dry_first,
@@ -258,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "... mode=status, stored plan (again)": t_status,
         "... mode=status, the sweep in flight: files, ledger, sacct (new)": t_flight_first,
         "... mode=status, the sweep in flight (again)": t_flight,
+        "... mode=dry_run of the sweep in flight: a relaunch (again)": t_relaunch,
     }
     for name, seconds in timed.items():
         rows.append(
@@ -267,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cli_dry_run_over_import_hydra": round(t_dry / t_hydra, 2),
         "cli_status_over_import_hydra": round(t_status / t_hydra, 2),
         "cli_status_in_flight_over_import_hydra": round(t_flight / t_hydra, 2),
+        "cli_relaunch_dry_run_in_flight_over_import_hydra": round(t_relaunch / t_hydra, 2),
     }
     first = {
         "cli_dry_run_new_command_over_import_hydra": round(t_dry_first / t_hydra, 2),

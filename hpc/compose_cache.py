@@ -12,11 +12,12 @@ composition (pickled, ~15 KB, ~1 ms to load) under a SHA-256 of its inputs:
 * the versions of Python, Hydra and OmegaConf, and the installed Hydra plugins (which may add
   config folders).
 
-A change to any of them composes anew. Composition does not resolve interpolations
-(``${oc.env:...}`` is read when a run's config is resolved, after this), so the environment
-is not an input. Only compositions that succeeded are kept; a failing command line composes
-(and fails) every time. An entry that cannot be read is a miss; an entry that cannot be
-written is skipped (a read-only home works, uncached).
+A change to any of them composes anew; a config file that extends Hydra's search path
+(``hydra.searchpath``) turns the cache off for that command line. Composition does not resolve
+interpolations (``${oc.env:...}`` is read when a run's config is resolved, after this), so the
+environment is not an input. Only compositions that succeeded are kept; a failing command line
+composes (and fails) every time. An entry that cannot be read is a miss; an entry that cannot
+be written is skipped (a read-only home works, uncached).
 
 Where: ``$DHM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dhm-grid/compose``, else
 ``~/.cache/dhm-grid/compose``; ``DHM_CACHE_DIR=off`` turns the cache off. At most
@@ -63,8 +64,12 @@ def _plugins() -> list[str]:
     return names
 
 
-def key(config_name: str, overrides: list[str], multirun: bool, config_dirs: list[Path]) -> str:
-    """The SHA-256 of everything a composition depends on (see the module docstring)."""
+def key(
+    config_name: str, overrides: list[str], multirun: bool, config_dirs: list[Path]
+) -> str | None:
+    """The SHA-256 of everything a composition depends on (see the module docstring); None
+    when a config file extends Hydra's search path (``hydra.searchpath``: folders this key
+    would not cover), which is then composed every time."""
     import hydra
     import omegaconf
 
@@ -82,14 +87,17 @@ def key(config_name: str, overrides: list[str], multirun: bool, config_dirs: lis
                 path = os.path.join(dirpath, name)
                 h.update(b"\0file\0" + os.path.relpath(path, top).encode() + b"\0")
                 with open(path, "rb") as f:
-                    h.update(f.read())
+                    data = f.read()
+                if b"searchpath" in data:
+                    return None
+                h.update(data)
     return h.hexdigest()
 
 
-def load(digest: str) -> Any | None:
+def load(digest: str | None) -> Any | None:
     """The composed config kept under ``digest`` (None: not kept, or unreadable)."""
     where = folder()
-    if where is None:
+    if where is None or digest is None:
         return None
     path = where / f"{digest}.pkl"
     try:
@@ -101,10 +109,10 @@ def load(digest: str) -> Any | None:
     return cfg
 
 
-def store(digest: str, cfg: Any) -> None:
+def store(digest: str | None, cfg: Any) -> None:
     """Keep ``cfg`` under ``digest`` (atomically), then prune beyond MAX_ENTRIES."""
     where = folder()
-    if where is None:
+    if where is None or digest is None:
         return
     from dhm.fsutil import atomic_path
 

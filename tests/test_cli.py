@@ -239,6 +239,8 @@ def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
         assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
         assert OmegaConf.get_type(cfg) is OmegaConf.get_type(fresh)
         assert OmegaConf.get_type(cfg.cluster) is OmegaConf.get_type(fresh.cluster)
+        assert OmegaConf.is_struct(cfg) == OmegaConf.is_struct(fresh)
+        assert OmegaConf.is_readonly(cfg) == OmegaConf.is_readonly(fresh)
 
     (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: second\n")
     assert cli(line) == 0 and seen[-1].root == "second"  # a config file changed: composed
@@ -256,6 +258,11 @@ def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
 
     monkeypatch.setenv("DHM_CACHE_DIR", "off")
     assert cli(line) == 0 and cli(line) == 0 and len(composed) == 9
+    monkeypatch.setenv("DHM_CACHE_DIR", str(cache))  # a search path the key cannot cover
+    (extra / "mine.yaml").write_text(
+        "defaults:\n  - config\n  - _self_\nroot: third\nhydra:\n  searchpath: []\n"
+    )
+    assert cli(line) == 0 and cli(line) == 0 and len(composed) == 11
 
 
 def test_the_composition_key_covers_the_schema_source_and_hydras_version(monkeypatch, tmp_path):
