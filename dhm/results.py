@@ -323,11 +323,6 @@ def shard_eval_id(path: str | Path) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def stale_shards(eval_dir: str | Path, set_name: str, current_eval_id: str) -> list[Path]:
-    """Shards of a set written with other eval settings (another k, epsilon grid, split...)."""
-    return [p for *_, p in set_shards(eval_dir, set_name) if shard_eval_id(p) != current_eval_id]
-
-
 def shard_set_size(path: str | Path) -> int | None:
     """The set_size attribute of one shard (None: unreadable)."""
     try:

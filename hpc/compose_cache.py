@@ -19,9 +19,10 @@ environment is not an input. Only compositions that succeeded are kept; a failin
 composes (and fails) every time. An entry that cannot be read is a miss; an entry that cannot
 be written is skipped (a read-only home works, uncached).
 
-Where: ``$DHM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dhm-grid/compose``, else
-``~/.cache/dhm-grid/compose``; ``DHM_CACHE_DIR=off`` turns the cache off. At most
-``MAX_ENTRIES`` entries are kept, the least recently used pruned first.
+Where: ``compose/`` in the launcher's cache folder, ``$DHM_CACHE_DIR``, else
+``$XDG_CACHE_HOME/dhm-grid``, else ``~/.cache/dhm-grid`` (``DHM_CACHE_DIR=off``: no cache; the
+folder also holds ``hpc.shard_ids``). At most ``MAX_ENTRIES`` entries are kept, the least
+recently used pruned first.
 """
 
 from __future__ import annotations
@@ -41,13 +42,19 @@ MAX_ENTRIES = 256
 SOURCES = ("hpc.schema", "hpc.cli", "hpc.compose_cache", "dhm.config", "dhm.datasets")
 
 
-def folder() -> Path | None:
-    """The cache folder (None: caching is off)."""
+def root() -> Path | None:
+    """The launcher's cache folder (None: caching is off)."""
     chosen = os.environ.get("DHM_CACHE_DIR")
     if chosen:
         return None if chosen.lower() in ("off", "0", "no", "false") else Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dhm-grid" / "compose"
+    return Path(base) / "dhm-grid"
+
+
+def folder() -> Path | None:
+    """Where compositions are kept (None: caching is off)."""
+    where = root()
+    return None if where is None else where / "compose"
 
 
 def _plugins() -> list[str]:

@@ -31,6 +31,7 @@ from dhm import layout
 from hpc import ledger
 from hpc.ledger import RESUME_STATES, Attempt
 from hpc.schema import memory_mb, parse_time_minutes, runs_per_task
+from hpc.shard_ids import ShardIds
 from hpc.slurm import ArraySpec, Resources, Yamls, stage_params, stage_resources
 from hpc.sweep import Run, sweep_dir
 
@@ -94,6 +95,7 @@ def attempts(cfg: Any, query_slurm: bool, asked: ledger.Asked | None = None) -> 
 def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[RunState]:
     """Each run's state on disk, without its Slurm attempts (``attach`` adds them)."""
     disk = layout.scan_runs([run.cfg.run_dir for run in runs])
+    ids = ShardIds(sweep_dir(cfg)) if check_stale else None
     out = []
     for run in runs:
         files = disk[run.cfg.run_dir]
@@ -124,16 +126,17 @@ def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[Run
             roles=dict(sets),
             files=files,
         )
-        if check_stale and files.shards:
-            from dhm.results import stale_shards  # h5py: only when planning new work
-
+        if ids is not None and files.shards:
             current = layout.eval_id(run.cfg)
             for name, _ in sets:
-                old = stale_shards(eval_dir, name, current)
+                shards = layout.set_shards(eval_dir, name, files.shards)
+                old = [path for *_, path in shards if ids.get(path) != current]
                 if old:
                     state.stale[name] = old
                     state.eval_done[name] = False
         out.append(state)
+    if ids is not None:
+        ids.save()
     return out
 
 

@@ -234,7 +234,8 @@ def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
     line = ["-cd", str(extra), "-cn", "mine", "sweep=single", "model.beta=0.5", "mode=dry_run"]
 
     assert cli(line) == 0 and cli(line) == 0
-    assert len(composed) == 1 and len(list(cache.glob("*.pkl"))) == 1  # the second: a hit
+    kept = cache / "compose"
+    assert len(composed) == 1 and len(list(kept.glob("*.pkl"))) == 1  # the second: a hit
     for cfg in seen:  # what the launcher receives is what Hydra composes, typed the same
         assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
         assert OmegaConf.get_type(cfg) is OmegaConf.get_type(fresh)
@@ -246,9 +247,9 @@ def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
     assert cli(line) == 0 and seen[-1].root == "second"  # a config file changed: composed
     assert cli([*line[:-1], "mode=status"]) == 0  # another override: composed
     assert cli(["-m", *line, "train.seed=0,1"]) == 0 and seen[-1].sweep.multirun  # -m too
-    assert len(composed) == 4 and len(list(cache.glob("*.pkl"))) == 4
+    assert len(composed) == 4 and len(list(kept.glob("*.pkl"))) == 4
 
-    for entry in cache.glob("*.pkl"):  # an unreadable entry is a miss, not an error
+    for entry in kept.glob("*.pkl"):  # an unreadable entry is a miss, not an error
         entry.write_bytes(b"not a pickle")
     assert cli(line) == 0 and len(composed) == 5 and seen[-1].root == "second"
 

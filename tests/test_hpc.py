@@ -781,3 +781,41 @@ def test_attempts_read_sacct_and_squeue_started_as_processes(tmp_path, monkeypat
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sacct at all: says so, by name
     with pytest.raises(ledger.SlurmError, match="reading job states .* sacct -D could not run"):
         run_states(cfg, runs, query_slurm=True)
+
+
+def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
+    import h5py
+
+    import dhm.results as R
+    from hpc.shard_ids import ShardIds
+
+    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
+    opened = []
+    real = R.shard_eval_id
+    monkeypatch.setattr(R, "shard_eval_id", lambda p: opened.append(p) or real(p))
+    sweep = tmp_path / "sweep"
+    shard = sweep / "runs" / "r1" / "eval" / "digits__0000000-0000284.h5"
+    shard.parent.mkdir(parents=True)
+
+    def write(eval_id: str) -> None:  # as dhm.evaluate does: a new file renamed into place
+        tmp = shard.with_suffix(".tmp")
+        with h5py.File(tmp, "w") as f:
+            f.attrs["eval_id"] = eval_id
+        tmp.replace(shard)
+
+    write("aaaa")
+    ids = ShardIds(sweep)
+    assert ids.get(shard) == "aaaa" and ids.get(shard) == "aaaa" and len(opened) == 1
+    ids.save()
+    assert ShardIds(sweep).get(shard) == "aaaa" and len(opened) == 1  # the next launch: kept
+    write("bbbb")  # evaluated again with other settings: another inode and mtime
+    again = ShardIds(sweep)
+    assert again.get(shard) == "bbbb" and len(opened) == 2
+    again.save()
+    (tmp_path / "cache" / "shard-ids").iterdir().__next__().write_text("{not json")
+    assert ShardIds(sweep).get(shard) == "bbbb" and len(opened) == 3  # unreadable: read all
+    monkeypatch.setenv("DHM_CACHE_DIR", "off")
+    off = ShardIds(sweep)
+    assert off.get(shard) == off.get(shard) == "bbbb" and len(opened) == 4
+    off.save()
+    assert ShardIds(sweep).get(tmp_path / "missing.h5") is None
