@@ -77,18 +77,21 @@ def _fake_slurm(folder: Path) -> dict[str, str]:
     }
 
 
-def _wall(cmd: list[str], env: dict[str, str], repeats: int, before=None) -> float:
-    """Median wall seconds of ``cmd``; ``before()`` runs ahead of each sample, untimed."""
-    samples = []
+def _interleaved(cases: dict[str, tuple], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each command, {name: (cmd, env, before)}, sampled in turns (one
+    of each per round), so that a slow spell of a shared machine hits them all alike;
+    ``before()`` runs ahead of a sample, untimed."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        samples.append(time.perf_counter() - start)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed: {out.stderr[-500:]}")
-    return sorted(samples)[len(samples) // 2]
+        for name, (cmd, env, before) in cases.items():
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            samples[name].append(time.perf_counter() - start)
+            if out.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd[:4])} ... failed: {out.stderr[-500:]}")
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
 # ------------------------------------------------------------------ a sweep in flight, on disk
@@ -241,9 +244,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repeats = max(1, args.repeats)
 
         def forget() -> None:
-            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(cache / "compose", ignore_errors=True)  # shard ids stay: per sweep
 
-        t_hydra = _wall([sys.executable, "-c", "import hydra, omegaconf"], env, repeats)
+        hydra = [sys.executable, "-c", "import hydra, omegaconf"]
         launch = [
             sys.executable,
             "launch.py",
@@ -253,40 +256,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cluster.eval_cpus=1",
             "mode=dry_run",
         ]
-        t_dry_first = _wall(launch, env, repeats, before=forget)
-        t_dry = _wall(launch, env, repeats)
-        write_plan(cfg, runs)
         status = [sys.executable, "launch.py", "sweep.name=bench", f"root={root}", "mode=status"]
-        t_status_first = _wall(status, env, repeats, before=forget)
-        t_status = _wall(status, env, repeats)
+        write_plan(cfg, runs)  # the launch a status reads (a dry run stores no plan)
+        fresh = _interleaved(
+            {
+                "ref": (hydra, env, None),
+                "dry_new": (launch, env, forget),
+                "dry": (launch, env, None),
+                "status_new": (status, env, forget),
+                "status": (status, env, None),
+            },
+            repeats,
+        )
         env_flight = {**env, **_populate(cfg, runs, fakes)}
-        t_flight_first = _wall(status, env_flight, repeats, before=forget)
-        t_flight = _wall(status, env_flight, repeats)
-        t_relaunch = _wall(launch, env_flight, repeats)
+        flight = _interleaved(
+            {
+                "ref": (hydra, env_flight, None),
+                "status_new": (status, env_flight, forget),
+                "status": (status, env_flight, None),
+                "relaunch": (launch, env_flight, None),
+            },
+            repeats,
+        )
     timed = {
-        "python -c 'import hydra, omegaconf' (reference)": t_hydra,
-        "python launch.py ... mode=dry_run (a new command line)": t_dry_first,
-        "python launch.py ... mode=dry_run (again)": t_dry,
-        "python launch.py sweep.name=bench mode=status, stored plan (new)": t_status_first,
-        "... mode=status, stored plan (again)": t_status,
-        "... mode=status, the sweep in flight: files, ledger, sacct (new)": t_flight_first,
-        "... mode=status, the sweep in flight (again)": t_flight,
-        "... mode=dry_run of the sweep in flight: a relaunch (again)": t_relaunch,
+        "python -c 'import hydra, omegaconf' (reference)": fresh["ref"],
+        "python launch.py ... mode=dry_run (a new command line)": fresh["dry_new"],
+        "python launch.py ... mode=dry_run (again)": fresh["dry"],
+        "python launch.py sweep.name=bench mode=status, stored plan (new)": fresh["status_new"],
+        "... mode=status, stored plan (again)": fresh["status"],
+        "python -c 'import hydra, omegaconf' (reference, 2nd phase)": flight["ref"],
+        "... mode=status, the sweep in flight: files, ledger, sacct (new)": flight["status_new"],
+        "... mode=status, the sweep in flight (again)": flight["status"],
+        "... mode=dry_run of the sweep in flight: a relaunch (again)": flight["relaunch"],
     }
     for name, seconds in timed.items():
         rows.append(
             {"step": name, "seconds": round(seconds, 3), "us_per_run": round(seconds / n * 1e6, 1)}
         )
+
+    def ratio(phase: dict[str, float], key: str) -> float:
+        return round(phase[key] / phase["ref"], 2)
+
     ratios = {
-        "cli_dry_run_over_import_hydra": round(t_dry / t_hydra, 2),
-        "cli_status_over_import_hydra": round(t_status / t_hydra, 2),
-        "cli_status_in_flight_over_import_hydra": round(t_flight / t_hydra, 2),
-        "cli_relaunch_dry_run_in_flight_over_import_hydra": round(t_relaunch / t_hydra, 2),
+        "cli_dry_run_over_import_hydra": ratio(fresh, "dry"),
+        "cli_status_over_import_hydra": ratio(fresh, "status"),
+        "cli_status_in_flight_over_import_hydra": ratio(flight, "status"),
+        "cli_relaunch_dry_run_in_flight_over_import_hydra": ratio(flight, "relaunch"),
     }
     first = {
-        "cli_dry_run_new_command_over_import_hydra": round(t_dry_first / t_hydra, 2),
-        "cli_status_new_command_over_import_hydra": round(t_status_first / t_hydra, 2),
-        "cli_status_in_flight_new_command_over_import_hydra": round(t_flight_first / t_hydra, 2),
+        "cli_dry_run_new_command_over_import_hydra": ratio(fresh, "dry_new"),
+        "cli_status_new_command_over_import_hydra": ratio(fresh, "status_new"),
+        "cli_status_in_flight_new_command_over_import_hydra": ratio(flight, "status_new"),
     }
     return {
         "rows": rows,

@@ -14,6 +14,7 @@ it is newer than every shard). ``dhm.results`` reads and writes the files themse
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,13 +39,27 @@ def shard_name(set_name: str, start: int, stop: int) -> str:
 def eval_sets(cfg: Any) -> list[tuple[str, str]]:
     """(set name, role) pairs of a run: its test set, its validation split (models with a
     classifier, for temperature scaling), then the OOD sets."""
+    return list(
+        _eval_sets(
+            cfg.model.name,
+            cfg.data.name,
+            tuple(cfg.eval.ood_sets or ()),
+            tuple(cfg.data.ood_sets or ()),
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)  # a 1,000-run sweep asks for a handful of distinct answers
+def _eval_sets(
+    model: str, data: str, eval_ood: tuple[str, ...], data_ood: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
     from dhm.datasets import DATASETS
 
-    ood = cfg.eval.ood_sets or cfg.data.ood_sets or DATASETS[cfg.data.name].ood_sets
-    sets = [(cfg.data.name, "id")]
-    if cfg.model.name != "vae":
-        sets.append((f"{cfg.data.name}-val", "val"))
-    return sets + [(name, "ood") for name in ood]
+    ood = eval_ood or data_ood or DATASETS[data].ood_sets
+    sets = [(data, "id")]
+    if model != "vae":
+        sets.append((f"{data}-val", "val"))
+    return tuple(sets + [(name, "ood") for name in ood])
 
 
 def expected_size(cfg: Any, set_name: str, role: str) -> int | None:

@@ -349,34 +349,43 @@ def render_script(cfg: Any, folder: Path, params: dict[str, Any], n_tasks: int) 
     return _make_sbatch_string(command=command, folder=folder, **params, **extra)
 
 
+_JOB_NAME_LINE = re.compile(r"^#SBATCH --job-name=.*$", re.M)
+
+
 def test_only(cfg: Any, folder: Path, specs: list[ArraySpec]) -> None:
     """``sbatch --test-only`` on every array's script (without its dependency, whose job does
-    not exist yet): Slurm's own verdict on the resources, before anything is submitted. The
-    calls run concurrently (each is a round trip to slurmctld); the first refusal, in plan
-    order, is raised."""
-    paths, procs = [], []
+    not exist yet): Slurm's own verdict on the resources, before anything is submitted. Arrays
+    whose scripts differ only in their job name (the eval arrays of several sets, chunks of one
+    size) get one call, and the calls run concurrently (each is a round trip to slurmctld); the
+    first refusal, in plan order, is raised."""
+    scripts = []
+    for spec in specs:
+        params = {k: v for k, v in spec.params.items() if k != "dependency"}
+        scripts.append(render_script(cfg, folder, params, len(spec.tasks)))
+    first: dict[str, int] = {}  # the script without its job name -> its first array
+    for i, text in enumerate(scripts):
+        first.setdefault(_JOB_NAME_LINE.sub("", text), i)
+    paths, procs = [], {}
     try:
-        for spec in specs:
-            params = {k: v for k, v in spec.params.items() if k != "dependency"}
+        for i in first.values():
             with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-                f.write(render_script(cfg, folder, params, len(spec.tasks)))
+                f.write(scripts[i])
             paths.append(f.name)
-            procs.append(
-                subprocess.Popen(
-                    ["sbatch", "--test-only", f.name],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
+            procs[i] = subprocess.Popen(
+                ["sbatch", "--test-only", f.name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
-        results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
+        results = {i: p.communicate(timeout=60) + (p.returncode,) for i, p in procs.items()}
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
         for path in paths:
             Path(path).unlink(missing_ok=True)
-    for spec, (stdout, stderr, code) in zip(specs, results, strict=True):
+    for spec, text in zip(specs, scripts, strict=True):
+        stdout, stderr, code = results[first[_JOB_NAME_LINE.sub("", text)]]
         if code != 0:
             message = (stderr or stdout).strip().splitlines()
             raise SlurmError(

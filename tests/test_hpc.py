@@ -722,8 +722,9 @@ def test_status_cell_names_the_exception_class_without_its_module():
 
 
 def test_test_only_runs_every_array_and_names_the_first_it_refuses(tmp_path, monkeypatch):
-    # The launch's sbatch --test-only calls run concurrently; the first refused array in plan
-    # order is named with Slurm's reason, and no script file is left behind.
+    # The launch's sbatch --test-only calls run concurrently, one per distinct script (the four
+    # eval arrays differ only in their job names); the first refused array in plan order is
+    # named with Slurm's reason, and no script file is left behind.
     from hpc import slurm
 
     bin_dir, seen = tmp_path / "bin", tmp_path / "seen"
@@ -732,21 +733,22 @@ def test_test_only_runs_every_array_and_names_the_first_it_refuses(tmp_path, mon
     fake.write_text(
         "#!/bin/bash\n"
         f'echo "$2" >> {seen}\n'
-        'if grep -q "job-name=dhm-demo-eval-digits_ood$" "$2"; then\n'
+        'if grep -q -- "--mem=1G$" "$2"; then\n'
         '  echo "sbatch: error: Requested node configuration is not available" >&2; exit 1\n'
         "fi\n"
         'echo "sbatch: Job 1 to start at 2026-12-01T00:00:00"\n'
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo")
+    cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=demo", "cluster.eval_mem=1G")
     specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+    assert [s.stage for s in specs][:2] == ["train", "eval:digits"] and len(specs) == 6
     with pytest.raises(slurm.SlurmError) as err:
         slurm.test_only(cfg, tmp_path, specs)
-    assert "refused the eval:digits_ood array (4 tasks)" in str(err.value)
+    assert "refused the eval:digits array (4 tasks)" in str(err.value)
     assert "Requested node configuration is not available" in str(err.value)
-    scripts = seen.read_text().split()
-    assert len(scripts) == len(specs) and not any(Path(p).exists() for p in scripts)
+    scripts = seen.read_text().split()  # train, one of the four evals, aggregate
+    assert len(scripts) == 3 and not any(Path(p).exists() for p in scripts)
     fake.write_text('#!/bin/bash\necho "sbatch: Job 1 to start"\n')
     slurm.test_only(cfg, tmp_path, specs)  # every array accepted: no error
 
@@ -819,3 +821,19 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
     assert off.get(shard) == off.get(shard) == "bbbb" and len(opened) == 4
     off.save()
     assert ShardIds(sweep).get(tmp_path / "missing.h5") is None
+
+
+def test_expand_judges_each_combination_of_a_grid(tmp_path):
+    # check_run's parts are judged once per distinct setting of the sections they read; a
+    # combination a part refuses is still found wherever it sits in the grid.
+    from dhm.config import ConfigError
+
+    axes = "+sweep.axes={model.name:[dhm,zmodel],model.vae_split_layer:[0,2],train.seed:[0,1]}"
+    with pytest.raises(ConfigError, match="vae_split_layer=2 is not allowed: 0 for model=zmodel"):
+        expand(_cfg("sweep.name=x", "sweep.points=[]", axes, f"root={tmp_path}"))
+    axes = "+sweep.axes={train.seed:[0,1,2],train.lr:[0.1,0.0]}"
+    with pytest.raises(ConfigError, match="'train.lr': 0.0.*train.lr=0.0 is not allowed"):
+        expand(_cfg("sweep.name=x", "sweep.points=[]", axes, f"root={tmp_path}"))
+    axes = "+sweep.axes={model.alpha:[0.0,1.0],model.beta:[1.0,0.0]}"
+    with pytest.raises(ConfigError, match="alpha and beta cannot both be 0"):
+        expand(_cfg("sweep.name=x", "sweep.points=[]", axes, f"root={tmp_path}"))

@@ -566,7 +566,14 @@ def test_looks_complete_agrees_with_zipfile_on_every_truncation(tmp_path, monkey
         assert ckpt_io.looks_complete(other) and _zipfile_verdict(other)
         other.write_bytes(blob[:-1])  # (zipfile itself forgives a cut comment or record end)
         assert not ckpt_io.looks_complete(other)
+    late = tmp_path / "late.zip"  # data.pkl listed after 4 KiB of directory
+    with zipfile.ZipFile(late, "w") as archive:
+        for i in range(200):
+            archive.writestr(f"archive/data/{i}", b"x")
+        archive.writestr("archive/data.pkl", b"x")
+    assert ckpt_io.looks_complete(late) and _zipfile_verdict(late)
     no_pickle = tmp_path / "no_pickle.zip"
     with zipfile.ZipFile(no_pickle, "w") as archive:
-        archive.writestr("archive/data/0", b"x")
+        for i in range(200):
+            archive.writestr(f"archive/data/{i}", b"x")
     assert not ckpt_io.looks_complete(no_pickle) and not _zipfile_verdict(no_pickle)
