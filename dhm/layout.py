@@ -117,10 +117,16 @@ def scan_runs(run_dirs: list[str]) -> dict[str, RunFiles]:
     listed: dict[str, set[str]] = {}
     out: dict[str, RunFiles] = {}
     for run_dir in run_dirs:
-        parent, name = os.path.split(os.path.normpath(run_dir))
-        if parent not in listed:
-            listed[parent] = set(names_in(parent))
-        if name not in listed[parent]:
+        # Not normpath: it would drop "link/.." without following the link, as the OS does.
+        parent, name = os.path.split(run_dir.rstrip(os.sep) or run_dir)
+        if name in ("", ".", ".."):
+            exists = os.path.isdir(run_dir)
+        else:
+            parent = parent or os.curdir
+            if parent not in listed:
+                listed[parent] = set(names_in(parent))
+            exists = name in listed[parent]
+        if not exists:
             out[run_dir] = RunFiles()
             continue
         out[run_dir] = RunFiles(

@@ -20,6 +20,7 @@ separate processes and exit 1 on every error. Instead:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -251,18 +252,27 @@ def cli(argv: list[str]) -> int:
         GlobalHydra.instance().clear()
 
 
+# ``mode=<a mode>``: a top-level string that no other setting depends on while composing; a
+# command line and the same with another mode (dry_run, then the launch) share a composition.
+_MODE_OVERRIDE = re.compile(r"^mode=(run|dry_run|status|cancel|aggregate|report|calibrate)$")
+
+
 def _composed(args: Any, config_name: str) -> DictConfig:
-    """The launch config of a command line: kept from an earlier identical composition
-    (hpc.compose_cache), else composed by Hydra and kept."""
+    """The launch config of a command line: kept from an earlier composition of the same
+    inputs but its ``mode=`` (hpc.compose_cache), else composed by Hydra and kept."""
     from hpc import compose_cache
 
     config_dir, extra = _config_dirs(args)
     dirs = [config_dir] if extra is None else [extra, config_dir]
-    digest = compose_cache.key(config_name, list(args.overrides), bool(args.multirun), dirs)
+    rest = [o for o in args.overrides if not _MODE_OVERRIDE.match(o)]
+    modes = [m.group(1) for o in args.overrides if (m := _MODE_OVERRIDE.match(o))]
+    digest = compose_cache.key(config_name, rest, bool(args.multirun), dirs)
     cfg = compose_cache.load(digest)
     if cfg is None:
-        cfg = compose_launch(_hydra(args), config_name, list(args.overrides), args.multirun)
+        cfg = compose_launch(_hydra(args), config_name, rest, args.multirun)
         compose_cache.store(digest, cfg)
+    if modes:  # as Hydra applies it: the last one wins
+        cfg.mode = modes[-1]
     return cfg
 
 

@@ -6,8 +6,8 @@ dry run. The same inputs always compose to the same config, so the launcher keep
 composition (pickled, ~15 KB, ~1 ms to load) under a SHA-256 of its inputs:
 
 * the command line: config name, ``-m``, and the overrides in their order;
-* every file under each config folder of the search path (``configs/`` or ``-cp``, and
-  ``-cd``): its relative path and bytes;
+* every ``.yaml`` file under each config folder of the search path (``configs/`` or ``-cp``,
+  and ``-cd``; linked folders followed, as Hydra does): its relative path and bytes;
 * the source of the modules that define the schema and the composition (``SOURCES``);
 * the versions of Python, Hydra and OmegaConf, and the installed Hydra plugins (which may add
   config folders).
@@ -22,7 +22,8 @@ be written is skipped (a read-only home works, uncached).
 Where: ``compose/`` in the launcher's cache folder, ``$DHM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/dhm-grid``, else ``~/.cache/dhm-grid`` (``DHM_CACHE_DIR=off``: no cache; the
 folder also holds ``hpc.shard_ids``). At most ``MAX_ENTRIES`` entries are kept, the least
-recently used pruned first.
+recently used pruned first. Entries are private (0600 in a 0700 folder), and one that another
+user owns or could have written is never loaded: a pickle can run code.
 """
 
 from __future__ import annotations
@@ -71,12 +72,18 @@ def _plugins() -> list[str]:
     return names
 
 
+MAX_CONFIG_ENTRIES = 5000  # a config folder bigger than this (e.g. -cd .): not cached
+
+
 def key(
     config_name: str, overrides: list[str], multirun: bool, config_dirs: list[Path]
 ) -> str | None:
     """The SHA-256 of everything a composition depends on (see the module docstring); None
-    when a config file extends Hydra's search path (``hydra.searchpath``: folders this key
-    would not cover), which is then composed every time."""
+    (composed every time) when the cache is off, when a config file extends Hydra's search path
+    (``hydra.searchpath``: folders this key would not cover) or when a config folder holds
+    more than MAX_CONFIG_ENTRIES files and folders."""
+    if folder() is None:
+        return None
     import hydra
     import omegaconf
 
@@ -88,17 +95,43 @@ def key(
         h.update(Path(importlib.util.find_spec(module).origin).read_bytes())
     for top in config_dirs:
         h.update(b"\0folder\0" + str(top).encode())
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(dirpath, name)
-                h.update(b"\0file\0" + os.path.relpath(path, top).encode() + b"\0")
+        configs = _config_files(top)
+        if configs is None:
+            return None
+        for relative, path in configs:
+            h.update(b"\0file\0" + relative.encode() + b"\0")
+            try:
                 with open(path, "rb") as f:
                     data = f.read()
-                if b"searchpath" in data:
-                    return None
-                h.update(data)
+            except OSError as err:  # a dangling link, an unreadable file: Hydra's problem
+                data = f"unreadable: {err.strerror}".encode()
+            if b"searchpath" in data:
+                return None
+            h.update(data)
     return h.hexdigest()
+
+
+def _config_files(top: Path) -> list[tuple[str, str]] | None:
+    """(relative path, path) of every .yaml file Hydra could read under ``top``, following
+    linked folders as Hydra does (each real folder once); None past MAX_CONFIG_ENTRIES."""
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    entries = 0
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        entries += len(dirnames) + len(filenames)
+        if entries > MAX_CONFIG_ENTRIES:
+            return None
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".yaml"):
+                path = os.path.join(dirpath, name)
+                out.append((os.path.relpath(path, top), path))
+    return out
 
 
 def load(digest: str | None) -> Any | None:
@@ -109,11 +142,19 @@ def load(digest: str | None) -> Any | None:
     path = where / f"{digest}.pkl"
     try:
         with open(path, "rb") as f:
+            if not private(os.fstat(f.fileno())):
+                return None
             cfg = pickle.load(f)
         os.utime(path)  # recently used: pruned last
     except Exception:  # missing, truncated, or written by other versions of the classes
         return None
     return cfg
+
+
+def private(st: os.stat_result) -> bool:
+    """An entry is loaded (unpickled: it could run code) only if this user owns it and no
+    one else can write it: a cache folder shared with others is read as empty."""
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def store(digest: str | None, cfg: Any) -> None:
@@ -124,8 +165,9 @@ def store(digest: str | None, cfg: Any) -> None:
     from dhm.fsutil import atomic_path
 
     try:
-        where.mkdir(parents=True, exist_ok=True)
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
         with atomic_path(where / f"{digest}.pkl") as tmp, open(tmp, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
             pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
         entries = sorted(where.glob("*.pkl"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-MAX_ENTRIES]:

@@ -384,8 +384,12 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
     the plan is to run here; the config; the plan)."""
     on_slurm = cfg.cluster.name == "slurm"
     asked = slurm.AskedCluster() if on_slurm else None  # answering while the grid expands
-    runs, selected = _expanded(cfg)
-    info = asked.info() if asked is not None else None
+    try:
+        runs, selected = _expanded(cfg)
+        info = asked.info() if asked is not None else None
+    finally:
+        if asked is not None:
+            asked.close()
     preflight(cfg, selected, info)
     plan = make_plan(cfg, selected, query_slurm=on_slurm, all_runs=runs)
     _check_resume_points(plan)

@@ -215,6 +215,14 @@ class Started:
             raise SlurmError(f"{self.what}: {name} failed: {err.strip()}")
         return out
 
+    def close(self) -> None:
+        """Stop the command if it still runs, and reap it (for a caller that failed before
+        reading its answer); nothing once it was answered."""
+        if self.proc is not None and self.proc.returncode is None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.communicate()
+
 
 def run_slurm(cmd: list[str], what: str) -> str:
     """stdout of a Slurm command; SlurmError saying what failed and why."""
@@ -238,6 +246,11 @@ class Asked:
             self.squeue = Started(
                 ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ids], "reading pending reasons"
             )
+
+    def close(self) -> None:
+        for started in (self.sacct, self.squeue):
+            if started is not None:
+                started.close()
 
     def records(self) -> dict[str, list[SlurmRecord]]:
         """Every attempt of these jobs and their array tasks, from the accounting database."""
@@ -338,7 +351,10 @@ def attempts(cfg: Any, query: bool = True, asked: Asked | None = None) -> list[A
     pending: dict[str, str] = {}
     if query and subs:
         asked = asked or Asked(subs)
-        records, pending = asked.records(), asked.pending()
+        try:
+            records, pending = asked.records(), asked.pending()
+        finally:
+            asked.close()
     folder = sweep_dir(cfg) / "slurm"
     logs = set(names_in(folder)) if subs else set()  # one listing, not two stats per task
     now = datetime.now()

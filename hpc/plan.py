@@ -81,8 +81,12 @@ def run_states(
     """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt,
     ``attempts``; sacct and squeue answer while the disk is read)."""
     asked = ledger.ask(cfg) if query_slurm else None  # answering while the disk is read
-    states = disk_states(cfg, runs, check_stale)
-    return attach(states, attempts(cfg, query_slurm, asked))
+    try:
+        states = disk_states(cfg, runs, check_stale)
+        return attach(states, attempts(cfg, query_slurm, asked))
+    finally:
+        if asked is not None:
+            asked.close()
 
 
 def attempts(cfg: Any, query_slurm: bool, asked: ledger.Asked | None = None) -> list[Attempt]:

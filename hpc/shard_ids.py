@@ -35,7 +35,9 @@ class ShardIds:
         self.read = 0  # files opened by this instance
         if self.path is not None:
             try:
-                data = json.loads(self.path.read_text())
+                with open(self.path) as f:
+                    # another user's file could say a stale shard is current: not read
+                    data = json.load(f) if compose_cache.private(os.fstat(f.fileno())) else {}
                 if data.get("format") == FORMAT:
                     self.kept = data["shards"]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -62,9 +64,12 @@ class ShardIds:
         Entries of shards moved aside stay: one per shard ever written in the sweep."""
         if self.path is None or not self.read:
             return
-        from dhm.fsutil import atomic_write_text
+        from dhm.fsutil import atomic_path
 
         try:
-            atomic_write_text(self.path, json.dumps({"format": FORMAT, "shards": self.kept}))
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
+                json.dump({"format": FORMAT, "shards": self.kept}, f)
         except OSError:
             return

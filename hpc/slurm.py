@@ -97,6 +97,12 @@ class AskedCluster:
             "reading limits",
         )  # fmt: skip
 
+    def close(self) -> None:
+        """Reap the commands whose answers were not read (a launch refused before)."""
+        if self.sbatch:
+            for started in (self.partitions, self.nodes, self.config, self.assoc):
+                started.close()
+
     def info(self) -> ClusterInfo:
         """Partitions and their nodes (sinfo), MaxArraySize (scontrol), submit limits
         (sacctmgr); ConfigError when this is no Slurm login node."""
@@ -149,7 +155,11 @@ class AskedCluster:
 
 def cluster_info() -> ClusterInfo:
     """What the cluster offers and allows (see ``AskedCluster.info``)."""
-    return AskedCluster().info()
+    asked = AskedCluster()
+    try:
+        return asked.info()
+    finally:
+        asked.close()
 
 
 @dataclass

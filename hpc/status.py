@@ -24,7 +24,7 @@ from dhm.fsutil import tail
 from dhm.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
-from hpc.plan import RunState, attach, attempts, disk_states, run_states
+from hpc.plan import RunState, attach, disk_states, run_states
 from hpc.sweep import Run, sweep_dir
 
 
@@ -192,9 +192,14 @@ def status_lines(
     """The status table (one row per run), its footer, and the states for the report;
     ``estimates``: the stored plan's device-hours per run (read from plan.json if None)."""
     asked = ledger.ask(cfg) if query else None  # sacct, squeue: answering while the disk is read
-    states = disk_states(cfg, runs, check_stale=False)
-    atts = attempts(cfg, query, asked)
-    attach(states, atts)
+    try:
+        states = disk_states(cfg, runs, check_stale=False)
+        everything = ledger.attempts(cfg, query=query, asked=asked)
+    finally:
+        if asked is not None:
+            asked.close()
+    # A run's own attempts only on Slurm (or when asked); the aggregate job's from the ledger.
+    attach(states, everything if query or cfg.cluster.name == "slurm" else [])
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
     if estimates is None:
@@ -236,7 +241,7 @@ def status_lines(
     from dhm.layout import summary_complete
 
     done, why = summary_complete(sweep_dir(cfg), [r.run_id for r in runs])
-    agg = ledger.latest(atts).get(("aggregate", "", ""))
+    agg = ledger.latest(everything).get(("aggregate", "", ""))
     if agg is not None:
         why += f"; aggregate job {agg.job_id} {agg.state}" + (
             f": {agg.reason}" if agg.reason else ""

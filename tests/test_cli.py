@@ -245,7 +245,10 @@ def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
 
     (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: second\n")
     assert cli(line) == 0 and seen[-1].root == "second"  # a config file changed: composed
-    assert cli([*line[:-1], "mode=status"]) == 0  # another override: composed
+    assert cli([*line[:-1], "mode=status"]) == 0  # another mode: the same composition
+    assert seen[-1].mode == "status" and seen[-2].mode == "dry_run" and len(composed) == 2
+    assert cli(line[:-1]) == 0 and seen[-1].mode == "run"  # no mode: the config's default
+    assert cli([*line[:-1], "model.beta=0.6"]) == 0  # another override: composed
     assert cli(["-m", *line, "train.seed=0,1"]) == 0 and seen[-1].sweep.multirun  # -m too
     assert len(composed) == 4 and len(list(kept.glob("*.pkl"))) == 4
 
@@ -294,3 +297,48 @@ def test_the_composition_key_covers_the_schema_source_and_hydras_version(monkeyp
 
     monkeypatch.setattr(importlib.util, "find_spec", find)
     assert base != compose_cache.key("config", ["a=1"], False, dirs)
+
+
+def test_the_composition_key_sees_what_hydra_reads_and_nothing_it_cannot(tmp_path, monkeypatch):
+    from hpc import compose_cache
+
+    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
+    confs = tmp_path / "confs"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "quick.yaml").write_text("epochs: 1\n")
+    confs.mkdir()
+    (confs / "train").symlink_to(shared)  # a linked folder: Hydra reads through it
+    key = compose_cache.key("config", [], False, [confs])
+    (shared / "quick.yaml").write_text("epochs: 2\n")
+    assert compose_cache.key("config", [], False, [confs]) != key
+    # A dangling link (an editor's lock file), a file that is no config: no error, no effect.
+    (confs / "train" / ".#quick.yaml").symlink_to(tmp_path / "gone")
+    assert compose_cache.key("config", [], False, [confs]) is not None
+    (confs / "notes.txt").write_text("x")
+    before = compose_cache.key("config", [], False, [confs])
+    (confs / "notes.txt").write_text("y")
+    assert compose_cache.key("config", [], False, [confs]) == before
+    (confs / "loop").symlink_to(confs)  # a link back up the tree is walked once
+    assert compose_cache.key("config", [], False, [confs]) is not None
+    big = tmp_path / "big"  # -cd . in a folder of outputs: composed every time
+    big.mkdir()
+    for i in range(compose_cache.MAX_CONFIG_ENTRIES + 1):
+        (big / f"{i}.out").touch()
+    assert compose_cache.key("config", [], False, [big]) is None
+    monkeypatch.setenv("DHM_CACHE_DIR", "off")
+    assert compose_cache.key("config", [], False, [confs]) is None
+
+
+def test_a_kept_composition_someone_else_could_write_is_not_loaded(tmp_path, monkeypatch):
+    from hpc import compose_cache
+
+    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = compose_config(["sweep=single"])
+    compose_cache.store("abc", cfg)
+    entry = tmp_path / "cache" / "compose" / "abc.pkl"
+    assert entry.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "cache" / "compose").stat().st_mode & 0o777 == 0o700
+    assert compose_cache.load("abc") == cfg
+    entry.chmod(0o664)  # group-writable: another user could have planted it (a pickle runs code)
+    assert compose_cache.load("abc") is None

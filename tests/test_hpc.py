@@ -837,3 +837,28 @@ def test_expand_judges_each_combination_of_a_grid(tmp_path):
     axes = "+sweep.axes={model.alpha:[0.0,1.0],model.beta:[1.0,0.0]}"
     with pytest.raises(ConfigError, match="alpha and beta cannot both be 0"):
         expand(_cfg("sweep.name=x", "sweep.points=[]", axes, f"root={tmp_path}"))
+
+
+def test_the_run_folder_scan_finds_what_the_os_finds(tmp_path, monkeypatch):
+    # scan_runs lists parents instead of stat-ing each run: the same answer for relative
+    # paths, trailing slashes and a ".." that passes through a linked folder.
+    from dhm.layout import scan_runs
+
+    real = tmp_path / "real" / "a"
+    (tmp_path / "real" / "runs" / "r1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "real" / "runs" / "r1" / "checkpoints" / "final.pt").write_bytes(b"")
+    real.mkdir()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "link").symlink_to(real)
+    monkeypatch.chdir(tmp_path / "real" / "runs")
+    for run_dir in (
+        str(tmp_path / "real" / "runs" / "r1"),
+        str(tmp_path / "real" / "runs" / "r1") + "/",
+        str(tmp_path / "s" / "link" / ".." / "runs" / "r1"),
+        "r1",
+        "./r1",
+        "../runs/r1",
+    ):
+        assert os.path.isdir(run_dir), run_dir
+        assert scan_runs([run_dir])[run_dir].checkpoints == {"final.pt"}, run_dir
+    assert scan_runs(["nope"])["nope"].checkpoints == frozenset()

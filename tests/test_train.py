@@ -549,6 +549,18 @@ def test_looks_complete_agrees_with_zipfile_on_every_truncation(tmp_path, monkey
     for n in cuts:
         cut.write_bytes(data[:n])
         assert ckpt_io.looks_complete(cut) == _zipfile_verdict(cut) == False, n  # noqa: E712
+    cut.write_bytes(data + b"appended")  # zipfile and torch.load read such a file: so do we
+    assert ckpt_io.looks_complete(cut) and _zipfile_verdict(cut)
+    assert torch.load(cut, weights_only=True)["model"].keys() == model.state_dict().keys()
+    import struct
+
+    eocd = data.rfind(b"PK\x05\x06")
+    cd_size, cd_offset = struct.unpack_from("<2L", data, eocd + 12)
+    for start in (cd_offset + 10, cd_offset + cd_size // 2, cd_offset + cd_size - 60):
+        holed = bytearray(data)  # a hole of zeros in the directory, wherever it falls
+        holed[start : start + 512] = bytes(512)
+        cut.write_bytes(bytes(holed))
+        assert not ckpt_io.looks_complete(cut) and not _zipfile_verdict(cut), start
 
     import zipfile
 
