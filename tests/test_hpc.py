@@ -425,6 +425,9 @@ def _fake_slurm(monkeypatch, records: dict, pending: dict | None = None):
         def pending(self):
             return pending or {}
 
+        def close(self):
+            pass
+
     monkeypatch.setattr(ledger, "Asked", Asked)
 
 
