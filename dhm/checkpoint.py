@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -149,11 +149,14 @@ def newest(checkpoint_dir: str | Path) -> Path | None:
 
 
 def newest_complete(
-    checkpoint_dir: str | Path, names: Iterable[str] | None = None
+    checkpoint_dir: str | Path,
+    names: Iterable[str] | None = None,
+    complete: Callable[[Path], bool] | None = None,
 ) -> tuple[int, Path] | None:
-    """The newest step checkpoint that ``looks_complete``, as (global_step, path)."""
+    """The newest step checkpoint that ``looks_complete`` (or ``complete``, a caller's kept
+    verdicts), as (global_step, path)."""
     for step, path in reversed(step_checkpoints(checkpoint_dir, names)):
-        if looks_complete(path):
+        if (complete or looks_complete)(path):
             return step, path
     return None
 

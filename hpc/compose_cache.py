@@ -21,7 +21,7 @@ be written is skipped (a read-only home works, uncached).
 
 Where: ``compose/`` in the launcher's cache folder, ``$DHM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/dhm-grid``, else ``~/.cache/dhm-grid`` (``DHM_CACHE_DIR=off``: no cache; the
-folder also holds ``hpc.shard_ids``). At most ``MAX_ENTRIES`` entries are kept, the least
+folder also holds ``hpc.file_facts``). At most ``MAX_ENTRIES`` entries are kept, the least
 recently used pruned first. Entries are private (0600 in a 0700 folder), and one that another
 user owns or could have written is never loaded: a pickle can run code.
 """

@@ -29,9 +29,9 @@ from typing import Any
 from dhm import checkpoint as ckpt_io
 from dhm import layout
 from hpc import ledger
+from hpc.file_facts import FileFacts
 from hpc.ledger import RESUME_STATES, Attempt
 from hpc.schema import memory_mb, parse_time_minutes, runs_per_task
-from hpc.shard_ids import ShardIds
 from hpc.slurm import ArraySpec, Resources, Yamls, stage_params, stage_resources
 from hpc.sweep import Run, sweep_dir
 
@@ -99,18 +99,18 @@ def attempts(cfg: Any, query_slurm: bool, asked: ledger.Asked | None = None) -> 
 def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[RunState]:
     """Each run's state on disk, without its Slurm attempts (``attach`` adds them)."""
     disk = layout.scan_runs([run.cfg.run_dir for run in runs])
-    ids = ShardIds(sweep_dir(cfg)) if check_stale else None
+    facts = FileFacts(sweep_dir(cfg))
     out = []
     for run in runs:
         files = disk[run.cfg.run_dir]
         ckpt_dir = os.path.join(run.cfg.run_dir, "checkpoints")
         final = os.path.join(ckpt_dir, ckpt_io.FINAL_NAME)
         has_final = ckpt_io.FINAL_NAME in files.checkpoints
-        trained = has_final and ckpt_io.looks_complete(final)
+        trained = has_final and facts.complete(final)
         good = bad = None
         if not trained and files.checkpoints:
             steps = ckpt_io.step_checkpoints(ckpt_dir, files.checkpoints)
-            good = ckpt_io.newest_complete(ckpt_dir, files.checkpoints)
+            good = ckpt_io.newest_complete(ckpt_dir, files.checkpoints, facts.complete)
             bad = steps[-1][1] if steps and (good is None or steps[-1][0] != good[0]) else None
         sets = layout.eval_sets(run.cfg)
         eval_dir = os.path.join(run.cfg.run_dir, "eval")
@@ -130,17 +130,16 @@ def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[Run
             roles=dict(sets),
             files=files,
         )
-        if ids is not None and files.shards:
+        if check_stale and files.shards:
             current = layout.eval_id(run.cfg)
             for name, _ in sets:
                 shards = layout.set_shards(eval_dir, name, files.shards)
-                old = [path for *_, path in shards if ids.get(path) != current]
+                old = [path for *_, path in shards if facts.eval_id(path) != current]
                 if old:
                     state.stale[name] = old
                     state.eval_done[name] = False
         out.append(state)
-    if ids is not None:
-        ids.save()
+    facts.save()
     return out
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import io
 import json
 import os
 import re
@@ -46,10 +45,11 @@ def progress(run_dir: Path | str) -> tuple[str, str] | None:
 
 
 def _last_loss(header: str, lines: list[str]) -> tuple[str, str] | None:
+    fields = next(csv.reader([header]), [])
     for line in reversed(lines):
         if line.startswith("step,"):
             continue
-        row = next(csv.DictReader(io.StringIO(header + line)))
+        row = dict(zip(fields, next(csv.reader([line]), []), strict=False))
         if row.get("loss"):
             try:
                 return f"{row['epoch']}/{row['step']}", f"{float(row['loss']):.4g}"

@@ -792,7 +792,7 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
     import h5py
 
     import dhm.results as R
-    from hpc.shard_ids import ShardIds
+    from hpc.file_facts import FileFacts
 
     monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
     opened = []
@@ -809,21 +809,21 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
         tmp.replace(shard)
 
     write("aaaa")
-    ids = ShardIds(sweep)
-    assert ids.get(shard) == "aaaa" and ids.get(shard) == "aaaa" and len(opened) == 1
+    ids = FileFacts(sweep)
+    assert ids.eval_id(shard) == "aaaa" and ids.eval_id(shard) == "aaaa" and len(opened) == 1
     ids.save()
-    assert ShardIds(sweep).get(shard) == "aaaa" and len(opened) == 1  # the next launch: kept
+    assert FileFacts(sweep).eval_id(shard) == "aaaa" and len(opened) == 1  # the next launch: kept
     write("bbbb")  # evaluated again with other settings: another inode and mtime
-    again = ShardIds(sweep)
-    assert again.get(shard) == "bbbb" and len(opened) == 2
+    again = FileFacts(sweep)
+    assert again.eval_id(shard) == "bbbb" and len(opened) == 2
     again.save()
-    (tmp_path / "cache" / "shard-ids").iterdir().__next__().write_text("{not json")
-    assert ShardIds(sweep).get(shard) == "bbbb" and len(opened) == 3  # unreadable: read all
+    (tmp_path / "cache" / "file-facts").iterdir().__next__().write_text("{not json")
+    assert FileFacts(sweep).eval_id(shard) == "bbbb" and len(opened) == 3  # unreadable: read all
     monkeypatch.setenv("DHM_CACHE_DIR", "off")
-    off = ShardIds(sweep)
-    assert off.get(shard) == off.get(shard) == "bbbb" and len(opened) == 4
+    off = FileFacts(sweep)
+    assert off.eval_id(shard) == off.eval_id(shard) == "bbbb" and len(opened) == 4
     off.save()
-    assert ShardIds(sweep).get(tmp_path / "missing.h5") is None
+    assert FileFacts(sweep).eval_id(tmp_path / "missing.h5") is None
 
 
 def test_expand_judges_each_combination_of_a_grid(tmp_path):
@@ -865,3 +865,47 @@ def test_the_run_folder_scan_finds_what_the_os_finds(tmp_path, monkeypatch):
         assert os.path.isdir(run_dir), run_dir
         assert scan_runs([run_dir])[run_dir].checkpoints == {"final.pt"}, run_dir
     assert scan_runs(["nope"])["nope"].checkpoints == frozenset()
+
+
+def test_a_checkpoints_verdict_is_kept_until_the_file_changes(tmp_path, monkeypatch):
+    import zipfile
+
+    import dhm.checkpoint as ckpt_io
+    from hpc.file_facts import FileFacts
+
+    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
+    checked = []
+    real = ckpt_io.looks_complete
+    monkeypatch.setattr(ckpt_io, "looks_complete", lambda p: checked.append(p) or real(p))
+    final = tmp_path / "sweep" / "runs" / "r1" / "checkpoints" / "final.pt"
+    final.parent.mkdir(parents=True)
+    with zipfile.ZipFile(final, "w") as archive:
+        archive.writestr("archive/data.pkl", b"x")
+    whole = final.read_bytes()
+    facts = FileFacts(tmp_path / "sweep")
+    assert facts.complete(final) and len(checked) == 1
+    facts.save()
+    assert FileFacts(tmp_path / "sweep").complete(final) and len(checked) == 1  # kept
+    cut = final.with_name("cut.tmp")  # replaced by a truncated copy: another file, read again
+    cut.write_bytes(whole[:-5])
+    cut.replace(final)
+    assert not FileFacts(tmp_path / "sweep").complete(final) and len(checked) == 2
+    assert not FileFacts(tmp_path / "sweep").complete(final.with_name("none.pt"))
+
+
+def test_progress_reads_the_last_row_with_a_loss_from_the_end_of_metrics_csv(tmp_path):
+    from hpc.status import progress
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    assert progress(tmp_path) is None  # no metrics.csv yet
+    header = "step,epoch,lr,loss,ce,val_accuracy\n"
+    (logs / "metrics.csv").write_text(header)
+    assert progress(tmp_path) == ("-", "-")
+    pad = "9" * 150  # rows as wide as real ones (14 columns)
+    rows = [f"{s},{s // 100},0.001,{3.0 - s / 1e4:.4f},1.0,{pad}\n" for s in range(1, 5001)]
+    # the last rows carry validation only (no loss), more of them than the first 4 KiB holds:
+    # the last 40 lines (of at most 64 KiB) are read instead
+    rows += [f"5000,49,,,,{pad}{i:04d}\n" for i in range(30)]
+    (logs / "metrics.csv").write_text(header + "".join(rows))
+    assert progress(tmp_path) == ("50/5000", "2.5")
