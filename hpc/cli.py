@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dhm.checkpoint import CheckpointError
 from dhm.config import ConfigError
 from dhm.datasets import DataError
+from hpc.schema import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -254,7 +255,7 @@ def cli(argv: list[str]) -> int:
 
 # ``mode=<a mode>``: a top-level string that no other setting depends on while composing; a
 # command line and the same with another mode (dry_run, then the launch) share a composition.
-_MODE_OVERRIDE = re.compile(r"^mode=(run|dry_run|status|cancel|aggregate|report|calibrate)$")
+_MODE_OVERRIDE = re.compile(rf"^mode=({'|'.join(MODES)})$")
 
 
 def _composed(args: Any, config_name: str) -> DictConfig:
