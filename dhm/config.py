@@ -298,7 +298,7 @@ class Plain(dict):
     def of(cls, data: dict[str, Any]) -> Plain:
         """A new Plain holding a copy of ``data``: its dicts and lists are copied (a Plain is
         never a view of data that someone else may change), scalars shared."""
-        return cls({k: v if type(v) in _SCALARS else _plain_copy(v) for k, v in data.items()})
+        return _plain_copy(data)
 
     def __getattr__(self, key: str) -> Any:
         try:
@@ -311,21 +311,23 @@ class Plain(dict):
         return {k: v.plain() if isinstance(v, Plain) else v for k, v in self.items()}
 
 
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})  # YAML's scalars
 
 
 def _plain_copy(value: Any) -> Any:
     """A copy of YAML data for a Plain: its dicts become Plain, lists are copied."""
     if isinstance(value, dict):
-        return Plain({k: v if type(v) in _SCALARS else _plain_copy(v) for k, v in value.items()})
+        return Plain(
+            {k: v if type(v) in SCALAR_TYPES else _plain_copy(v) for k, v in value.items()}
+        )
     if isinstance(value, list):
-        return [v if type(v) in _SCALARS else copy_data(v) for v in value]
+        return [v if type(v) in SCALAR_TYPES else copy_data(v) for v in value]
     return value
 
 
 def copy_data(value: Any) -> Any:
     """``copy.deepcopy`` of YAML data (dicts, lists, scalars), several times faster."""
-    if type(value) in _SCALARS:
+    if type(value) in SCALAR_TYPES:
         return value
     if isinstance(value, dict):
         return {k: copy_data(v) for k, v in value.items()}

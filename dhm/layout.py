@@ -142,9 +142,16 @@ def set_shards(
     """(start, stop, path) of a set's shard files, by start; ``names``: the folder's listing,
     when the caller has it."""
     folder = Path(eval_dir)
+    return [(a, b, folder / name) for a, b, name in _spans(eval_dir, set_name, names)]
+
+
+def _spans(
+    eval_dir: str | Path, set_name: str, names: Iterable[str] | None
+) -> list[tuple[int, int, str]]:
+    """(start, stop, file name) of a set's shards, by start."""
     return sorted(
-        (int(m["start"]), int(m["stop"]), folder / name)
-        for name in (names_in(folder) if names is None else names)
+        (int(m["start"]), int(m["stop"]), name)
+        for name in (names_in(eval_dir) if names is None else names)
         if (m := _SHARD_RE.match(name)) and m["set"] == set_name
     )
 
@@ -157,12 +164,7 @@ def set_complete(
 ) -> bool:
     """True when the set's shard files cover [0, size) without gaps. ``size`` None: read it
     from the first shard (the only case that opens a file). ``names``: the folder's listing."""
-    listing = names_in(eval_dir) if names is None else names
-    spans = sorted(  # (start, stop, name): no path built unless a shard must be opened
-        (int(m["start"]), int(m["stop"]), name)
-        for name in listing
-        if (m := _SHARD_RE.match(name)) and m["set"] == set_name
-    )
+    spans = _spans(eval_dir, set_name, names)  # no path built unless a shard must be opened
     if not spans:
         return False
     covered = 0

@@ -151,6 +151,16 @@ def load(digest: str | None) -> Any | None:
     return cfg
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a cache file atomically, readable by this user only (0600 in a 0700 folder)."""
+    from dhm.fsutil import atomic_path
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
+
+
 def private(st: os.stat_result) -> bool:
     """An entry is loaded (unpickled: it could run code) only if this user owns it and no
     one else can write it: a cache folder shared with others is read as empty."""
@@ -162,13 +172,8 @@ def store(digest: str | None, cfg: Any) -> None:
     where = folder()
     if where is None or digest is None:
         return
-    from dhm.fsutil import atomic_path
-
     try:
-        where.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with atomic_path(where / f"{digest}.pkl") as tmp, open(tmp, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            pickle.dump(cfg, f, protocol=pickle.HIGHEST_PROTOCOL)
+        write_private(where / f"{digest}.pkl", pickle.dumps(cfg, pickle.HIGHEST_PROTOCOL))
         entries = sorted(where.glob("*.pkl"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-MAX_ENTRIES]:
             old.unlink(missing_ok=True)

@@ -138,8 +138,9 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
     for (set_name, _), runs in groups:
         for run in runs:
             ev_tasks += 1
-            key = keys.get(run.run_id) or keys.setdefault(run.run_id, model_key(run))
-            seen = hist_eval.get((key, set_name))
+            if run.run_id not in keys:
+                keys[run.run_id] = model_key(run)
+            seen = hist_eval.get((keys[run.run_id], set_name))
             cost = sum(seen) / len(seen) / 3600 if seen else eval_h * eval_devices
             ev_bound = ev_bound or not seen
             ev_total += cost

@@ -81,12 +81,8 @@ class FileFacts:
         Facts of files moved aside stay: one per file ever read in the sweep."""
         if self.path is None or not self.read:
             return
-        from dhm.fsutil import atomic_path
-
+        data = json.dumps({"format": FORMAT, "facts": self.kept}).encode()
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
-                os.fchmod(f.fileno(), 0o600)
-                json.dump({"format": FORMAT, "facts": self.kept}, f)
+            compose_cache.write_private(self.path, data)
         except OSError:
             return

@@ -61,7 +61,6 @@ class RunState:
     roles: dict[str, str]  # set name -> id | val | ood
     stale: dict[str, list[Path]] = field(default_factory=dict)  # set -> shards of old settings
     attempts: dict[tuple[str, str], list[Attempt]] = field(default_factory=dict)  # (stage, set)
-    files: layout.RunFiles = field(default_factory=layout.RunFiles)  # what the scan found
 
     def last(self, stage: str, set_name: str = "") -> Attempt | None:
         found = self.attempts.get((stage, set_name))
@@ -78,22 +77,25 @@ class RunState:
 def run_states(
     cfg: Any, runs: list[Run], query_slurm: bool, check_stale: bool = True
 ) -> list[RunState]:
-    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt,
-    ``attempts``; sacct and squeue answer while the disk is read)."""
+    """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt;
+    sacct and squeue answer while the disk is read)."""
+    return read_states(cfg, runs, query_slurm, check_stale)[0]
+
+
+def read_states(
+    cfg: Any, runs: list[Run], query_slurm: bool, check_stale: bool = True
+) -> tuple[list[RunState], list[Attempt]]:
+    """(``run_states``, every attempt the ledger lists: the aggregate job's too). A run's own
+    attempts are attached on Slurm, or when Slurm is queried."""
     asked = ledger.ask(cfg) if query_slurm else None  # answering while the disk is read
     try:
         states = disk_states(cfg, runs, check_stale)
-        return attach(states, attempts(cfg, query_slurm, asked))
+        everything = ledger.attempts(cfg, query=query_slurm, asked=asked)
     finally:
         if asked is not None:
             asked.close()
-
-
-def attempts(cfg: Any, query_slurm: bool, asked: ledger.Asked | None = None) -> list[Attempt]:
-    """The sweep's attempts from its ledger (and sacct/squeue when querying Slurm)."""
-    if query_slurm or cfg.cluster.name == "slurm":
-        return ledger.attempts(cfg, query=query_slurm, asked=asked)
-    return []
+    attach(states, everything if query_slurm or cfg.cluster.name == "slurm" else [])
+    return states, everything
 
 
 def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[RunState]:
@@ -128,7 +130,6 @@ def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[Run
                 for name, role in sets
             },
             roles=dict(sets),
-            files=files,
         )
         if check_stale and files.shards:
             current = layout.eval_id(run.cfg)
@@ -143,15 +144,14 @@ def disk_states(cfg: Any, runs: list[Run], check_stale: bool = True) -> list[Run
     return out
 
 
-def attach(states: list[RunState], atts: list[Attempt]) -> list[RunState]:
-    """Give each run state its attempts, by (stage, set), oldest first; return the states."""
+def attach(states: list[RunState], atts: list[Attempt]) -> None:
+    """Give each run state its attempts, by (stage, set), oldest first."""
     by_run: dict[str, dict[tuple[str, str], list[Attempt]]] = {}
     for a in atts:
         for rid in a.runs:
             by_run.setdefault(rid, {}).setdefault((a.stage, a.set_name), []).append(a)
     for st in states:
         st.attempts = by_run.get(st.run.run_id, {})
-    return states
 
 
 @dataclass

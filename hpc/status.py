@@ -23,7 +23,7 @@ from dhm.fsutil import tail
 from dhm.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
-from hpc.plan import RunState, attach, disk_states, run_states
+from hpc.plan import RunState, read_states, run_states
 from hpc.sweep import Run, sweep_dir
 
 
@@ -191,15 +191,7 @@ def status_lines(
 ) -> tuple[list[str], dict[str, dict]]:
     """The status table (one row per run), its footer, and the states for the report;
     ``estimates``: the stored plan's device-hours per run (read from plan.json if None)."""
-    asked = ledger.ask(cfg) if query else None  # sacct, squeue: answering while the disk is read
-    try:
-        states = disk_states(cfg, runs, check_stale=False)
-        everything = ledger.attempts(cfg, query=query, asked=asked)
-    finally:
-        if asked is not None:
-            asked.close()
-    # A run's own attempts only on Slurm (or when asked); the aggregate job's from the ledger.
-    attach(states, everything if query or cfg.cluster.name == "slurm" else [])
+    states, everything = read_states(cfg, runs, query, check_stale=False)
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
     if estimates is None:

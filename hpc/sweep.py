@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dhm.config import (
     RUN_CHECKS,
     RUN_DEFAULTS,
+    SCALAR_TYPES,
     ConfigError,
     Plain,
     RunConfig,
@@ -206,7 +207,11 @@ def expand(cfg: Any) -> list[Run]:
     return list(runs.values())
 
 
-_SCALARS = (str, int, float, bool, type(None))
+def _value_key(value: Any) -> tuple:
+    """A hashable stand-in for a swept value (1 and 1.0 and True stay apart)."""
+    if type(value) in SCALAR_TYPES:
+        return (type(value).__name__, value)
+    return ("json", json.dumps(value, sort_keys=True, default=repr))
 
 
 def _check_parts(run_cfg: Any, point: dict[str, Any], judged: set[tuple]) -> None:
@@ -214,11 +219,7 @@ def _check_parts(run_cfg: Any, point: dict[str, Any], judged: set[tuple]) -> Non
     sections are the base config's, the same for every point): a 1,000-point grid of seeds x
     betas is judged 10 + 100 times, not 4 x 1,000."""
     for i, (check, sections) in enumerate(RUN_CHECKS):
-        mine = tuple(
-            (k, type(v).__name__, v if type(v) in _SCALARS else json.dumps(v, default=repr))
-            for k, v in point.items()
-            if k.split(".", 1)[0] in sections
-        )
+        mine = tuple((k, _value_key(v)) for k, v in point.items() if k.split(".", 1)[0] in sections)
         if (i, mine) not in judged:
             check(run_cfg)
             judged.add((i, mine))
@@ -244,13 +245,10 @@ class _Coercer:
 
     def __init__(self, base: DictConfig) -> None:
         self.probe = base.copy()
-        self.cache: dict[tuple[str, str], Any] = {}
+        self.cache: dict[tuple[str, tuple], Any] = {}
 
     def __call__(self, key: str, value: Any, point: dict[str, Any]) -> Any:
-        if type(value) in _SCALARS:
-            cache_key: tuple = (key, type(value), value)
-        else:
-            cache_key = (key, json.dumps(value, sort_keys=True, default=repr))
+        cache_key = (key, _value_key(value))
         if cache_key not in self.cache:
             try:
                 OmegaConf.update(self.probe, key, value, merge=False)
