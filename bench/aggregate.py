@@ -3,9 +3,10 @@
 Writes a synthetic sweep (digits-sized sets: 360 in-distribution images with logits, -ELBO,
 -IWAE and a 10-epsilon FGSM grid, 360 OOD images) of ``--runs`` runs (1,000; 200 with --quick),
 then times (reference) opening every shard with h5py and reading every dataset, and (ours)
-dhm.aggregate.aggregate without plots, report or TensorBoard files (metrics, seed cells and a
+dhm.summary.aggregate.aggregate without plots, report or TensorBoard files (metrics, seed cells and
+a
 bootstrap interval for every headline metric of every run: the worst case, one seed each);
-then the report built from that summary (``dhm.report.write_report``), and everything together.
+then the report built from that summary (``dhm.report.page.write_report``), and everything together.
 Targets: the aggregation <= 2x the reference; the report <= 2x the aggregation it reads.
 """
 
@@ -21,10 +22,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dhm import results
-from dhm.aggregate import aggregate
-from dhm.config import run_config, to_yaml
-from dhm.report import write_report
+from dhm.core.config import run_config, to_yaml
+from dhm.evaluation import results
+from dhm.report.page import write_report
+from dhm.summary.aggregate import aggregate
 
 N_ID, N_OOD, EPS = 360, 360, np.linspace(0, 0.08, 9).tolist() + [8 / 255]
 

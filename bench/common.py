@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from dhm.config import ModelConfig, check_model, run_config
-from dhm.data import DATASETS, ImageSet
-from dhm.model import DeepHybridModel, build_model
+from dhm.core.config import ModelConfig, check_model, run_config
+from dhm.data.loaders import DATASETS, ImageSet
+from dhm.model.hybrid import DeepHybridModel, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = DATASETS["cifar10"]
@@ -143,7 +143,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; stored in the JSON next to the results."""
     import torchvision
 
-    from dhm import provenance
+    from dhm.core import provenance
 
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
@@ -168,7 +168,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def synthetic_set(n: int = 10_000, seed: int = 0, num_classes: int = 10) -> ImageSet:
-    """A CIFAR-sized set of random uint8 images [n,3,32,32] and labels, as dhm.data holds one."""
+    """A CIFAR-sized set of random uint8 images [n,3,32,32] and labels, as dhm.data.loaders holds
+    one."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
@@ -247,14 +248,14 @@ def make_model(kind: str, width: int, latent_dim: int, split: int = 0, seed: int
 
 
 def run_cfg(device: torch.device):
-    """A RunConfig whose train section is what dhm.train would run with on ``device``."""
+    """A RunConfig whose train section is what dhm.training.train would run with on ``device``."""
     return run_config(**{"train.device": device.type, "train.progress": False})
 
 
 @lru_cache(maxsize=2)
 def accelerator_for(device_type: str):
-    """dhm.train's Accelerator for ``device_type`` (bf16 autocast on CUDA, fp32 on CPU)."""
-    from dhm.train import make_accelerator
+    """dhm.training.train's Accelerator for ``device_type`` (bf16 autocast on CUDA, fp32 on CPU)."""
+    from dhm.training.train import make_accelerator
 
     threads = torch.get_num_threads()
     acc = make_accelerator(run_cfg(torch.device(device_type)))

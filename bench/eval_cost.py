@@ -1,12 +1,13 @@
 """Benchmark ``eval_cost``: FGSM grid and ELBO/IWAE cost in units of one forward pass.
 
 The unit is ``model(x)`` (eval mode, no_grad, one posterior sample through the decoder) of the
-same dhm model on the same batch, in fp32 as ``dhm.evaluate`` runs it. Expected:
+same dhm model on the same batch, in fp32 as ``dhm.evaluation.evaluate`` runs it. Expected:
 
-* FGSM over E epsilons (``dhm.attacks.fgsm_predictions``): one forward + backward of
+* FGSM over E epsilons (``dhm.evaluation.attacks.fgsm_predictions``): one forward + backward of
   ``classify`` and E - 1 ``classify`` forwards (eps = 0 reuses the clean logits), so at most
   about 2 + E units (``classify`` skips the decoder, so it is cheaper than a unit).
-* ELBO/IWAE with k samples (``dhm.evaluate._bounds``): one encoder pass and k decoder passes, the
+* ELBO/IWAE with k samples (``dhm.evaluation.evaluate._bounds``): one encoder pass and k decoder
+passes, the
   k samples batched into each decoder call; reported also in units of one decoder pass.
 """
 
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from dhm.attacks import fgsm_predictions
-from dhm.config import EvalConfig
-from dhm.evaluate import _bounds
+from dhm.core.config import EvalConfig
+from dhm.evaluation.attacks import fgsm_predictions
+from dhm.evaluation.evaluate import _bounds
 
 QUICK_MAX_K = 10
 

@@ -1,7 +1,8 @@
 """Benchmark ``flops``: FLOPs of one DHM training image and model FLOP utilisation (MFU).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over the forward and backward
-of the real model and loss (``dhm.train.training_loss``) at batch 2, divided by 2 (matmul and
+of the real model and loss (``dhm.training.train.training_loss``) at batch 2, divided by 2 (matmul
+and
 convolution FLOPs only; elementwise work and the Adam update are not counted). The headline is
 dhm at width 64 (~10 GFLOP: three ResNet-18 trunks, forward + backward ~ 3x forward).
 
@@ -18,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import common
-from dhm.train import training_loss
+from dhm.training.train import training_loss
 
 HEADLINE_WIDTH = 64
 COUNT_BATCH = 2

@@ -37,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dhm.layout import eval_id, eval_sets, expected_size, shard_name
+from dhm.core.layout import eval_id, eval_sets, expected_size, shard_name
 from hpc import ledger
 from hpc.cli import compose_config
 from hpc.launcher import print_arrays

@@ -5,7 +5,8 @@ width-16 DHM (``--width`` overrides) on the same GPU (or sharing the CPUs, threa
 as ``hpc.stages.train_packed`` starts them. Reference in the same run: N = 1. Reported: the
 images per second of all N together, and their ratio to one run alone (target on a GPU: at
 least 1.5x at the best N). Each process times ``--steps`` x ``--repeats`` optimisation steps
-after ``--warmup`` untimed ones, through the same step as dhm.train (bench.train_step.OurStep).
+after ``--warmup`` untimed ones, through the same step as dhm.training.train
+(bench.train_step.OurStep).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark ``pipeline``: images/s of the training input path.
 
-Ours: ``dhm.data.DeviceLoader`` (uint8 set resident on the device, padded once; a batch of
-crops + flips is one ``index_select`` of window starts, see ``dhm.data.CropWindows``).
+Ours: ``dhm.data.loaders.DeviceLoader`` (uint8 set resident on the device, padded once; a batch of
+crops + flips is one ``index_select`` of window starts, see ``dhm.data.loaders.CropWindows``).
 Reference: torchvision's per-sample PIL pipeline (RandomCrop(32, padding=4),
 RandomHorizontalFlip, ToTensor) in a DataLoader with one worker per core, moved to the device.
 Both deliver float [B,3,32,32] batches on the device for one epoch of a synthetic set
@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from bench import common
-from dhm.data import DeviceLoader
+from dhm.data.loaders import DeviceLoader
 
 TARGET_RATIO = 20.0
 SETTLE_S = 0.2  # the reference's workers refill their prefetch queue before ours is timed

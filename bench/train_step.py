@@ -1,7 +1,8 @@
 """Benchmark ``train_step``: images/s of one full training step per model kind.
 
-Ours is the body of ``dhm.train.run_training``'s loop: DeviceLoader batches, the Accelerator of
-``dhm.train.make_accelerator`` (bf16 autocast on CUDA, fp32 on CPU), channels_last on CUDA,
+Ours is the body of ``dhm.training.train.run_training``'s loop: DeviceLoader batches, the
+Accelerator of
+``dhm.training.train.make_accelerator`` (bf16 autocast on CUDA, fp32 on CPU), channels_last on CUDA,
 ``training_loss``, the deferred finiteness record (no host sync per step),
 backward and an Adam step. The reference is a thesis-style step on the same model, batch size
 and cores: fp32, batches from the per-sample PIL DataLoader, and the loss summed in a Python
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from dhm.data import DeviceLoader, ImageSet
-from dhm.model import DHMOutput
-from dhm.train import FiniteWatch, make_optimizer, step_seed, training_loss
+from dhm.data.loaders import DeviceLoader, ImageSet
+from dhm.model.hybrid import DHMOutput
+from dhm.training.train import FiniteWatch, make_optimizer, step_seed, training_loss
 
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
@@ -35,7 +36,8 @@ def _device_batches(loader: DeviceLoader) -> Iterator[tuple[torch.Tensor, torch.
 
 
 class OurStep:
-    """One optimisation step exactly as dhm.train runs it (minus logging and checkpoints)."""
+    """One optimisation step exactly as dhm.training.train runs it (minus logging and
+    checkpoints)."""
 
     def __init__(self, kind: str, split: int, args: argparse.Namespace, data: ImageSet):
         model, self.mcfg = common.make_model(kind, args.width, args.latent_dim, split, args.seed)
@@ -48,14 +50,17 @@ class OurStep:
         optimizer = make_optimizer(params, tcfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.model.train()
-        # As dhm.train: the compiled module runs the step, the prepared one holds the state.
+        # As dhm.training.train: the compiled module runs the step, the prepared one holds the
+        # state.
         self.forward = torch.compile(self.model) if getattr(args, "compile", False) else self.model
         loader = DeviceLoader(
             data, args.batch, device=self.acc.device, seed=args.seed, augment=True
         )
         self.batches = _device_batches(loader)
         self.seed, self.global_step = args.seed, 0
-        self.watch = FiniteWatch(self.acc.device)  # deferred, as in dhm.train: no sync per step
+        self.watch = FiniteWatch(
+            self.acc.device
+        )  # deferred, as in dhm.training.train: no sync per step
 
     def __call__(self) -> None:
         m = self.mcfg

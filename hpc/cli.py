@@ -34,9 +34,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from dhm.checkpoint import CheckpointError
-from dhm.config import ConfigError
-from dhm.datasets import DataError
+from dhm.core.checkpoint import CheckpointError
+from dhm.core.config import ConfigError
+from dhm.core.datasets import DataError
 from hpc.schema import MODES
 
 REPO = Path(__file__).resolve().parents[1]

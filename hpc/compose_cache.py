@@ -40,7 +40,7 @@ from typing import Any
 FORMAT = 1  # bump when what an entry holds changes
 MAX_ENTRIES = 256
 # Modules whose code decides what a command line composes to.
-SOURCES = ("hpc.schema", "hpc.cli", "hpc.compose_cache", "dhm.config", "dhm.datasets")
+SOURCES = ("hpc.schema", "hpc.cli", "hpc.compose_cache", "dhm.core.config", "dhm.core.datasets")
 
 
 def root() -> Path | None:
@@ -153,7 +153,7 @@ def load(digest: str | None) -> Any | None:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write a cache file atomically, readable by this user only (0600 in a 0700 folder)."""
-    from dhm.fsutil import atomic_path
+    from dhm.core.fsutil import atomic_path
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dhm.config import ConfigError
-from dhm.datasets import DATASETS
+from dhm.core.config import ConfigError
+from dhm.core.datasets import DATASETS
 from hpc.plan import Plan, RunState
 from hpc.schema import parse_time_minutes, ranks_per_node
 from hpc.status import _units
@@ -190,7 +190,7 @@ def calibrate(cfg: Any, runs: list[Run], steps: int = 5, warmup: int = 2) -> Pat
     ``calibration.json`` (images per second, the device)."""
     import torch
 
-    from dhm.train import make_optimizer, model_for, training_loss
+    from dhm.training.train import make_optimizer, model_for, training_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -228,7 +228,7 @@ def calibrate(cfg: Any, runs: list[Run], steps: int = 5, warmup: int = 2) -> Pat
             torch.cuda.reset_peak_memory_stats(device)
         print(f"calibrated {key}: {out[key]['images_per_s']:.1f} images/s on {name}")
     path = calibration_path(cfg)
-    from dhm.fsutil import atomic_write_text
+    from dhm.core.fsutil import atomic_write_text
 
     atomic_write_text(
         path, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": out}, indent=1)

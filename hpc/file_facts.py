@@ -5,7 +5,7 @@ A launch that plans new work checks the eval_id of each shard (the eval settings
 with): shards of other settings are moved aside and their sets evaluated again. The id is an
 attribute inside the HDF5 file, and reading it costs an open (~0.2 ms), after importing h5py
 (~0.15 s): ~0.8 s of a relaunch of 1,000 runs with 2,400 shards. Every launch and status also
-asks whether each run's final.pt is whole (``dhm.checkpoint.looks_complete``, ~50 us: 0.04 s
+asks whether each run's final.pt is whole (``dhm.core.checkpoint.looks_complete``, ~50 us: 0.04 s
 of the status of 1,000 runs). Shards and checkpoints are written once (to a temporary name,
 then renamed) and never changed in place, so a file's inode, size and modification time name
 its content: what was read once is kept under them, and a file whose ``stat`` differs is read
@@ -64,7 +64,7 @@ class FileFacts:
         """The eval_id a shard file was written with (None: unreadable, or written without)."""
 
         def read(p: str) -> str | None:
-            from dhm.results import shard_eval_id  # h5py: only for files not seen before
+            from dhm.evaluation.results import shard_eval_id  # h5py: only for files not seen before
 
             return shard_eval_id(p)
 
@@ -72,7 +72,7 @@ class FileFacts:
 
     def complete(self, path: str | Path) -> bool:
         """Whether a checkpoint file is a whole archive (``looks_complete``; False: missing)."""
-        from dhm.checkpoint import looks_complete
+        from dhm.core.checkpoint import looks_complete
 
         return bool(self._fact("complete", path, looks_complete))
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dhm.config import ConfigError
-from dhm.datasets import check_files
-from dhm.layout import estimates_of
+from dhm.core.config import ConfigError
+from dhm.core.datasets import check_files
+from dhm.core.layout import estimates_of
 from hpc import costs, ledger, slurm
 from hpc.plan import Plan, arrays_for, make_plan, move_aside
 from hpc.schema import ClusterConfig, check_batch_split, check_launch
@@ -75,7 +75,7 @@ def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], di
 def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
     """What a compute node would refuse, refused here: warm starts, dataset files, resources,
     an unwritable root."""
-    from dhm.layout import eval_sets  # not dhm.results: that imports h5py (~0.25 s)
+    from dhm.core.layout import eval_sets  # not dhm.evaluation.results: that imports h5py (~0.25 s)
 
     seen: set[tuple[str, str, bool]] = set()
     for run in runs:
@@ -89,7 +89,7 @@ def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None
                     check_files(name, d.root, train)
     warm = {run.cfg.model.warm_start: run for run in runs if run.cfg.model.warm_start}
     if warm:
-        from dhm.train import apply_warm_start, model_for
+        from dhm.training.train import apply_warm_start, model_for
 
         for path, run in warm.items():
             apply_warm_start(model_for(run.cfg), path)  # loads, and checks that it fits
@@ -193,7 +193,7 @@ def _move_stale(plan: Plan) -> None:
 
 def run_local(cfg: Any, plan: Plan) -> int:
     """The same stages, one after another, in this process (GPU if there is one, else CPU)."""
-    from dhm.aggregate import IncompleteSweepError, aggregate
+    from dhm.summary.aggregate import IncompleteSweepError, aggregate
     from hpc.stages import EvalStage, TrainStage
 
     failed: dict[str, str] = {}
@@ -303,18 +303,18 @@ def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
         lines, states = status_lines(cfg, runs, query, estimates_of(stored))
         print("\n".join(lines))
         if whole and sweep_dir(cfg).exists():
-            from dhm.report import write_report
+            from dhm.report.page import write_report
 
             path = write_report(sweep_dir(cfg), states=states, plan=stored)
             print(f"report: {path}")
         return 0
     reasons, states = run_reports(cfg, runs, query)
     if cfg.mode == "report":
-        from dhm.report import write_report
+        from dhm.report.page import write_report
 
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
         return 0
-    from dhm.aggregate import IncompleteSweepError, aggregate
+    from dhm.summary.aggregate import IncompleteSweepError, aggregate
 
     out = None if whole else _selection_dir(cfg, runs)
     try:

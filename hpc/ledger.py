@@ -5,7 +5,8 @@ runs of each array task, resources) and each cancellation. ``attempts`` joins it
 (``-D``: every attempt of a requeued task, with state, exit code, elapsed time, nodes, memory
 asked for and allocated TRES) and squeue (why a task still pends), and reads the last line of
 the Python exception that submitit pickled for a failed task. What is on disk (trained? which
-sets evaluated?) is ``dhm``'s answer (``dhm.checkpoint``, ``dhm.results``); this module only
+sets evaluated?) is ``dhm``'s answer (``dhm.core.checkpoint``, ``dhm.evaluation.results``); this
+module only
 tracks Slurm.
 """
 
@@ -21,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dhm.fsutil import tail
-from dhm.layout import names_in
+from dhm.core.fsutil import tail
+from dhm.core.layout import names_in
 from hpc.sweep import sweep_dir
 
 ACTIVE_STATES = {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from dhm.config import from_yaml
-    from dhm.train import StopRequest, TrainingStopped, train
+    from dhm.core.config import from_yaml
+    from dhm.training.train import StopRequest, TrainingStopped, train
     from hpc import stages
 
     text = Path(argv[0]).read_text()

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dhm import checkpoint as ckpt_io
-from dhm import layout
+from dhm.core import checkpoint as ckpt_io
+from dhm.core import layout
 from hpc import ledger
 from hpc.file_facts import FileFacts
 from hpc.ledger import RESUME_STATES, Attempt

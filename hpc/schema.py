@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from dhm.config import ConfigError, RunSections, check_known_keys
+from dhm.core.config import ConfigError, RunSections, check_known_keys
 from hpc.distributed import MAX_RUNS_PER_TASK
 
 MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate")

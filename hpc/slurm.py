@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from dhm.config import ConfigError
+from dhm.core.config import ConfigError
 from hpc import ledger
 from hpc.ledger import SlurmError, Started, run_slurm
 from hpc.schema import memory_mb, parse_time_minutes, ranks_per_node

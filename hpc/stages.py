@@ -1,8 +1,8 @@
 """The submitit callables: each wraps one plain dhm function.
 
-    TrainStage      dhm.train.train           (Checkpointable: requeued on USR2 / time limit)
-    EvalStage       dhm.evaluate.evaluate_set
-    AggregateStage  dhm.aggregate.aggregate   (+ the report, with the ledger's reasons)
+    TrainStage      dhm.training.train.train        (Checkpointable: requeued on USR2)
+    EvalStage       dhm.evaluation.evaluate.evaluate_set
+    AggregateStage  dhm.summary.aggregate.aggregate (+ the report, with the ledger's reasons)
 
 The same objects run in this process for cluster=local. Inside a Slurm job they first turn
 Slurm's environment into torch.distributed's (hpc.distributed) and record where they ran, one
@@ -38,10 +38,10 @@ from typing import Any
 
 import submitit
 
-from dhm import provenance
-from dhm.config import from_yaml
-from dhm.fsutil import atomic_write_text
-from dhm.layout import ATTEMPTS_LOG
+from dhm.core import provenance
+from dhm.core.config import from_yaml
+from dhm.core.fsutil import atomic_write_text
+from dhm.core.layout import ATTEMPTS_LOG
 from hpc.distributed import export_torch_env, master_port
 
 SLURM_KEYS = (
@@ -238,7 +238,7 @@ def train_one_run(
     run_yaml: str, stage_to: str | None, limits: dict[str, Any], threads_share: int = 1
 ) -> str:
     """Train one run in this process, with the USR2 handling above (the unpacked case)."""
-    from dhm.train import StopRequest, TrainingStopped, train
+    from dhm.training.train import StopRequest, TrainingStopped, train
 
     cfg = from_yaml(run_yaml)
     run_dir = Path(cfg.run_dir)
@@ -326,7 +326,7 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
     job_id = env.get("SLURM_JOB_ID")
     children: list[subprocess.Popen] = []
     files = []
-    from dhm.train import StopRequest
+    from dhm.training.train import StopRequest
 
     stop = StopRequest()
     with _Stop(stop, children) as handler:
@@ -368,7 +368,7 @@ class EvalStage:
     def __call__(
         self, run_yamls: str | list[str], set_name: str, role: str, run_id: str | None = None
     ) -> list[str]:
-        from dhm.evaluate import evaluate_set
+        from dhm.evaluation.evaluate import evaluate_set
 
         yamls = [run_yamls] if isinstance(run_yamls, str) else run_yamls
         if in_slurm_job():
@@ -418,7 +418,7 @@ class AggregateStage:
         replace_summary: bool = False,
         launch: dict[str, Any] | None = None,
     ) -> str:
-        from dhm.aggregate import aggregate
+        from dhm.summary.aggregate import aggregate
 
         reasons, states = {}, {}
         if launch is not None:

@@ -19,8 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dhm.fsutil import tail
-from dhm.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
+from dhm.core.fsutil import tail
+from dhm.core.layout import ATTEMPTS_LOG, METRICS_LOG, plan_estimates
 from hpc import ledger
 from hpc.ledger import Attempt
 from hpc.plan import RunState, read_states, run_states
@@ -230,7 +230,7 @@ def status_lines(
         ),
         rows,
     )
-    from dhm.layout import summary_complete
+    from dhm.core.layout import summary_complete
 
     done, why = summary_complete(sweep_dir(cfg), [r.run_id for r in runs])
     agg = ledger.latest(everything).get(("aggregate", "", ""))

@@ -1,6 +1,6 @@
 """Expand a sweep into runs with stable ids; store the plan; select part of it.
 
-A run's id is a short hash of its training identity (``dhm.config.training_identity``: the
+A run's id is a short hash of its training identity (``dhm.core.config.training_identity``: the
 model, data and train settings that determine its weights, and only those that differ from the
 schema's defaults), so the same settings always land in ``<root>/<sweep>/runs/<run_id>/``
 whatever the order of the grid, the other runs in it, or fields added to the schema later.
@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dhm.config import (
+from dhm.core.config import (
     RUN_CHECKS,
     RUN_DEFAULTS,
     SCALAR_TYPES,
@@ -37,7 +37,7 @@ from dhm.config import (
     to_yaml,
     training_identity,
 )
-from dhm.fsutil import atomic_write_text
+from dhm.core.fsutil import atomic_write_text
 
 RUN_SECTIONS = ("model", "data", "train")
 PLAN_VERSION = 2

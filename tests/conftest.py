@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dhm.config import run_config
+from dhm.core.config import run_config
 
 SMALL = {
     "model.width": 4,

@@ -1,4 +1,5 @@
-"""Tests for dhm.aggregate on synthetic sweeps written with dhm.results (no training)."""
+"""Tests for dhm.summary.aggregate on synthetic sweeps written with dhm.evaluation.results (no
+training)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from dhm import metrics as M
-from dhm import results
-from dhm.aggregate import IncompleteSweepError, aggregate, format_eps, read_table
-from dhm.config import run_config, to_yaml
+from dhm.core.config import run_config, to_yaml
+from dhm.evaluation import results
+from dhm.summary import metrics as M
+from dhm.summary.aggregate import IncompleteSweepError, aggregate, format_eps, read_table
 
 EPS = np.array([0.0, 0.01, 8 / 255], dtype=np.float32)
 NUM_DIMS = 3 * 32 * 32
@@ -28,7 +29,7 @@ ROLE = {"digits": "id", "digits-val": "val", "digits_ood": "ood"}
 def make_arrays(
     seed: int, model: str, n_id: int = 120, n_ood: int = 90, n_val: int = 80
 ) -> dict[str, dict]:
-    """{set: arrays} like dhm.evaluate writes for ``model`` (dhm | resnet | vae)."""
+    """{set: arrays} like dhm.evaluation.evaluate writes for ``model`` (dhm | resnet | vae)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n_id)
     ident: dict[str, np.ndarray] = {"indices": np.arange(n_id), "labels": labels}
@@ -156,7 +157,8 @@ def test_metrics_match_independent_computation(sweep):
     assert row["brier"] == pytest.approx(np.mean(((p - np.eye(10)[labels]) ** 2).sum(1)))
     rel = M.reliability(logits, labels, 15)
     assert (row["ece"], row["mce"]) == pytest.approx((rel.ece, rel.mce))
-    # One softmax pass for all of them in aggregate: the same values as dhm.metrics, bit for bit.
+    # One softmax pass for all of them in aggregate: the same values as dhm.summary.metrics, bit
+    # for bit.
     x, y = ident["logits"], ident["labels"]
     assert (row["accuracy"], row["nll"], row["brier"], row["ece"], row["mce"]) == (
         M.accuracy(x, y),
@@ -558,7 +560,7 @@ def test_a_summary_is_done_only_when_complete_and_newer_than_every_shard(sweep):
     import os
     import time
 
-    from dhm.aggregate import MANIFEST, SummaryKeptError, summary_complete
+    from dhm.summary.aggregate import MANIFEST, SummaryKeptError, summary_complete
 
     root, _ = sweep
     assert summary_complete(root) == (False, "no summary")

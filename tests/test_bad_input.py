@@ -247,7 +247,7 @@ def _truncate(path: Path) -> None:
 def _vae_checkpoint(path: Path) -> None:
     import torch
 
-    from dhm.config import run_config, to_yaml
+    from dhm.core.config import run_config, to_yaml
 
     cfg = run_config(**{"run_dir": "x", "model.name": "vae", "model.alpha": 0.0})
     torch.save({"model": {}, "config_yaml": to_yaml(cfg)}, path)
@@ -387,10 +387,10 @@ def test_a_full_disk_fails_with_a_clear_error_and_no_partial_file(tmpfs):
     assert not [n for n in names if n.endswith(".tmp")], names  # no temporary left behind
     for path in root.rglob("*"):  # and nothing half written under a final name
         if path.suffix == ".pt":
-            from dhm.checkpoint import looks_complete
+            from dhm.core.checkpoint import looks_complete
 
             assert looks_complete(path), path
         if path.suffix == ".h5" and path.parent.name == "eval":
-            from dhm.results import read_shard
+            from dhm.evaluation.results import read_shard
 
             read_shard(path)

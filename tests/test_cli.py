@@ -139,14 +139,14 @@ def test_the_identity_defaults_are_what_omegaconf_makes_of_the_schema():
     # as OmegaConf's structured config of RunConfig, which validates every composed value.
     from omegaconf import OmegaConf
 
-    import dhm.config as C
+    import dhm.core.config as C
 
     schema = OmegaConf.to_container(OmegaConf.structured(C.RunConfig))
     assert json.dumps(schema, sort_keys=True) == json.dumps(C.RUN_DEFAULTS, sort_keys=True)
 
 
 def test_a_new_field_with_a_neutral_default_moves_no_run_id(monkeypatch):
-    import dhm.config as C
+    import dhm.core.config as C
 
     (run,) = expand(compose_config(["sweep=single", "model.beta=2.0"]))
     before = run_id_of(run.cfg)

@@ -1,4 +1,5 @@
-"""Tests for dhm.data: real torchvision parsers on tiny on-disk files, offline sets, loaders."""
+"""Tests for dhm.data.loaders: real torchvision parsers on tiny on-disk files, offline sets,
+loaders."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.svhn as tv_svhn
 import torchvision.transforms.v2.functional as TF
 
-from dhm import data as D
+from dhm.data import loaders as D
 
 
 @pytest.fixture

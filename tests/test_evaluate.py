@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from dhm import results
-from dhm.attacks import fgsm_predictions
-from dhm.evaluate import ShardSpec, eval_sets, evaluate_all, plan_shards
-from dhm.train import train
+from dhm.evaluation import results
+from dhm.evaluation.attacks import fgsm_predictions
+from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, plan_shards
+from dhm.training.train import train
 from tests.conftest import small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_plan_shards_cover_each_set_once(small_cfg):
 _SLOW_WRITER = """
 import sys, time
 import numpy as np
-from dhm import results
+from dhm.evaluation import results
 
 class Slow:
     def __array__(self, dtype=None, copy=None):
@@ -305,7 +305,7 @@ def test_read_shard_matches_h5py(tmp_path):
 
 def _attack_model():
     torch.manual_seed(3)
-    from dhm.model import DeepHybridModel
+    from dhm.model.hybrid import DeepHybridModel
 
     model = DeepHybridModel("dhm", num_classes=8, width=4, latent_dim=6).eval()
 
@@ -329,7 +329,7 @@ def test_fgsm_and_pgd_agree_with_torchattacks():
     # counts an image broken at any iterate (or under FGSM), so it breaks at least those.
     import torchattacks
 
-    from dhm.attacks import pgd_predictions
+    from dhm.evaluation.attacks import pgd_predictions
 
     net, x, y = _attack_model()
     for eps in (0.01, 0.03, 8 / 255):
@@ -346,7 +346,7 @@ def test_fgsm_and_pgd_agree_with_torchattacks():
 
 
 def test_pgd_is_never_weaker_than_fgsm_and_its_start_is_seeded():
-    from dhm.attacks import pgd_predictions
+    from dhm.evaluation.attacks import pgd_predictions
 
     net, x, y = _attack_model()
     eps = [0.0, 0.01, 0.03]
@@ -360,8 +360,8 @@ def test_pgd_is_never_weaker_than_fgsm_and_its_start_is_seeded():
 
 def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     # Collaborators on a shared project folder must be able to read the results.
-    from dhm import checkpoint as ckpt_io
-    from dhm.fsutil import atomic_write_text
+    from dhm.core.fsutil import atomic_write_text
+    from dhm.model import checkpoint as model_ckpt
 
     old = os.umask(0o027)
     try:
@@ -371,7 +371,7 @@ def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
             {"indices": np.arange(2)},
             {"role": "id", "set_size": 2, "start": 0, "stop": 2},
         )
-        ckpt = ckpt_io.atomic_save({"model": {}, "config_yaml": ""}, tmp_path / "final.pt")
+        ckpt = model_ckpt.atomic_save({"model": {}, "config_yaml": ""}, tmp_path / "final.pt")
         text = atomic_write_text(tmp_path / "plan.json", "{}")
     finally:
         os.umask(old)

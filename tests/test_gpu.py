@@ -17,10 +17,10 @@ import torch
 
 from bench import common
 from bench.train_step import OurStep
-from dhm import checkpoint as ckpt_io
-from dhm import data as D
-from dhm.evaluate import evaluate_all
-from dhm.train import train
+from dhm.data import loaders as D
+from dhm.evaluation.evaluate import evaluate_all
+from dhm.model import checkpoint as model_ckpt
+from dhm.training.train import train
 from tests.conftest import small_config
 
 pytestmark = [
@@ -63,7 +63,7 @@ def test_loader_batches_on_the_gpu_equal_the_cpu_ones():
 
 @pytest.mark.parametrize("kind,split", [("dhm", 0), ("dhm", 3), ("resnet", 0), ("vae", 0)])
 def test_training_step_never_waits_for_the_host(kind, split):
-    # The body of dhm.train's loop (bench.train_step.OurStep), after the epoch's one copy.
+    # The body of dhm.training.train's loop (bench.train_step.OurStep), after the epoch's one copy.
     args = Namespace(
         device=torch.device("cuda"), width=16, latent_dim=32, batch=64, seed=0, quick=True
     )
@@ -93,7 +93,7 @@ def test_bf16_channels_last_training_and_evaluation_on_the_gpu(tmp_path, compile
         },
     )
     final = train(cfg)
-    state = ckpt_io.load(final)
+    state = model_ckpt.load(final)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     rows = (Path(cfg.run_dir) / "logs" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")

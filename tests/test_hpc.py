@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dhm.config import ConfigError
+from dhm.core.config import ConfigError
 from hpc import schema, slurm
 from hpc.cli import compose_config
 from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
@@ -100,7 +100,7 @@ def test_fast_expansion_equals_the_schema_path_value_for_value(tmp_path):
     # receive) must read back to the same config and run id.
     from omegaconf import OmegaConf
 
-    from dhm.config import RunConfig, from_yaml
+    from dhm.core.config import RunConfig, from_yaml
     from hpc.sweep import _updated
 
     cfg = _cfg(
@@ -139,7 +139,7 @@ def test_sweep_values_with_interpolations_resolve_per_run(tmp_path):
 def test_strings_that_look_like_numbers_survive_the_yaml_round_trip():
     from omegaconf import OmegaConf
 
-    from dhm.config import from_yaml
+    from dhm.core.config import from_yaml
 
     for text in ["1e-3", "1e3", "-2E5", "inf", "nan", ".5", "1_000", "yes", "Off", "null", "~"]:
         run = expand(_cfg("sweep=single", f"model.warm_start='{text}'"))[0]
@@ -791,7 +791,7 @@ def test_attempts_read_sacct_and_squeue_started_as_processes(tmp_path, monkeypat
 def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
     import h5py
 
-    import dhm.results as R
+    import dhm.evaluation.results as R
     from hpc.file_facts import FileFacts
 
     monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
@@ -802,7 +802,9 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
     shard = sweep / "runs" / "r1" / "eval" / "digits__0000000-0000284.h5"
     shard.parent.mkdir(parents=True)
 
-    def write(eval_id: str) -> None:  # as dhm.evaluate does: a new file renamed into place
+    def write(
+        eval_id: str,
+    ) -> None:  # as dhm.evaluation.evaluate does: a new file renamed into place
         tmp = shard.with_suffix(".tmp")
         with h5py.File(tmp, "w") as f:
             f.attrs["eval_id"] = eval_id
@@ -829,7 +831,7 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
 def test_expand_judges_each_combination_of_a_grid(tmp_path):
     # check_run's parts are judged once per distinct setting of the sections they read; a
     # combination a part refuses is still found wherever it sits in the grid.
-    from dhm.config import ConfigError
+    from dhm.core.config import ConfigError
 
     axes = "+sweep.axes={model.name:[dhm,zmodel],model.vae_split_layer:[0,2],train.seed:[0,1]}"
     with pytest.raises(ConfigError, match="vae_split_layer=2 is not allowed: 0 for model=zmodel"):
@@ -845,7 +847,7 @@ def test_expand_judges_each_combination_of_a_grid(tmp_path):
 def test_the_run_folder_scan_finds_what_the_os_finds(tmp_path, monkeypatch):
     # scan_runs lists parents instead of stat-ing each run: the same answer for relative
     # paths, trailing slashes and a ".." that passes through a linked folder.
-    from dhm.layout import scan_runs
+    from dhm.core.layout import scan_runs
 
     real = tmp_path / "real" / "a"
     (tmp_path / "real" / "runs" / "r1" / "checkpoints").mkdir(parents=True)
@@ -870,7 +872,7 @@ def test_the_run_folder_scan_finds_what_the_os_finds(tmp_path, monkeypatch):
 def test_a_checkpoints_verdict_is_kept_until_the_file_changes(tmp_path, monkeypatch):
     import zipfile
 
-    import dhm.checkpoint as ckpt_io
+    import dhm.core.checkpoint as ckpt_io
     from hpc.file_facts import FileFacts
 
     monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,4 +1,5 @@
-"""Tests for dhm.metrics: torch / sklearn references, hand cases, and the full-set convention."""
+"""Tests for dhm.summary.metrics: torch / sklearn references, hand cases, and the full-set
+convention."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from dhm import metrics as M
+from dhm.summary import metrics as M
 
 
 def _random_logits(seed: int, n: int = 500, c: int = 10, scale: float = 3.0):
@@ -284,7 +285,7 @@ def test_dequantized_bits_per_dim_bound_the_discrete_likelihood():
     # evaluation reports, E_u[-log p((k + u - 1/2)/255)] + log 255 with u ~ U[0, 1), is above
     # -log P(k) (Jensen) and, for a density smooth at the cell's scale, close to it. The
     # expectation is the exact midpoint rule here (no Monte Carlo error).
-    from dhm.evaluate import dequantize
+    from dhm.evaluation.evaluate import dequantize
 
     normal = torch.distributions.Normal(torch.tensor(0.4, dtype=torch.float64), 0.05)
     k = torch.arange(256, dtype=torch.float64)

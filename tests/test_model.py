@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from dhm.config import ConfigError, check_model, run_config
-from dhm.model import DeepHybridModel, warm_start_from_resnet
-from dhm.nets import ResNetDecoder, ResNetEncoder, encoder_stage_shape
+from dhm.core.config import ConfigError, check_model, run_config
+from dhm.model.hybrid import DeepHybridModel, warm_start_from_resnet
+from dhm.model.nets import ResNetDecoder, ResNetEncoder, encoder_stage_shape
 
 KINDS_AND_SPLITS = [("dhm", s) for s in range(5)] + [
     ("resnet", 0),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Independent, Normal, kl_divergence
 
-from dhm.objectives import (
+from dhm.model.objectives import (
     diag_gaussian_log_prob,
     effective_sample_size,
     gaussian_kl,

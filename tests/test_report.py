@@ -75,7 +75,7 @@ def _open(sweep: Path) -> Browser:
 
 def test_the_report_renders_in_a_browser_without_errors(demo, tmp_path):
     _need_browser()
-    from dhm.summary_io import column_meta
+    from dhm.summary.tables import column_meta
 
     sweep, plan, failed = demo
     with _open(sweep) as b:
@@ -140,8 +140,8 @@ def test_status_refreshes_the_report_without_recomputing(demo, capsys):
 def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
     # 60 runs: every heatmap cell and table row is there, the per-run figures come 25 to a
     # page and are drawn when opened, and image grids are embedded for the first runs only.
-    from dhm.aggregate import aggregate
-    from dhm.report import PAGE_RUNS
+    from dhm.report.page import PAGE_RUNS
+    from dhm.summary.aggregate import aggregate
     from tests.test_aggregate import write_plan, write_run
 
     runs = [

@@ -185,7 +185,9 @@ def test_status_tells_each_stage_its_own_task_and_why_and_relaunch_acts_on_it(sl
     ).stdout
     assert re.search(rf"^train\s+{train}_1\s", detail, re.M), detail
     assert "tail of" in detail, detail
-    assert "exception: dhm.monitor.NonFiniteLossError: non-finite loss at step 3" in detail, detail
+    assert (
+        "exception: dhm.training.monitor.NonFiniteLossError: non-finite loss at step 3" in detail
+    ), detail
     rows = (sweep_dir / "summary" / "results.csv").read_text()
     assert "non-finite loss at step 3" in rows  # the summary's problem column: the same reason
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import dhm.train as train_mod
-from dhm import checkpoint as ckpt_io
-from dhm.config import ConfigError
-from dhm.data import DataError
-from dhm.train import NonFiniteLossError, train
+import dhm.training.train as train_mod
+from dhm.core import checkpoint as ckpt_io
+from dhm.core.config import ConfigError
+from dhm.data.loaders import DataError
+from dhm.model import checkpoint as model_ckpt
+from dhm.training.train import NonFiniteLossError, train
 from tests.conftest import free_port, small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return ckpt_io.load(path)["model"]
+    return model_ckpt.load(path)["model"]
 
 
 @pytest.mark.slow
@@ -112,7 +113,7 @@ def test_every_model_kind_and_split_trains(small_cfg, kind, split):
             "train.epochs": 1,
         }
     )
-    state = ckpt_io.load(train(cfg))
+    state = model_ckpt.load(train(cfg))
     assert state["global_step"] == 19
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -121,12 +122,12 @@ def test_every_model_kind_and_split_trains(small_cfg, kind, split):
 def test_compiled_training_on_cpu_saves_plain_weights_that_evaluate(small_cfg):
     # train.compile=true (torch.compile; inductor on CPU, ~1.5 min here): the GPU fast path's
     # option, on the same code path. The checkpoint holds the unwrapped module's weights.
-    from dhm.evaluate import evaluate_all
-    from dhm.model import build_model
+    from dhm.evaluation.evaluate import evaluate_all
+    from dhm.model.hybrid import build_model
 
     cfg = small_cfg(**{"train.compile": True, "train.epochs": 1, "train.batch_size": 100})
     final = train(cfg)
-    state = ckpt_io.load(final)
+    state = model_ckpt.load(final)
     eager = build_model(cfg.model, 10, (0.5,) * 3, (0.25,) * 3)
     assert set(state["model"]) == set(eager.state_dict())  # no "_orig_mod." prefixes
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -197,7 +198,7 @@ def test_training_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, mo
 
 
 def test_loader_copies_to_the_device_once_per_epoch(monkeypatch):
-    from dhm.data import DeviceLoader
+    from dhm.data.loaders import DeviceLoader
     from tests.test_data import _indexed
 
     loader = DeviceLoader(_indexed(64), 8, device="cpu", seed=0, augment=True)
@@ -282,7 +283,7 @@ def test_a_checkpoint_of_another_model_is_refused(small_cfg, tmp_path):
     cfg = small_cfg()
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
     foreign = small_config(tmp_path / "other", **{"model.name": "resnet", "model.beta": 0.0})
-    ckpt_io.atomic_save(
+    model_ckpt.atomic_save(
         {"model": {}, "config_yaml": train_mod.to_yaml(foreign)}, ckpt_dir / "step_000000005.pt"
     )
     with pytest.raises(ckpt_io.CheckpointError, match="step_000000005.pt belongs to another"):
@@ -379,7 +380,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path):
     # The DDP run's checkpoint, written by rank 0, holds the same weights.
     saved = _weights(tmp_path / "ddp" / "checkpoints" / "final.pt")
     assert all(torch.equal(saved[k], rank0[k]) for k in saved)
-    assert ckpt_io.load(tmp_path / "ddp" / "checkpoints" / "final.pt")["world_size"] == 2
+    assert model_ckpt.load(tmp_path / "ddp" / "checkpoints" / "final.pt")["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -420,7 +421,7 @@ def test_a_stop_request_checkpoints_the_exact_position_and_resume_is_bit_identic
         train(cfg, stop)
     monkeypatch.setattr(train_mod, "training_loss", real)
     assert info.value.step == 26
-    state = ckpt_io.load(info.value.checkpoint)
+    state = model_ckpt.load(info.value.checkpoint)
     assert (state["epoch"], state["batch"], state["global_step"]) == (1, 7, 26)
     assert state["torch_threads"] == torch.get_num_threads()
     resumed = train(cfg)
@@ -435,9 +436,9 @@ def test_resuming_with_another_thread_count_warns(small_cfg, capsys):
     with pytest.raises(train_mod.TrainingStopped):
         train(cfg, stop)
     path = ckpt_io.newest(Path(cfg.run_dir) / "checkpoints")
-    state = ckpt_io.load(path)
+    state = model_ckpt.load(path)
     state["torch_threads"] = torch.get_num_threads() + 3
-    ckpt_io.atomic_save(state, path)
+    model_ckpt.atomic_save(state, path)
     capsys.readouterr()
     train(cfg)
     err = capsys.readouterr().err
@@ -469,12 +470,12 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     # final weights and the same noise, and checked to be a maximum.
     import math
 
-    from dhm import validation as V
-    from dhm.objectives import gaussian_kl, gaussian_log_likelihood
+    from dhm.model.objectives import gaussian_kl, gaussian_log_likelihood
+    from dhm.training import validation as V
 
     cfg = small_cfg(**{"train.epochs": 1, "model.likelihood": likelihood, "model.sigma": sigma})
     final = train(cfg)
-    state = ckpt_io.load(final)
+    state = model_ckpt.load(final)
     assert state["eval_sigma_source"] == "fitted on 200 validation images"
     model = train_mod.model_for(cfg)
     model.load_state_dict(state["model"])
@@ -483,7 +484,7 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     sse, n, elbos = 0.0, 0, []
     with torch.no_grad():
         for block, (_, x, _) in enumerate(
-            __import__("dhm.data", fromlist=["x"]).iterate_batches(
+            __import__("dhm.data.loaders", fromlist=["x"]).iterate_batches(
                 val, cfg.eval.batch_size, device="cpu"
             )
         ):
@@ -539,7 +540,7 @@ def test_looks_complete_agrees_with_zipfile_on_every_truncation(tmp_path, monkey
     model(torch.ones(1, 4)).sum().backward()
     opt.step()
     path = tmp_path / "step_000000010.pt"
-    ckpt_io.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    model_ckpt.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
     data = path.read_bytes()
     assert ckpt_io.looks_complete(path) and _zipfile_verdict(path)
     cuts = sorted(

@@ -1,10 +1,11 @@
-"""Checkpoint files: atomic writes, safe loads, cheap completeness checks, finding the newest.
+"""Checkpoint files: cheap completeness checks, finding the newest, pruning, hashing.
 
 A checkpoint is a plain dict of tensors, numbers and strings saved with ``torch.save`` and read
 with ``torch.load(weights_only=True)``, so loading never runs pickled code. Files are written to
-a temporary name in the same folder and renamed (``dhm.fsutil.atomic_path``), so a killed job
-never leaves a partial file under a final name. torch is imported only by the functions that
-save or load, so the launcher can ask "is this run trained?" without importing it.
+a temporary name in the same folder and renamed (``dhm.core.fsutil.atomic_path``), so a killed job
+never leaves a partial file under a final name. Saving and loading (torch) are in
+``dhm.model.checkpoint``; this module is torch-free, so the launcher can ask "is this run
+trained?" without importing torch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-from dhm.fsutil import atomic_path
 
 FINAL_NAME = "final.pt"
 _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
@@ -26,33 +24,6 @@ _STEP_RE = re.compile(r"^step_(\d{9})\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or of another model; the message names the file."""
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``path`` through a temporary file in the same folder, fsync and a rename."""
-    import torch
-
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
-
-
-def load(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only); CheckpointError names the file on failure."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated, corrupt or not a torch file
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config_yaml" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint of this project (no model/config_yaml)")
-    return ckpt
 
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record (22 bytes)

@@ -9,7 +9,7 @@ The launcher asks this module which sets a run evaluates (``eval_sets``), with w
 (``eval_id``), whether a set's shards cover it (``set_complete``: from the file names and the
 set's size, known from the dataset; a shard is opened only when the size is not known) and
 whether a summary is done (``summary_complete``: its manifest lists files that all exist, and
-it is newer than every shard). ``dhm.results`` reads and writes the files themselves.
+it is newer than every shard). ``dhm.evaluation.results`` reads and writes the files themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 SCHEMA_VERSION = 2  # 2: val role, iwae_ess, complexity_bits, pgd, images, dequantized pixels
 ROLES = ("id", "val", "ood")
 MANIFEST = "manifest.json"
-# In <run_dir>/logs/: per-step metrics (dhm.monitor), and the train attempts hpc.stages records.
+# In <run_dir>/logs/: per-step metrics (dhm.training.monitor), and the train attempts hpc.stages
+# records.
 METRICS_LOG, ATTEMPTS_LOG = "metrics.csv", "train_attempts.jsonl"
 _SHARD_RE = re.compile(r"^(?P<set>.+)__(?P<start>\d{7})-(?P<stop>\d{7})\.h5$")
 
@@ -53,7 +54,7 @@ def eval_sets(cfg: Any) -> list[tuple[str, str]]:
 def _eval_sets(
     model: str, data: str, eval_ood: tuple[str, ...], data_ood: tuple[str, ...]
 ) -> tuple[tuple[str, str], ...]:
-    from dhm.datasets import DATASETS
+    from dhm.core.datasets import DATASETS
 
     ood = eval_ood or data_ood or DATASETS[data].ood_sets
     sets = [(data, "id")]
@@ -64,7 +65,7 @@ def _eval_sets(
 
 def expected_size(cfg: Any, set_name: str, role: str) -> int | None:
     """Images the set will have when evaluated (None: not known without reading it)."""
-    from dhm.datasets import DATASETS, TEST_SIZES
+    from dhm.core.datasets import DATASETS, TEST_SIZES
 
     if role == "val":
         info = DATASETS[cfg.data.name]
@@ -173,7 +174,7 @@ def set_complete(
             return False
         covered = stop
     if size is None or covered != size:
-        from dhm.results import shard_set_size
+        from dhm.evaluation.results import shard_set_size
 
         size = shard_set_size(Path(eval_dir) / spans[0][2])
     return covered == size

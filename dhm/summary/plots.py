@@ -26,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from dhm.fsutil import atomic_path
-from dhm.summary_io import axis_values, column_meta, grid_layout
+from dhm.core.fsutil import atomic_path
+from dhm.summary.tables import axis_values, column_meta, grid_layout
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -72,7 +72,7 @@ def fgsm_figure(curves: Sequence[tuple[str, Any, Any]]) -> Figure:
 
 
 def reliability_figure(title: str, rel: Any) -> Figure:
-    """Reliability diagram from a ``dhm.metrics.Reliability`` (15 equal-width bins), above a
+    """Reliability diagram from a ``dhm.summary.metrics.Reliability`` (15 equal-width bins), above a
     panel with the number of test images in each confidence bin."""
     fig = Figure(figsize=(4.8, 6.0))
     ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -227,7 +227,8 @@ def write_plots(
 ) -> list[Path]:
     """Every summary figure (see module docstring); returns the paths written.
 
-    ``runs`` are ``dhm.aggregate.RunSummary`` objects in row order; PNGs left in ``plot_dir``
+    ``runs`` are ``dhm.summary.aggregate.RunSummary`` objects in row order; PNGs left in
+    ``plot_dir``
     by an earlier aggregation that this one did not write are removed, so the count stays capped.
     """
     plot_dir.mkdir(parents=True, exist_ok=True)

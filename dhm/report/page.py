@@ -1,7 +1,7 @@
 """The sweep's report: one self-contained HTML page, written from the summary and run states.
 
 ``write_report(sweep_dir)`` reads ``summary/results.h5`` (the table, the seed cells and the
-stacked per-run curves that ``dhm.aggregate`` wrote), ``plan.json`` and, for a few runs, the
+stacked per-run curves that ``dhm.summary.aggregate`` wrote), ``plan.json`` and, for a few runs, the
 image grids in their first test shard, and writes ``summary/report.html``: no network access,
 images embedded as data URIs, charts drawn by a small inline script. It never recomputes a
 metric, so the launcher refreshes it cheaply from ``mode=status`` with each run's live state
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dhm.fsutil import atomic_write_text
+from dhm.core.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
     import h5py
     import numpy as np
 
-# numpy, h5py and dhm.summary_io (~0.15 s to import) are imported where a summary is read or
+# numpy, h5py and dhm.summary.tables (~0.15 s to import) are imported where a summary is read or
 # drawn: mode=status rewrites this page for runs in flight, before any summary exists.
 
 VIRIDIS = [
@@ -47,11 +47,11 @@ VIRIDIS = [
     "#fde725",
 ]
 PAGE_RUNS = 25
-PAGE_TEMPLATE = Path(__file__).with_name("report_page.html")  # style and the charts' script
+PAGE_TEMPLATE = Path(__file__).with_name("page.html")  # style and the charts' script
 
 
 def _head(col: str) -> str:
-    from dhm.summary_io import column_meta
+    from dhm.summary.tables import column_meta
 
     words, unit, better = column_meta(col)
     arrow = {1: " ↑", -1: " ↓"}.get(better, "")
@@ -181,7 +181,7 @@ def _heatmap(
 ) -> str:
     import numpy as np
 
-    from dhm.summary_io import axis_values, column_meta
+    from dhm.summary.tables import axis_values, column_meta
 
     words, _, better = column_meta(metric)
     xs = axis_values(grid, axes[0])
@@ -371,7 +371,7 @@ def write_report(
         f" root={html.escape(root)} mode=report</code></p>",
     ]
     if rows:
-        from dhm.summary_io import grid_layout
+        from dhm.summary.tables import grid_layout
 
         parts += ["<h2>Headline</h2>", _table(cols, rows, cells, settings, headline, states)]
         grid, base, axes = grid_layout(settings, rows)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dhm.datasets import (
+from dhm.core.datasets import (
     DATASETS,
     DIGITS_HELDOUT,
     OOD_SETS,

@@ -2,7 +2,7 @@
 
 Classes, normalization, augmentation, default OOD sets, validation split sizes and where
 torchvision expects the files. No torch here: the launcher validates names and looks for files
-with this module alone; ``dhm.data`` loads the pixels.
+with this module alone; ``dhm.data.loaders`` loads the pixels.
 """
 
 from __future__ import annotations

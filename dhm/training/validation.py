@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dhm import data as data_lib
-from dhm.objectives import gaussian_kl, gaussian_log_likelihood, wide
+from dhm.data import loaders as data_lib
+from dhm.model.objectives import gaussian_kl, gaussian_log_likelihood, wide
 
 SUMS = ("images", "labelled", "correct", "nll", "kl", "rec_nll", "sse", "elements")
 

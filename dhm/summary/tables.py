@@ -1,6 +1,7 @@
 """Writers and reader of a sweep summary: results.csv, results.md and results.h5.
 
-``dhm.aggregate`` computes the rows; this module only lays them out (see docs/results.md for the
+``dhm.summary.aggregate`` computes the rows; this module only lays them out (see docs/results.md
+for the
 columns), with the cell formatting the tables and the plot labels share. Every file is written
 under a temporary name next to its final one and renamed when complete, so a killed aggregation
 never leaves a half-written summary file behind.
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from dhm.fsutil import atomic_path
+from dhm.core.fsutil import atomic_path
 
 if TYPE_CHECKING:
-    from dhm.aggregate import RunSummary
+    from dhm.summary.aggregate import RunSummary
 
 
 def plain(value: Any) -> Any:

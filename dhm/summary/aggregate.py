@@ -2,7 +2,8 @@
 report).
 
 ``aggregate(sweep_dir)`` reads ``<sweep_dir>/runs/<run_id>/eval/*.h5`` (the shards written by
-``dhm.evaluate``), merges each set over its shards, computes every metric ONCE over the full
+``dhm.evaluation.evaluate``), merges each set over its shards, computes every metric ONCE over the
+full
 merged set (never per batch: AUROC and ECE do not decompose into batch means), and writes
 ``<sweep_dir>/summary/``: results.csv (a row per run), cells.csv (runs that differ only in
 train.seed, as mean, std and n), results.md, results.h5, plots/, report.html and, last,
@@ -30,14 +31,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dhm import metrics as M
-from dhm import results
-from dhm.config import RunConfig
-from dhm.fsutil import atomic_write_text
-from dhm.layout import MANIFEST, plan_estimates, summary_ok_count
-from dhm.layout import summary_complete as summary_complete  # re-exported
-from dhm.summary_io import plain, plot_labels, write_csv, write_h5, write_md
-from dhm.summary_io import read_table as read_table  # re-exported: docs/results.md uses it
+from dhm.core.config import RunConfig
+from dhm.core.fsutil import atomic_write_text
+from dhm.core.layout import MANIFEST, plan_estimates, summary_ok_count
+from dhm.core.layout import summary_complete as summary_complete  # re-exported
+from dhm.evaluation import results
+from dhm.summary import metrics as M
+from dhm.summary.tables import plain, plot_labels, write_csv, write_h5, write_md
+from dhm.summary.tables import read_table as read_table  # re-exported: docs/results.md uses it
 
 N_BINS = 15  # reliability bins (top-label, equal width on [0, 1])
 HIST_BINS = 50  # -ELBO histogram bins per run
@@ -208,7 +209,7 @@ def _load_sets(run: RunSummary, run_dir: Path) -> dict[str, results.SetResults]:
     """Read and merge every set of a run; each unreadable shard or gap becomes a reason."""
     paths = sorted((run_dir / "eval").glob("*.h5"))
     if not paths:
-        done = (run_dir / "checkpoints" / "final.pt").exists()  # dhm.checkpoint.FINAL_NAME
+        done = (run_dir / "checkpoints" / "final.pt").exists()  # dhm.core.checkpoint.FINAL_NAME
         why = "training finished, not evaluated" if done else "not evaluated or training failed"
         run.fail("missing", f"no eval shards ({why})")
         return {}
@@ -654,7 +655,7 @@ def aggregate(
     cell_cols = list(cells[0]) if cells else []
     write_csv(summary / "cells.csv", cell_cols, cells)
     write_md(summary / "results.md", columns, rows, headline, problems, ignored, cells)
-    from dhm import provenance
+    from dhm.core import provenance
 
     attrs = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -664,7 +665,7 @@ def aggregate(
     }
     write_h5(summary / "results.h5", columns, rows, runs, cells, attrs)
     if plots:
-        from dhm import plots as P  # matplotlib only when figures are wanted
+        from dhm.summary import plots as P  # matplotlib only when figures are wanted
 
         labels = plot_labels(runs, setting_cols)
         written = P.write_plots(
@@ -674,7 +675,7 @@ def aggregate(
     if tensorboard:
         files += _write_hparams(summary, runs, rows, setting_cols, headline)
     if report:
-        from dhm import report as R
+        from dhm.report import page as R
 
         R.write_report(sweep_dir, states=states, summary_dir=summary)
         files.append("report.html")

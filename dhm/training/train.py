@@ -27,19 +27,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from dhm import checkpoint as ckpt_io
-from dhm import data as data_lib
-from dhm import validation as val_lib
-from dhm.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
-from dhm.fsutil import atomic_write_text
-from dhm.model import DeepHybridModel, build_model, warm_start_from_resnet
-from dhm.monitor import (  # noqa: F401 - NonFiniteLossError is part of this module's API
+from dhm.core import checkpoint as ckpt_io
+from dhm.core.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
+from dhm.core.fsutil import atomic_write_text
+from dhm.data import loaders as data_lib
+from dhm.model import checkpoint as model_ckpt
+from dhm.model.hybrid import DeepHybridModel, build_model, warm_start_from_resnet
+from dhm.model.objectives import hybrid_loss, vae_terms
+from dhm.training import validation as val_lib
+from dhm.training.monitor import (  # noqa: F401 - NonFiniteLossError is part of this module's API
     FiniteWatch,
     MetricLog,
     NonFiniteLossError,
     assert_replicas_in_sync,
 )
-from dhm.objectives import hybrid_loss, vae_terms
 
 CHECKPOINT_FORMAT = 2  # 2: torch_threads, eval_log_sigma; 1 is read as well
 
@@ -171,7 +172,7 @@ def check_checkpoint_matches(path: Path, state: dict[str, Any], cfg: Any) -> Non
 def load_warm_start(path: str, key: str = "model.warm_start") -> dict[str, Any]:
     """A warm-start checkpoint's state: a resnet or dhm checkpoint that loads.
     CheckpointError names the key, the file and what is wrong."""
-    state = ckpt_io.load(path)
+    state = model_ckpt.load(path)
     kind = from_yaml(state["config_yaml"]).model.name
     if kind not in ("resnet", "dhm"):
         raise ckpt_io.CheckpointError(
@@ -242,7 +243,7 @@ def save_checkpoint(rs: RunState, path: Path, *, final: bool = False) -> Path:
     """Check the replicas agree, write ``path`` on the main process, wait for every rank."""
     assert_replicas_in_sync(rs.accelerator, rs.unwrapped)
     if rs.main:
-        ckpt_io.atomic_save(checkpoint_state(rs, final=final), path)
+        model_ckpt.atomic_save(checkpoint_state(rs, final=final), path)
         if not final:
             ckpt_io.prune(rs.ckpt_dir, rs.cfg.train.keep_checkpoints)
     rs.accelerator.wait_for_everyone()
@@ -253,7 +254,7 @@ def _resume_point(cfg: Any, ckpt_dir: Path) -> tuple[Path | None, dict[str, Any]
     path = ckpt_io.newest(ckpt_dir)
     if path is None:
         return None, None
-    state = ckpt_io.load(path)
+    state = model_ckpt.load(path)
     check_checkpoint_matches(path, state, cfg)
     threads, now = state.get("torch_threads"), torch.get_num_threads()
     if threads is not None and threads != now and not torch.cuda.is_available():
@@ -506,7 +507,7 @@ def run_training(cfg: Any, stop: StopRequest | None = None) -> tuple[Path, torch
     final_path = ckpt_dir / ckpt_io.FINAL_NAME
     if final_path.exists():
         try:
-            state = ckpt_io.load(final_path)
+            state = model_ckpt.load(final_path)
         except ckpt_io.CheckpointError as err:
             aside = ckpt_io.set_aside(final_path, "unreadable")
             print(f"warning: {err}; moved to {aside.name}, training resumes", file=sys.stderr)

@@ -18,7 +18,7 @@ docs/results.md for every dataset, its units and when it is present):
 File attributes carry provenance (schema_version, run_id, set, role, set_size, start, stop,
 config_yaml, checkpoint_sha256, git_commit, versions, sigma, ...). Files are written under a
 temporary name and renamed when complete. Which sets a run evaluates, with which settings, and
-whether a set is done is ``dhm.layout``'s answer (no h5py needed for it).
+whether a set is done is ``dhm.core.layout``'s answer (no h5py needed for it).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dhm.fsutil import atomic_path
-from dhm.layout import (  # noqa: F401 - the layout's names, part of this module's API
+from dhm.core.fsutil import atomic_path
+from dhm.core.layout import (  # noqa: F401 - the layout's names, part of this module's API
     ROLES,
     SCHEMA_VERSION,
     eval_id,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dhm.nets import ResNetDecoder, ResNetEncoder, encoder_stage_shape
+from dhm.model.nets import ResNetDecoder, ResNetEncoder, encoder_stage_shape
 
 
 @dataclass

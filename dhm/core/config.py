@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dhm.datasets import DATASETS, OOD_SETS
+from dhm.core.datasets import DATASETS, OOD_SETS
 
 MODEL_KINDS = ("dhm", "resnet", "vae", "zmodel")
 LIKELIHOODS = ("gaussian", "thesis")
@@ -120,7 +120,7 @@ class RunSections:
 
 @dataclass
 class RunConfig(RunSections):
-    """One training run: what ``dhm.train.train`` receives."""
+    """One training run: what ``dhm.training.train.train`` receives."""
 
     run_dir: str = MISSING
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from dhm.layout import METRICS_LOG
+from dhm.core.layout import METRICS_LOG
 
 METRIC_FIELDS = (
     "step", "epoch", "lr", "loss", "ce", "accuracy", "rec_nll", "kl", "neg_elbo",

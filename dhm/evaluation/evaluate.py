@@ -10,14 +10,14 @@ A shard is (set, index range) of a set in one of three roles:
 * ``ood``: logits, -ELBO, -IWAE, effective sample size, compressed size.
 
 The model runs in eval mode (no dropout, BatchNorm running statistics). Batches are fixed
-blocks of the set (``dhm.data.iterate_batches``) and a shard is a union of whole blocks; the
+blocks of the set (``dhm.data.loaders.iterate_batches``) and a shard is a union of whole blocks; the
 VAE noise and the dequantization noise of image i are functions of (eval.seed, i), and PGD's
 random start of (eval.seed, block): so the union of shards is identical bit for bit however a
 set is split.
 
 Likelihoods (docs/results.md): the Gaussian observation model with the model's learned sigma,
 or, for a model trained with a fixed sigma or the thesis objective, the sigma fitted in closed
-form on the validation split (``dhm.validation``), recorded in the shard's attributes. For
+form on the validation split (``dhm.training.validation``), recorded in the shard's attributes. For
 ``vae_split_layer = 0`` the target is the 8-bit image uniformly dequantized on its own pixel
 grid, y = (x + u - 1/2) / 255, u ~ U[0, 1)^D, so -ELBO(y) + D ln 255 bounds the discrete
 image's negative log-likelihood (bits/dim). For s >= 1 the target is the classifier's
@@ -36,23 +36,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from dhm import checkpoint as ckpt_io
-from dhm import data as data_lib
-from dhm import provenance, results
-from dhm import validation as val_lib
-from dhm.attacks import fgsm_predictions, pgd_predictions
-from dhm.config import from_yaml, to_yaml
-from dhm.layout import eval_id, eval_sets  # noqa: F401 - part of this module's API
-from dhm.model import DeepHybridModel, build_model
-from dhm.nets import encoder_stage_shape
-from dhm.objectives import (
+from dhm.core import checkpoint as ckpt_io
+from dhm.core import provenance
+from dhm.core.config import from_yaml, to_yaml
+from dhm.core.layout import eval_id, eval_sets  # noqa: F401 - part of this module's API
+from dhm.data import loaders as data_lib
+from dhm.evaluation import results
+from dhm.evaluation.attacks import fgsm_predictions, pgd_predictions
+from dhm.evaluation.results import shard_eval_id
+from dhm.model import checkpoint as model_ckpt
+from dhm.model.hybrid import DeepHybridModel, build_model
+from dhm.model.nets import encoder_stage_shape
+from dhm.model.objectives import (
     diag_gaussian_log_prob,
     effective_sample_size,
     gaussian_kl,
     gaussian_log_likelihood,
     standard_normal_log_prob,
 )
-from dhm.results import shard_eval_id
+from dhm.training import validation as val_lib
 
 NOISE_BLOCK = 256  # images per block of pre-drawn per-image noise
 # Cap on images x samples per decoder call. A GPU wants large calls (2048 bounds memory); on a
@@ -192,7 +194,7 @@ def compressed_bits(images: torch.Tensor) -> np.ndarray:
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[DeepHybridModel, Any, dict]:
     """The model of a checkpoint in eval mode on ``device``, its resolved config, and its
     stored evaluation sigma (``eval_log_sigma``, ``eval_sigma_source``) if any."""
-    state = ckpt_io.load(checkpoint)
+    state = model_ckpt.load(checkpoint)
     cfg = from_yaml(state["config_yaml"])
     info = data_lib.dataset_info(cfg.data.name)
     model = build_model(cfg.model, info.num_classes, info.mean, info.std)
