@@ -1,6 +1,7 @@
-"""The sweep report: built from the real demo pipeline, opened in a real (headless) browser.
+"""The sweep report: built from the real demo pipeline and from synthetic sweeps, opened in a real
+(headless) browser.
 
-`make test` installs Debian's chromium as root. Without it these tests skip and say why,
+`make test` installs Debian's chromium as root. Without it the browser tests skip and say why,
 except in CI (CI=true), where a missing browser is a failure.
 """
 
@@ -8,14 +9,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 
+from dhm.report.page import DATA_NAME, PAGE_RUNS, write_report
+from dhm.summary.aggregate import aggregate
 from tests.helpers.browser import Browser, chromium
+from tests.helpers.sweeps import GRID, add_images, make_arrays, write_plan, write_run
 
-pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parents[1]
+XSS = "<script>alert(1)</script>"
+BREAKOUT = "</td><b>x"
 
 
 def _need_browser() -> None:
@@ -25,8 +37,17 @@ def _need_browser() -> None:
         pytest.skip("chromium is not installed (make test installs it as root)")
 
 
+@dataclass
+class Demo:
+    sweep: Path
+    plan: dict[str, Any]
+    failed: str  # the run made to fail
+    page: str  # report.html as the aggregation wrote it (later tests may rewrite the file)
+    headline: list[str]
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory) -> Demo:
     """The demo pipeline through the command line, one run made to fail (a NaN at step 2)."""
     from hpc.cli import cli
 
@@ -47,75 +68,92 @@ def demo(tmp_path_factory):
     sweep = root / "demo"
     plan = json.loads((sweep / "plan.json").read_text())
     failed = next(r["run_id"] for r in plan["runs"] if r["overrides"].get("model.beta") == 0.5)
-    return sweep, plan, failed
-
-
-def test_the_report_is_self_contained_and_names_every_run_and_metric(demo):
-    sweep, plan, failed = demo
     page = (sweep / "summary" / "report.html").read_text()
+    with h5py.File(sweep / "summary" / "results.h5") as f:
+        headline = json.loads(f.attrs["headline"])
+    return Demo(sweep, plan, failed, page, headline)
+
+
+@dataclass
+class Rendered:
+    """What a headless browser saw of the demo's report, every run's section opened."""
+
+    errors: list[str]
+    text: str
+    images: list[list]  # [complete, naturalWidth] of every image
+    figures: int  # SVG charts drawn in the runs' sections
+    failure_rows: list[str]
+    masked_titles: list[str]
+    screenshot: Path
+
+
+@pytest.fixture(scope="module")
+def rendered(demo: Demo, tmp_path_factory) -> Rendered:
+    _need_browser()
+    folder = tmp_path_factory.mktemp("rendered")
+    page = folder / "report.html"
+    page.write_text(demo.page)  # self-contained: the page alone, as the aggregation wrote it
+    with Browser() as b:
+        b.open(page.as_uri())
+        # Open every run's section, so its figures and images are drawn.
+        b.evaluate(
+            "document.querySelectorAll('details.run').forEach(d => { d.open = true; "
+            "d.dispatchEvent(new Event('toggle')); }); true"
+        )
+        b.evaluate("new Promise(r => setTimeout(r, 300))")
+        return Rendered(
+            errors=b.errors(),
+            text=b.evaluate("document.body.innerText"),
+            images=b.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])"),
+            figures=b.evaluate("document.querySelectorAll('details.run svg').length"),
+            failure_rows=b.evaluate(
+                "Array.from(document.querySelectorAll('tr.failure')).map(r => r.innerText)"
+            ),
+            masked_titles=b.evaluate(
+                "Array.from(document.querySelectorAll('table.hm td.masked')).map(td => td.title)"
+            ),
+            screenshot=b.screenshot(folder / "report.png"),
+        )
+
+
+@pytest.mark.slow
+def test_the_report_is_self_contained_and_names_every_run_and_metric(demo):
+    page = demo.page
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in page and "<link" not in page
-    for run in plan["runs"]:
+    for run in demo.plan["runs"]:
         assert run["run_id"] in page
-    headline = json.loads(__import__("h5py").File(sweep / "summary/results.h5").attrs["headline"])
-    assert {"accuracy", "ece", "auroc_digits_heldout_elbo", "auroc_digits_ood_msp"} <= set(headline)
-
-
-def _open(sweep: Path) -> Browser:
-    b = Browser()
-    b.open((sweep / "summary" / "report.html").as_uri())
-    # Open every run's section, so its figures and images are drawn.
-    b.evaluate(
-        "document.querySelectorAll('details.run').forEach(d => { d.open = true; "
-        "d.dispatchEvent(new Event('toggle')); }); true"
+    assert {"accuracy", "ece", "auroc_digits_heldout_elbo", "auroc_digits_ood_msp"} <= set(
+        demo.headline
     )
-    b.evaluate("new Promise(r => setTimeout(r, 300))")
-    return b
 
 
-def test_the_report_renders_in_a_browser_without_errors(demo, tmp_path):
-    _need_browser()
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_report_renders_in_a_browser_without_errors(demo, rendered):
     from dhm.summary.tables import column_meta
 
-    sweep, plan, failed = demo
-    with _open(sweep) as b:
-        assert b.errors() == []
-        text = b.evaluate("document.body.innerText")
-        for run in plan["runs"]:
-            assert run["run_id"] in text
-        headline = json.loads(
-            __import__("h5py").File(sweep / "summary/results.h5").attrs["headline"]
-        )
-        for metric in headline:
-            assert column_meta(metric)[0] in text, metric
-        images = b.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-        assert len(images) >= 6 and all(done and width > 0 for done, width in images)
-        assert b.evaluate("document.querySelectorAll('details.run svg').length") >= 6
-        # The failed run: its row says why, and its heatmap cell is masked, not absent.
-        row = b.evaluate(
-            f"Array.from(document.querySelectorAll('tr.failure')).map(r => "
-            f"r.innerText).find(t => t.includes('{failed}'))"
-        )
-        assert row and "non-finite loss at step 2" in row
-        masked = b.evaluate(
-            "Array.from(document.querySelectorAll('table.hm td.masked')).map(td => td.title)"
-        )
-        assert any(failed in title for title in masked)
-        b.screenshot(tmp_path / "report.png")
-    shot = tmp_path / "report.png"
-    assert shot.stat().st_size > 10_000
-    (sweep / "screenshot-path").write_text(str(shot))
+    assert rendered.errors == []
+    for run in demo.plan["runs"]:
+        assert run["run_id"] in rendered.text
+    for metric in demo.headline:
+        assert column_meta(metric)[0] in rendered.text, metric
+    images = rendered.images
+    assert len(images) >= 6 and all(done and width > 0 for done, width in images)
+    assert rendered.figures >= 6
+    # The failed run: its row says why, and its heatmap cell is masked, not absent.
+    row = next((t for t in rendered.failure_rows if demo.failed in t), None)
+    assert row and "non-finite loss at step 2" in row
+    assert any(demo.failed in title for title in rendered.masked_titles)
 
 
-def test_the_screenshot_is_not_blank(demo):
-    _need_browser()
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_screenshot_is_not_blank(rendered):
     from PIL import Image
 
-    sweep, _, _ = demo
-    marker = sweep / "screenshot-path"
-    if not marker.exists():
-        pytest.fail("the browser test did not save its screenshot")
-    image = np.asarray(Image.open(marker.read_text()).convert("RGB")).astype(np.float64)
+    assert rendered.screenshot.stat().st_size > 10_000
+    image = np.asarray(Image.open(rendered.screenshot).convert("RGB")).astype(np.float64)
     assert image.shape[0] > 500 and image.shape[1] > 500
     not_white = (image < 245).any(axis=2).mean()
     assert not_white > 0.05, not_white  # text, tables, heatmaps and figures: not an empty page
@@ -124,26 +162,125 @@ def test_the_screenshot_is_not_blank(demo):
     assert colourful > 0.005  # the viridis heatmaps and the chart lines
 
 
+@pytest.mark.slow
 def test_status_refreshes_the_report_without_recomputing(demo, capsys):
     from hpc.cli import cli
 
-    sweep, plan, failed = demo
-    report = sweep / "summary" / "report.html"
-    results = (sweep / "summary" / "results.csv").stat().st_mtime_ns
-    assert cli(["sweep.name=demo", f"root={sweep.parent}", "mode=status"]) == 0
+    report = demo.sweep / "summary" / "report.html"
+    results = (demo.sweep / "summary" / "results.csv").stat().st_mtime_ns
+    assert cli(["sweep.name=demo", f"root={demo.sweep.parent}", "mode=status"]) == 0
     out = capsys.readouterr().out
-    assert f"report: {report}" in out and failed in out
-    assert (sweep / "summary" / "results.csv").stat().st_mtime_ns == results
+    assert f"report: {report}" in out and demo.failed in out
+    assert (demo.sweep / "summary" / "results.csv").stat().st_mtime_ns == results
     assert "Runs now" in report.read_text()
 
 
+FAILED = ("failed01", "dhm", 1.0, 1.0)  # planned, never evaluated: a missing run
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """A synthetic sweep with a complete summary: GRID's four runs (image grids in the first
+    two) and FAILED, whose reason is the exception text of its (pretend) training task."""
+    sweep = tmp_path_factory.mktemp("small")
+    for i, r in enumerate(GRID):
+        sets = make_arrays(i, r[1])
+        write_run(sweep, *r[:4], seed=i, sets=add_images(sets, i) if i < 2 else sets)
+    write_plan(sweep, [*GRID, FAILED])
+    aggregate(
+        sweep,
+        plots=False,
+        tensorboard=False,
+        allow_partial=True,
+        reasons={FAILED[0]: f"ValueError: {XSS}"},
+    )
+    return sweep
+
+
+def test_reasons_and_log_tails_are_escaped(small, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small, sweep)
+    states = {
+        FAILED[0]: {
+            "stage": "train",
+            "slurm": "FAILED",
+            "reason": BREAKOUT,
+            "log_tail": ["Traceback (most recent call last):", XSS, BREAKOUT],
+        }
+    }
+    page = write_report(sweep, states=states).read_text()
+    assert page.count("<script>") == 1  # the page's own
+    assert "<script>alert" not in page and BREAKOUT not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # the reason: row, heatmap, log tail
+    assert "&lt;/td&gt;&lt;b&gt;x" in page  # the launcher's reason and the log tail
+    assert "<pre>Traceback (most recent call last):\n&lt;script&gt;" in page
+    if chromium() is None:
+        return
+    with Browser() as b:
+        b.open((sweep / "summary" / "report.html").as_uri())
+        assert b.errors() == []
+        row = b.evaluate("document.querySelector('tr.failure').innerText")
+        assert XSS in row and FAILED[0] in row
+        assert b.evaluate("document.querySelector('tr.failure pre').textContent").endswith(BREAKOUT)
+
+
+def test_write_report_imports_neither_h5py_nor_numpy(small, tmp_path):
+    # mode=status rewrites the page: the summary's data is JSON, read without h5py or numpy.
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small, sweep)
+    (sweep / "summary" / "report.html").unlink()
+    heavy = ("h5py", "numpy", "torch", "matplotlib", "PIL", "pandas")
+    code = (
+        "import json, sys\n"
+        "from dhm.report.page import write_report\n"
+        f"write_report({str(sweep)!r}, states={{'failed01': {{'stage': 'train'}}}})\n"
+        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    page = (sweep / "summary" / "report.html").read_text()
+    assert "<table id=headline" in page and "<h2>Over the grid</h2>" in page
+    assert "Runs now" in page and page.count("data:image/png;base64,") == 6
+    for run in (*GRID, FAILED):
+        assert run[0] in page
+
+
+@pytest.mark.parametrize("data", ["absent", "other format"])
+def test_a_summary_without_its_report_data_asks_to_aggregate_again(small, tmp_path, data):
+    # A summary written before report_data.json existed: the runs' states are still shown.
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small, sweep)
+    path = sweep / "summary" / DATA_NAME
+    if data == "absent":
+        path.unlink()
+    else:
+        path.write_text(json.dumps({"format": 0}))
+    page = write_report(sweep, states={FAILED[0]: {"stage": "train", "slurm": "FAILED"}})
+    text = page.read_text()
+    assert "python launch.py sweep.name=test" in text and "mode=aggregate</code>" in text
+    assert "Runs now" in text and "<table id=headline" not in text
+    assert "No summary yet" not in text
+
+
+def test_a_sweep_without_a_summary_shows_its_runs_in_flight(tmp_path):
+    write_plan(tmp_path, GRID)
+    page = write_report(tmp_path, states={"dhm0001": {"stage": "train", "step": "1/3"}})
+    text = page.read_text()
+    assert "No summary yet" in text and "Runs now" in text and "1/3" in text
+    assert page == tmp_path / "summary" / "report.html"
+
+
+@pytest.mark.browser
 def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
     # 60 runs: every heatmap cell and table row is there, the per-run figures come 25 to a
     # page and are drawn when opened, and image grids are embedded for the first runs only.
-    from dhm.report.page import PAGE_RUNS
-    from dhm.summary.aggregate import aggregate
-    from tests.test_aggregate import write_plan, write_run
-
     runs = [
         (f"r{i:07d}", "dhm", a, b)
         for i, (a, b) in enumerate(
@@ -161,8 +298,7 @@ def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
     assert all(r["id"] in page for r in data)
     heat = page.count('<td style="background:')
     assert heat >= 60  # every grid point in every heatmap (3 x 20 cells each)
-    if chromium() is None:
-        _need_browser()
+    _need_browser()
     with Browser() as b:
         b.open((tmp_path / "summary" / "report.html").as_uri())
         assert b.errors() == []

@@ -2,12 +2,12 @@
 report).
 
 ``aggregate(sweep_dir)`` reads ``<sweep_dir>/runs/<run_id>/eval/*.h5`` (the shards written by
-``dhm.evaluation.evaluate``), merges each set over its shards, computes every metric ONCE over the
-full
-merged set (never per batch: AUROC and ECE do not decompose into batch means), and writes
-``<sweep_dir>/summary/``: results.csv (a row per run), cells.csv (runs that differ only in
-train.seed, as mean, std and n), results.md, results.h5, plots/, report.html and, last,
-manifest.json. Column names, units and conventions are documented in docs/results.md.
+``dhm.evaluation.evaluate``), merges each set over its shards, computes every metric ONCE over
+the full merged set (never per batch: AUROC and ECE do not decompose into batch means), and
+writes ``<sweep_dir>/summary/``: results.csv (a row per run), cells.csv (runs that differ only
+in train.seed, as mean, std and n), results.md, results.h5, report_data.json (what the report
+draws, ``dhm.report.data``), plots/, report.html and, last, manifest.json. Column names, units
+and conventions are documented in docs/results.md.
 
 A run whose shards are missing or unreadable is still a row (``status`` missing | corrupt, the
 reason in ``problem``, or the reason the launcher gives, e.g. the exception of its failed
@@ -36,6 +36,8 @@ from dhm.core.fsutil import atomic_write_text
 from dhm.core.layout import MANIFEST, plan_estimates, summary_ok_count
 from dhm.core.layout import summary_complete as summary_complete  # re-exported
 from dhm.evaluation import results
+from dhm.report.data import write_report_data
+from dhm.report.page import write_report
 from dhm.summary import metrics as M
 from dhm.summary.tables import plain, plot_labels, write_csv, write_h5, write_md
 from dhm.summary.tables import read_table as read_table  # re-exported: docs/results.md uses it
@@ -69,7 +71,7 @@ _PER_SET = ("neg_elbo_nats", "bits_per_dim", "nats_per_dim", "iwae_ess", "elbo_i
 _OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster per run
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
 _SHARD_ATTRS = ("num_dims", "model", "likelihood_space", "pixel_levels")
 
 
@@ -578,6 +580,135 @@ def seed_cells(
     return cells
 
 
+@dataclass
+class _Measured:
+    """A sweep's runs measured and laid out: what every summary file is written from."""
+
+    runs: list[RunSummary]
+    rows: list[dict]
+    columns: list[str]
+    headline: list[str]
+    setting_cols: list[str]
+    cells: list[dict]
+    problems: list[tuple[str, str]]
+    ignored: int  # run folders not in the plan
+
+    @property
+    def n_ok(self) -> int:
+        return sum(r["status"] == "ok" for r in self.rows)
+
+
+def _measure(
+    sweep_dir: Path,
+    run_ids: list[str] | None,
+    reasons: dict[str, str] | None,
+    states: dict[str, dict] | None,
+    bootstrap: int,
+) -> _Measured:
+    """Every planned run (or ``run_ids`` of them) measured, as rows, seed cells and problems."""
+    swept, planned, ignored = discover(sweep_dir)
+    if run_ids is not None:
+        wanted = set(run_ids)
+        planned = [(rid, o) for rid, o in planned if rid in wanted]
+    setting_keys = _setting_columns(swept)
+    runs = [
+        summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys)
+        for rid, overrides in planned
+    ]
+    _check_sets(runs)
+    for run in runs:
+        why = (reasons or {}).get(run.run_id)
+        if why and run.status != "ok":
+            run.reasons = [why] + [r for r in run.reasons if not r.startswith("no eval shards")]
+    _, headline = _columns(runs, setting_keys)
+    _bootstrap(runs, headline, bootstrap)
+    columns, headline = _columns(runs, setting_keys)  # again: with the intervals' columns
+    columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
+    rows = [_row(run, columns) for run in runs]
+    metric_cols = [
+        c
+        for c in columns[columns.index("dataset") + 1 : -1]
+        if "_ci_" not in c and not c.endswith("_hours_estimated")
+    ]
+    setting_cols = [col for _, col in setting_keys]
+    cells = seed_cells(runs, rows, setting_cols, metric_cols)
+    problems = [(run.run_id, reason) for run in runs for reason in run.reasons]
+    return _Measured(runs, rows, columns, headline, setting_cols, cells, problems, ignored)
+
+
+def _bootstrap(runs: list[RunSummary], headline: list[str], replicates: int) -> None:
+    """Bootstrap intervals of the headline metrics of runs alone in their seed cell."""
+    if not replicates:
+        return
+    sizes: dict[str, int] = {}
+    for run in runs:
+        sizes[run.cell] = sizes.get(run.cell, 0) + 1
+    boot = M.Bootstrap(replicates, seed=0)
+    for run in runs:
+        if sizes[run.cell] == 1:
+            _intervals(run, boot, headline)
+
+
+def _check_replace(summary: Path, m: _Measured, replace_fewer: bool) -> None:
+    """SummaryKeptError when the summary there has more complete runs (unless replace_fewer)."""
+    old_ok = summary_ok_count(summary)
+    if old_ok is not None and m.n_ok < old_ok and not replace_fewer:
+        raise SummaryKeptError(
+            f"{summary} has {old_ok} complete runs, this aggregation {m.n_ok}: the summary there "
+            f"is kept (problems: {'; '.join(f'{r}: {p}' for r, p in m.problems[:3])}). "
+            "Pass replace_summary=true to replace it."
+        )
+
+
+def _write_tables(summary: Path, sweep_dir: Path, m: _Measured) -> list[str]:
+    """results.csv, cells.csv, results.md, results.h5 and the report's data; their names."""
+    write_csv(summary / "results.csv", m.columns, m.rows)
+    write_csv(summary / "cells.csv", list(m.cells[0]) if m.cells else [], m.cells)
+    write_md(summary / "results.md", m.columns, m.rows, m.headline, m.problems, m.ignored, m.cells)
+    from dhm.core import provenance
+
+    attrs = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sweep": sweep_dir.name,
+        "git_commit": provenance.git_commit(),
+        "headline": json.dumps(m.headline),
+    }
+    write_h5(summary / "results.h5", m.columns, m.rows, m.runs, m.cells, attrs)
+    data = write_report_data(sweep_dir, summary)  # read back from results.h5 and the shards
+    return ["results.csv", "cells.csv", "results.md", "results.h5", data.name]
+
+
+def _write_plots(summary: Path, m: _Measured, max_plot_runs: int) -> list[str]:
+    from dhm.summary import plots as P  # matplotlib only when figures are wanted
+
+    labels = plot_labels(m.runs, m.setting_cols)
+    written = P.write_plots(
+        summary / "plots", m.runs, m.rows, labels, m.headline, max_plot_runs, m.setting_cols
+    )
+    return [f"plots/{p.name}" for p in written]
+
+
+def _finish(summary: Path, m: _Measured, files: list[str], allow_partial: bool) -> AggregateReport:
+    """Write the manifest (the summary is complete); raise IncompleteSweepError when a run has
+    a problem, unless ``allow_partial``."""
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": len(m.rows),
+        "ok": m.n_ok,
+        "files": files,
+    }
+    atomic_write_text(summary / MANIFEST, json.dumps(manifest, indent=1))
+    result = AggregateReport(summary, m.rows, m.problems, m.cells)
+    if m.problems and not allow_partial:
+        lines = "\n".join(f"  {rid}: {reason}" for rid, reason in m.problems)
+        raise IncompleteSweepError(
+            f"{len({p[0] for p in m.problems})} of {len(m.runs)} runs are incomplete (summary "
+            f"written to {summary}; pass allow_partial to accept):\n{lines}",
+            result,
+        )
+    return result
+
+
 def aggregate(
     sweep_dir: str | Path,
     *,
@@ -603,95 +734,21 @@ def aggregate(
     raised if any run has one, unless ``allow_partial``. ``max_plot_runs`` caps the per-run
     PNGs and the FGSM plot's lines. ``tensorboard`` writes ``summary/tensorboard/<run_id>/``
     with each run's swept settings and headline metrics, for TensorBoard's HParams tab.
+    ``report_data.json`` (what the report draws) is always written; ``report`` renders
+    ``report.html`` from it.
     """
     sweep_dir = Path(sweep_dir)
-    swept, planned, ignored = discover(sweep_dir)
-    if run_ids is not None:
-        wanted = set(run_ids)
-        planned = [(rid, o) for rid, o in planned if rid in wanted]
-    setting_keys = _setting_columns(swept)
-    runs = [
-        summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys)
-        for rid, overrides in planned
-    ]
-    _check_sets(runs)
-    for run in runs:
-        why = (reasons or {}).get(run.run_id)
-        if why and run.status != "ok":
-            run.reasons = [why] + [r for r in run.reasons if not r.startswith("no eval shards")]
-    setting_cols = [col for _, col in setting_keys]
-    columns, headline = _columns(runs, setting_keys)
-    sizes: dict[str, int] = {}
-    for run in runs:
-        sizes[run.cell] = sizes.get(run.cell, 0) + 1
-    boot = M.Bootstrap(bootstrap, seed=0)
-    for run in runs:
-        if sizes[run.cell] == 1 and bootstrap:
-            _intervals(run, boot, headline)
-    columns, headline = _columns(runs, setting_keys)
-    columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
-    rows = [_row(run, columns) for run in runs]
-    metric_cols = [
-        c
-        for c in columns[columns.index("dataset") + 1 : -1]
-        if "_ci_" not in c and not c.endswith("_hours_estimated")
-    ]
-    cells = seed_cells(runs, rows, setting_cols, metric_cols)
-    problems = [(run.run_id, reason) for run in runs for reason in run.reasons]
-    n_ok = sum(r["status"] == "ok" for r in rows)
-
+    m = _measure(sweep_dir, run_ids, reasons, states, bootstrap)
     summary = Path(summary_dir) if summary_dir is not None else sweep_dir / "summary"
-    old_ok = summary_ok_count(summary)
-    if old_ok is not None and n_ok < old_ok and not replace_fewer:
-        raise SummaryKeptError(
-            f"{summary} has {old_ok} complete runs, this aggregation {n_ok}: the summary there "
-            f"is kept (problems: {'; '.join(f'{r}: {p}' for r, p in problems[:3])}). "
-            "Pass replace_summary=true to replace it."
-        )
+    _check_replace(summary, m, replace_fewer)
     summary.mkdir(parents=True, exist_ok=True)
     (summary / MANIFEST).unlink(missing_ok=True)  # not done until every file is rewritten
-    files = ["results.csv", "cells.csv", "results.md", "results.h5"]
-    write_csv(summary / "results.csv", columns, rows)
-    cell_cols = list(cells[0]) if cells else []
-    write_csv(summary / "cells.csv", cell_cols, cells)
-    write_md(summary / "results.md", columns, rows, headline, problems, ignored, cells)
-    from dhm.core import provenance
-
-    attrs = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sweep": sweep_dir.name,
-        "git_commit": provenance.git_commit(),
-        "headline": json.dumps(headline),
-    }
-    write_h5(summary / "results.h5", columns, rows, runs, cells, attrs)
+    files = _write_tables(summary, sweep_dir, m)
     if plots:
-        from dhm.summary import plots as P  # matplotlib only when figures are wanted
-
-        labels = plot_labels(runs, setting_cols)
-        written = P.write_plots(
-            summary / "plots", runs, rows, labels, headline, max_plot_runs, setting_cols
-        )
-        files += [f"plots/{p.name}" for p in written]
+        files += _write_plots(summary, m, max_plot_runs)
     if tensorboard:
-        files += _write_hparams(summary, runs, rows, setting_cols, headline)
+        files += _write_hparams(summary, m.runs, m.rows, m.setting_cols, m.headline)
     if report:
-        from dhm.report import page as R
-
-        R.write_report(sweep_dir, states=states, summary_dir=summary)
+        write_report(sweep_dir, states=states, summary_dir=summary)
         files.append("report.html")
-    manifest = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "runs": len(rows),
-        "ok": n_ok,
-        "files": files,
-    }
-    atomic_write_text(summary / MANIFEST, json.dumps(manifest, indent=1))
-    result = AggregateReport(summary, rows, problems, cells)
-    if problems and not allow_partial:
-        lines = "\n".join(f"  {rid}: {reason}" for rid, reason in problems)
-        raise IncompleteSweepError(
-            f"{len({p[0] for p in problems})} of {len(runs)} runs are incomplete (summary "
-            f"written to {summary}; pass allow_partial to accept):\n{lines}",
-            result,
-        )
-    return result
+    return _finish(summary, m, files, allow_partial)
