@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dhm.core.datasets import DATASETS, TEST_SIZES
+
 SCHEMA_VERSION = 2  # 2: val role, iwae_ess, complexity_bits, pgd, images, dequantized pixels
 ROLES = ("id", "val", "ood")
 MANIFEST = "manifest.json"
@@ -54,7 +56,6 @@ def eval_sets(cfg: Any) -> list[tuple[str, str]]:
 def _eval_sets(
     model: str, data: str, eval_ood: tuple[str, ...], data_ood: tuple[str, ...]
 ) -> tuple[tuple[str, str], ...]:
-    from dhm.core.datasets import DATASETS
 
     ood = eval_ood or data_ood or DATASETS[data].ood_sets
     sets = [(data, "id")]
@@ -65,7 +66,6 @@ def _eval_sets(
 
 def expected_size(cfg: Any, set_name: str, role: str) -> int | None:
     """Images the set will have when evaluated (None: not known without reading it)."""
-    from dhm.core.datasets import DATASETS, TEST_SIZES
 
     if role == "val":
         info = DATASETS[cfg.data.name]
@@ -174,7 +174,7 @@ def set_complete(
             return False
         covered = stop
     if size is None or covered != size:
-        from dhm.evaluation.results import shard_set_size
+        from dhm.core.shard_attrs import shard_set_size  # h5py: only when a shard must be opened
 
         size = shard_set_size(Path(eval_dir) / spans[0][2])
     return covered == size

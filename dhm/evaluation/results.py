@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,13 @@ from dhm.core.layout import (  # noqa: F401 - the layout's names, part of this m
     set_shards,
     shard_name,
 )
+from dhm.core.shard_attrs import (  # noqa: F401 - part of this module's API
+    open_readonly,
+    read_attr,
+    read_attrs,
+    shard_eval_id,
+    shard_set_size,
+)
 
 _PER_SAMPLE_PREFIXES = (
     "indices", "labels", "logits", "neg_elbo", "neg_iwae_k", "iwae_ess", "complexity_bits",
@@ -52,10 +58,6 @@ _PER_SAMPLE_PREFIXES = (
 
 REQUIRED_ATTRS = ("schema_version", "set", "role", "set_size", "start", "stop")  # read_shard checks
 _TEXT = h5py.string_dtype()
-_SCALAR_TYPES = (  # attributes: (type in the file, type to read it as, numpy dtype)
-    (h5py.h5t.STD_I64LE, h5py.h5t.NATIVE_INT64, np.dtype(np.int64)),
-    (h5py.h5t.py_create(_TEXT, logical=True), h5py.h5t.py_create(_TEXT), _TEXT),
-)
 _ARRAY_TYPES = tuple(  # datasets: (HDF5 type, numpy dtype) of those write_shard stores
     (h5py.h5t.py_create(np.dtype(d)), np.dtype(d)) for d in ("<i8", "<f4", "<i2", "<f8")
 )
@@ -123,27 +125,6 @@ def _int_attr(path: Path, attrs: dict[str, Any], key: str) -> int:
     raise ShardError(f"{path}: attribute {key} is {shown}, not an integer")
 
 
-def _read_attr(fid: Any, name: str) -> Any:
-    """One attribute as ``h5py.File.attrs[name]`` gives it (text decoded), None when absent.
-
-    Scalar int64 and UTF-8 text (what ``write_shard`` stores) take a short path: h5py's general
-    one costs ~45 us an attribute, several times the read itself.
-    """
-    try:
-        attr = h5py.h5a.open(fid, name.encode())
-    except KeyError:
-        return None
-    ftype = attr.get_type()
-    for file_type, mem_type, dtype in _SCALAR_TYPES:
-        if ftype == file_type and attr.shape == ():
-            arr = np.empty((), dtype)
-            attr.read(arr, mtype=mem_type)
-            value = arr[()]
-            return value.decode() if isinstance(value, bytes) else value
-    value = h5py.File(fid).attrs[name]  # anything else: h5py's general path
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _read_dataset(obj: Any) -> Any:
     """A whole dataset (low-level id) as ``h5py.Dataset[()]`` gives it."""
     ftype, shape = obj.get_type(), obj.shape
@@ -156,23 +137,6 @@ def _read_dataset(obj: Any) -> Any:
     return arr[()] if arr.ndim == 0 else arr
 
 
-def _open(path: Path) -> Any:
-    """A read-only low-level file id; the file closes when it and the ids opened in it are gone."""
-    return h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
-
-
-def read_attrs(path: str | Path, names: Iterable[str]) -> dict[str, Any]:
-    """Some file attributes of a shard (absent ones left out), as ``h5py.File.attrs`` gives them.
-
-    Raises what h5py raises for an unreadable file (OSError, KeyError, ValueError).
-    """
-    fid = _open(Path(path))
-    try:
-        return {k: v for k, v in ((k, _read_attr(fid, k)) for k in names) if v is not None}
-    finally:
-        fid.close()
-
-
 def read_shard(path: str | Path, attrs: Iterable[str] | None = None) -> Shard:
     """Read a shard file; ShardError names the file and what is wrong.
 
@@ -182,7 +146,7 @@ def read_shard(path: str | Path, attrs: Iterable[str] | None = None) -> Shard:
     """
     path = Path(path)
     try:
-        fid = _open(path)
+        fid = open_readonly(path)
     except (OSError, KeyError, ValueError) as err:
         raise ShardError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
     try:
@@ -192,7 +156,7 @@ def read_shard(path: str | Path, attrs: Iterable[str] | None = None) -> Shard:
             keys = [n.decode() for n in names]
         else:
             keys = list(dict.fromkeys([*REQUIRED_ATTRS, *attrs]))
-        found = {k: v for k, v in ((k, _read_attr(fid, k)) for k in keys) if v is not None}
+        found = {k: v for k, v in ((k, read_attr(fid, k)) for k in keys) if v is not None}
         set_name, group = found.get("set"), None
         if isinstance(set_name, str):
             try:
@@ -312,20 +276,3 @@ def load_run(eval_dir: str | Path) -> dict[str, SetResults]:
         shard = read_shard(path)
         by_set.setdefault(shard.set_name, []).append(shard)
     return {name: merge_shards(shards) for name, shards in sorted(by_set.items())}
-
-
-def shard_eval_id(path: str | Path) -> str | None:
-    """The eval_id a shard file was written with (None if unreadable or absent)."""
-    try:
-        value = read_attrs(path, ["eval_id"]).get("eval_id")
-    except (OSError, KeyError, ValueError):
-        return None
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def shard_set_size(path: str | Path) -> int | None:
-    """The set_size attribute of one shard (None: unreadable)."""
-    try:
-        return int(read_attrs(path, ["set_size"])["set_size"])
-    except (OSError, KeyError, ValueError):
-        return None
