@@ -20,7 +20,6 @@ separate processes and exit 1 on every error. Instead:
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from omegaconf.errors import OmegaConfBaseException
 from dhm.core.checkpoint import CheckpointError
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DataError
-from hpc.schema import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -253,28 +251,9 @@ def cli(argv: list[str]) -> int:
         GlobalHydra.instance().clear()
 
 
-# ``mode=<a mode>``: a top-level string that no other setting depends on while composing; a
-# command line and the same with another mode (dry_run, then the launch) share a composition.
-_MODE_OVERRIDE = re.compile(rf"^mode=({'|'.join(MODES)})$")
-
-
 def _composed(args: Any, config_name: str) -> DictConfig:
-    """The launch config of a command line: kept from an earlier composition of the same
-    inputs but its ``mode=`` (hpc.compose_cache), else composed by Hydra and kept."""
-    from hpc import compose_cache
-
-    config_dir, extra = _config_dirs(args)
-    dirs = [config_dir] if extra is None else [extra, config_dir]
-    rest = [o for o in args.overrides if not _MODE_OVERRIDE.match(o)]
-    modes = [m.group(1) for o in args.overrides if (m := _MODE_OVERRIDE.match(o))]
-    digest = compose_cache.key(config_name, rest, bool(args.multirun), dirs)
-    cfg = compose_cache.load(digest)
-    if cfg is None:
-        cfg = compose_launch(_hydra(args), config_name, rest, args.multirun)
-        compose_cache.store(digest, cfg)
-    if modes:  # as Hydra applies it: the last one wins
-        cfg.mode = modes[-1]
-    return cfg
+    """The launch config of a command line, composed by Hydra."""
+    return compose_launch(_hydra(args), config_name, list(args.overrides), args.multirun)
 
 
 def _report(message: str, status: int) -> int:

@@ -213,132 +213,22 @@ def test_selections_act_on_part_of_a_sweep(tmp_path, capsys):
     assert "names no run of the 4 in the plan" in capsys.readouterr().err
 
 
-def test_a_repeated_command_line_reuses_its_composition_until_an_input_changes(
-    tmp_path, monkeypatch, capsys
-):
+def test_the_launcher_receives_what_hydra_composes(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    import hpc.cli as cli_mod
-
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DHM_CACHE_DIR", str(cache))
     fresh = compose_config(["sweep=single", "model.beta=0.5", "mode=dry_run", "root=first"])
-    composed = []
-    real = cli_mod.compose_launch
-    monkeypatch.setattr(cli_mod, "compose_launch", lambda *a: composed.append(a[2]) or real(*a))
     seen = []
     monkeypatch.setattr("hpc.launcher.main", lambda cfg, argv: seen.append(cfg) or 0)
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: first\n")
     line = ["-cd", str(extra), "-cn", "mine", "sweep=single", "model.beta=0.5", "mode=dry_run"]
-
-    assert cli(line) == 0 and cli(line) == 0
-    kept = cache / "compose"
-    assert len(composed) == 1 and len(list(kept.glob("*.pkl"))) == 1  # the second: a hit
-    for cfg in seen:  # what the launcher receives is what Hydra composes, typed the same
-        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
-        assert OmegaConf.get_type(cfg) is OmegaConf.get_type(fresh)
-        assert OmegaConf.get_type(cfg.cluster) is OmegaConf.get_type(fresh.cluster)
-        assert OmegaConf.is_struct(cfg) == OmegaConf.is_struct(fresh)
-        assert OmegaConf.is_readonly(cfg) == OmegaConf.is_readonly(fresh)
-
+    assert cli(line) == 0
+    cfg = seen[-1]  # typed as Hydra composes it, flags included
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(fresh)
+    assert OmegaConf.get_type(cfg.cluster) is OmegaConf.get_type(fresh.cluster)
+    assert OmegaConf.is_struct(cfg) == OmegaConf.is_struct(fresh)
     (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: second\n")
-    assert cli(line) == 0 and seen[-1].root == "second"  # a config file changed: composed
-    assert cli([*line[:-1], "mode=status"]) == 0  # another mode: the same composition
-    assert seen[-1].mode == "status" and seen[-2].mode == "dry_run" and len(composed) == 2
-    assert cli(line[:-1]) == 0 and seen[-1].mode == "run"  # no mode: the config's default
-    assert cli([*line[:-1], "model.beta=0.6"]) == 0  # another override: composed
-    assert cli(["-m", *line, "train.seed=0,1"]) == 0 and seen[-1].sweep.multirun  # -m too
-    assert len(composed) == 4 and len(list(kept.glob("*.pkl"))) == 4
-
-    for entry in kept.glob("*.pkl"):  # an unreadable entry is a miss, not an error
-        entry.write_bytes(b"not a pickle")
-    assert cli(line) == 0 and len(composed) == 5 and seen[-1].root == "second"
-
-    assert cli([*line[:-1], "model.beta=oops"]) == 2  # failures are not kept
+    assert cli([*line[:-1], "mode=status", "mode=report"]) == 0  # a file changed; last mode wins
+    assert seen[-1].root == "second" and seen[-1].mode == "report"
     assert cli([*line[:-1], "model.beta=oops"]) == 2
-    assert len(composed) == 7 and "model.beta" in capsys.readouterr().err
-
-    monkeypatch.setenv("DHM_CACHE_DIR", "off")
-    assert cli(line) == 0 and cli(line) == 0 and len(composed) == 9
-    monkeypatch.setenv("DHM_CACHE_DIR", str(cache))  # a search path the key cannot cover
-    (extra / "mine.yaml").write_text(
-        "defaults:\n  - config\n  - _self_\nroot: third\nhydra:\n  searchpath: []\n"
-    )
-    assert cli(line) == 0 and cli(line) == 0 and len(composed) == 11
-
-
-def test_the_composition_key_covers_the_schema_source_and_hydras_version(monkeypatch, tmp_path):
-    from hpc import compose_cache
-
-    dirs = [REPO / "configs"]
-    base = compose_cache.key("config", ["a=1"], False, dirs)
-    assert base == compose_cache.key("config", ["a=1"], False, dirs)
-    assert base != compose_cache.key("config", ["a=1"], True, dirs)
-    assert base != compose_cache.key("other", ["a=1"], False, dirs)
-    assert base != compose_cache.key("config", ["a=1", "b=2"], False, dirs)
-    import hydra
-
-    monkeypatch.setattr(hydra, "__version__", "0.0.0")
-    assert base != compose_cache.key("config", ["a=1"], False, dirs)
-    monkeypatch.undo()
-    schema = tmp_path / "schema.py"
-    schema.write_text((REPO / "hpc" / "schema.py").read_text() + "\n# a change\n")
-    import importlib.util
-
-    real_find = importlib.util.find_spec
-
-    def find(name, *a):
-        spec = real_find(name, *a)
-        if name == "hpc.schema":
-            spec.origin = str(schema)
-        return spec
-
-    monkeypatch.setattr(importlib.util, "find_spec", find)
-    assert base != compose_cache.key("config", ["a=1"], False, dirs)
-
-
-def test_the_composition_key_sees_what_hydra_reads_and_nothing_it_cannot(tmp_path, monkeypatch):
-    from hpc import compose_cache
-
-    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
-    confs = tmp_path / "confs"
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "quick.yaml").write_text("epochs: 1\n")
-    confs.mkdir()
-    (confs / "train").symlink_to(shared)  # a linked folder: Hydra reads through it
-    key = compose_cache.key("config", [], False, [confs])
-    (shared / "quick.yaml").write_text("epochs: 2\n")
-    assert compose_cache.key("config", [], False, [confs]) != key
-    # A dangling link (an editor's lock file), a file that is no config: no error, no effect.
-    (confs / "train" / ".#quick.yaml").symlink_to(tmp_path / "gone")
-    assert compose_cache.key("config", [], False, [confs]) is not None
-    (confs / "notes.txt").write_text("x")
-    before = compose_cache.key("config", [], False, [confs])
-    (confs / "notes.txt").write_text("y")
-    assert compose_cache.key("config", [], False, [confs]) == before
-    (confs / "loop").symlink_to(confs)  # a link back up the tree is walked once
-    assert compose_cache.key("config", [], False, [confs]) is not None
-    big = tmp_path / "big"  # -cd . in a folder of outputs: composed every time
-    big.mkdir()
-    for i in range(compose_cache.MAX_CONFIG_ENTRIES + 1):
-        (big / f"{i}.out").touch()
-    assert compose_cache.key("config", [], False, [big]) is None
-    monkeypatch.setenv("DHM_CACHE_DIR", "off")
-    assert compose_cache.key("config", [], False, [confs]) is None
-
-
-def test_a_kept_composition_someone_else_could_write_is_not_loaded(tmp_path, monkeypatch):
-    from hpc import compose_cache
-
-    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
-    cfg = compose_config(["sweep=single"])
-    compose_cache.store("abc", cfg)
-    entry = tmp_path / "cache" / "compose" / "abc.pkl"
-    assert entry.stat().st_mode & 0o777 == 0o600
-    assert (tmp_path / "cache" / "compose").stat().st_mode & 0o777 == 0o700
-    assert compose_cache.load("abc") == cfg
-    entry.chmod(0o664)  # group-writable: another user could have planted it (a pickle runs code)
-    assert compose_cache.load("abc") is None

@@ -791,10 +791,9 @@ def test_attempts_read_sacct_and_squeue_started_as_processes(tmp_path, monkeypat
 def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeypatch):
     import h5py
 
-    import dhm.evaluation.results as R
+    import dhm.core.shard_attrs as R
     from hpc.file_facts import FileFacts
 
-    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
     opened = []
     real = R.shard_eval_id
     monkeypatch.setattr(R, "shard_eval_id", lambda p: opened.append(p) or real(p))
@@ -819,13 +818,15 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
     again = FileFacts(sweep)
     assert again.eval_id(shard) == "bbbb" and len(opened) == 2
     again.save()
-    (tmp_path / "cache" / "file-facts").iterdir().__next__().write_text("{not json")
+    (sweep / "file_facts.json").write_text("{not json")
     assert FileFacts(sweep).eval_id(shard) == "bbbb" and len(opened) == 3  # unreadable: read all
-    monkeypatch.setenv("DHM_CACHE_DIR", "off")
-    off = FileFacts(sweep)
-    assert off.eval_id(shard) == off.eval_id(shard) == "bbbb" and len(opened) == 4
-    off.save()
     assert FileFacts(sweep).eval_id(tmp_path / "missing.h5") is None
+    moved = sweep / "moved.h5"
+    shard.rename(moved)  # moved aside: its fact is dropped at the next save
+    again = FileFacts(sweep)
+    assert again.eval_id(moved) == "bbbb" and len(opened) == 4
+    again.save()
+    assert list(FileFacts(sweep).kept) == [f"eval_id:{moved}"]
 
 
 def test_expand_judges_each_combination_of_a_grid(tmp_path):
@@ -872,13 +873,12 @@ def test_the_run_folder_scan_finds_what_the_os_finds(tmp_path, monkeypatch):
 def test_a_checkpoints_verdict_is_kept_until_the_file_changes(tmp_path, monkeypatch):
     import zipfile
 
-    import dhm.core.checkpoint as ckpt_io
+    import hpc.file_facts as F
     from hpc.file_facts import FileFacts
 
-    monkeypatch.setenv("DHM_CACHE_DIR", str(tmp_path / "cache"))
     checked = []
-    real = ckpt_io.looks_complete
-    monkeypatch.setattr(ckpt_io, "looks_complete", lambda p: checked.append(p) or real(p))
+    real = F.looks_complete
+    monkeypatch.setattr(F, "looks_complete", lambda p: checked.append(p) or real(p))
     final = tmp_path / "sweep" / "runs" / "r1" / "checkpoints" / "final.pt"
     final.parent.mkdir(parents=True)
     with zipfile.ZipFile(final, "w") as archive:
