@@ -41,7 +41,8 @@ from dhm.core.layout import eval_id, eval_sets, expected_size, shard_name
 from hpc import ledger
 from hpc.cli import compose_config
 from hpc.launcher import print_arrays
-from hpc.plan import arrays_for, make_plan
+from hpc.arrays import arrays_for
+from hpc.plan import make_plan
 from hpc.schema import check_launch
 from hpc.sweep import Run, expand, sweep_dir, write_plan
 from tests.helpers.fake_slurm import install as install_fake_slurm

@@ -24,9 +24,11 @@ from typing import Any
 
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DATASETS
-from hpc.plan import Plan, RunState
+from dhm.core.fsutil import atomic_write_text
+from hpc import stages
+from hpc.plan import Plan
 from hpc.schema import parse_time_minutes, ranks_per_node
-from hpc.status import _units
+from hpc.state import RunState, _units
 from hpc.sweep import Run, sweep_dir
 
 KEY_FIELDS = (
@@ -186,53 +188,14 @@ def check_budget(cfg: Any, est: dict[str, Any]) -> None:
 
 
 def calibrate(cfg: Any, runs: list[Run], steps: int = 5, warmup: int = 2) -> Path:
-    """Time a few training steps of each distinct model of the sweep in this process; write
-    ``calibration.json`` (images per second, the device)."""
-    import torch
-
-    from dhm.training.train import make_optimizer, model_for, training_loss
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out: dict[str, Any] = {}
-    for run in runs:
-        key = model_key(run)
-        if key in out:
-            continue
-        model = model_for(run.cfg).to(device).train()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], run.cfg.train)
-        b = run.cfg.train.batch_size
-        x = torch.rand(b, 3, 32, 32, device=device)
-        y = torch.randint(0, 8, (b,), device=device)
-        for i in range(warmup + steps):
-            if i == warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            loss, _ = training_loss(
-                model(x, k=run.cfg.model.importance_num), y, run.cfg.model, model
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[key] = {"images_per_s": steps * b / (time.perf_counter() - start), "device": name}
-        if device.type == "cuda":
-            out[key]["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            out[key]["device_mem_mb"] = (
-                torch.cuda.get_device_properties(device).total_memory / 2**20
-            )
-            torch.cuda.reset_peak_memory_stats(device)
-        print(f"calibrated {key}: {out[key]['images_per_s']:.1f} images/s on {name}")
+    """Time a few training steps of each distinct model of the sweep in this process
+    (``hpc.stages.calibrate_models``); write ``calibration.json`` (images per second, the
+    device, and on a GPU the peak memory that ``runs_per_task=auto`` packs by)."""
+    distinct = {model_key(run): run.cfg for run in reversed(runs)}
+    out = stages.calibrate_models(dict(reversed(distinct.items())), steps, warmup)
     path = calibration_path(cfg)
-    from dhm.core.fsutil import atomic_write_text
-
-    atomic_write_text(
-        path, json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "models": out}, indent=1)
-    )
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_text(path, json.dumps({"created": created, "models": out}, indent=1))
     return path
 
 

@@ -30,11 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from dhm.core.config import ConfigError
 from dhm.core.datasets import check_files
-from dhm.core.layout import estimates_of
-from hpc import costs, ledger, slurm
-from hpc.plan import Plan, arrays_for, make_plan, move_aside
+from dhm.core.layout import IncompleteSweepError, estimates_of, eval_sets
+from dhm.report.page import write_report
+from hpc import costs, ledger, slurm, stages
+from hpc.arrays import arrays_for
+from hpc.plan import Plan, make_plan, move_aside
 from hpc.schema import ClusterConfig, check_batch_split, check_launch
-from hpc.status import detail_lines, run_reports, status_lines
+from hpc.state import run_reports
+from hpc.status import detail_lines, status_lines
 from hpc.sweep import (
     Run,
     check_plan_unchanged,
@@ -75,8 +78,6 @@ def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], di
 def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
     """What a compute node would refuse, refused here: warm starts, dataset files, resources,
     an unwritable root."""
-    from dhm.core.layout import eval_sets  # not dhm.evaluation.results: that imports h5py (~0.25 s)
-
     seen: set[tuple[str, str, bool]] = set()
     for run in runs:
         d = run.cfg.data
@@ -88,11 +89,8 @@ def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None
                 if not (d.download and not Path(d.root).exists()):
                     check_files(name, d.root, train)
     warm = {run.cfg.model.warm_start: run for run in runs if run.cfg.model.warm_start}
-    if warm:
-        from dhm.training.train import apply_warm_start, model_for
-
-        for path, run in warm.items():
-            apply_warm_start(model_for(run.cfg), path)  # loads, and checks that it fits
+    for path, run in warm.items():
+        stages.check_warm_start(run.cfg, path)  # loads it (torch), and checks that it fits
     root = Path(cfg.root).expanduser().resolve()
     probe = root
     while not probe.exists():
@@ -100,8 +98,8 @@ def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"root={cfg.root}: {probe} is not writable by this user")
     if info is not None:
-        stages = {s: slurm.stage_resources(cfg, s) for s in ("train", "eval", "aggregate")}
-        slurm.check_resources(cfg, info, stages)
+        resources = {s: slurm.stage_resources(cfg, s) for s in ("train", "eval", "aggregate")}
+        slurm.check_resources(cfg, info, resources)
 
 
 def _check_resume_points(plan: Plan) -> None:
@@ -193,13 +191,10 @@ def _move_stale(plan: Plan) -> None:
 
 def run_local(cfg: Any, plan: Plan) -> int:
     """The same stages, one after another, in this process (GPU if there is one, else CPU)."""
-    from dhm.summary.aggregate import IncompleteSweepError, aggregate
-    from hpc.stages import EvalStage, TrainStage
-
     failed: dict[str, str] = {}
     for run, _ in plan.train:
         try:
-            TrainStage()(run.yaml)
+            stages.TrainStage()(run.yaml)
         except Exception as err:  # one failed run must not stop the others
             failed[run.run_id] = f"training failed: {type(err).__name__}: {err}"
             print(f"train {run.run_id} failed: {type(err).__name__}: {err}", file=sys.stderr)
@@ -211,23 +206,35 @@ def run_local(cfg: Any, plan: Plan) -> int:
         if run.run_id in failed:
             continue
         try:
-            EvalStage()(run.yaml, set_name, role)
+            stages.EvalStage()(run.yaml, set_name, role)
         except Exception as err:
             failed[run.run_id] = f"eval {set_name} failed: {type(err).__name__}: {err}"
             print(f"eval {set_name} of {run.run_id} failed: {err}", file=sys.stderr)
     if plan.aggregate:
-        try:
-            report = aggregate(
-                sweep_dir(cfg),
-                allow_partial=cfg.allow_partial,
-                reasons=failed,
-                replace_fewer=cfg.replace_summary,
-            )
-            print(f"summary: {report.summary_dir} (report: {report.summary_dir / 'report.html'})")
-        except IncompleteSweepError as err:
-            print(f"aggregate: {err}", file=sys.stderr)
+        reasons, states = run_reports(cfg, query=False)
+        if _aggregate(cfg, {**reasons, **failed}, states) != 0:
             return 1
     return 1 if failed else 0
+
+
+def _aggregate(cfg: Any, reasons: dict[str, str], states: dict[str, dict],
+               runs: list[Run] | None = None, out: Path | None = None) -> int:  # fmt: skip
+    """The aggregate stage in this process; 1 when runs are incomplete (unless allowed)."""
+    try:
+        summary = stages.AggregateStage()(
+            str(sweep_dir(cfg)),
+            cfg.allow_partial,
+            cfg.replace_summary,
+            reasons=reasons,
+            states=states,
+            run_ids=None if runs is None else [r.run_id for r in runs],
+            summary_dir=out,
+        )
+    except IncompleteSweepError as err:
+        print(f"aggregate: {err}", file=sys.stderr)
+        return 1
+    print(f"summary: {summary} (report: {Path(summary) / 'report.html'})")
+    return 0
 
 
 def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
@@ -237,6 +244,7 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
     costs.refuse_if_over_limits(cfg, info, tasks)
     slurm.test_only(cfg, _slurm_folder(cfg), specs)
     print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")
+    plan.facts.save()  # every check passed: what was read inside files is kept
     if specs:
         print(f"sbatch --test-only accepted all {len(specs)} array(s)")
     if cfg.mode == "dry_run" or not specs:
@@ -303,35 +311,15 @@ def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
         lines, states = status_lines(cfg, runs, query, estimates_of(stored))
         print("\n".join(lines))
         if whole and sweep_dir(cfg).exists():
-            from dhm.report.page import write_report
-
             path = write_report(sweep_dir(cfg), states=states, plan=stored)
             print(f"report: {path}")
         return 0
     reasons, states = run_reports(cfg, runs, query)
     if cfg.mode == "report":
-        from dhm.report.page import write_report
-
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
         return 0
-    from dhm.summary.aggregate import IncompleteSweepError, aggregate
-
-    out = None if whole else _selection_dir(cfg, runs)
-    try:
-        report = aggregate(
-            sweep_dir(cfg),
-            allow_partial=cfg.allow_partial,
-            reasons=reasons,
-            states=states,
-            run_ids=None if whole else [r.run_id for r in runs],
-            summary_dir=out,
-            replace_fewer=cfg.replace_summary,
-        )
-    except IncompleteSweepError as err:
-        print(f"aggregate: {err}", file=sys.stderr)
-        return 1
-    print(f"summary: {report.summary_dir} (report: {report.summary_dir / 'report.html'})")
-    return 0
+    return _aggregate(cfg, reasons, states, None if whole else runs,
+                      None if whole else _selection_dir(cfg, runs))  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -358,7 +346,7 @@ def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
     if cfg.mode in STORED_MODES:
         return stored_mode(cfg, argv)
     if cfg.mode == "calibrate":
-        runs, selected = _expanded(cfg)
+        _, selected = _expanded(cfg)
         print(f"calibration: {costs.calibrate(cfg, selected)}")
         return 0
     with gc_paused():
@@ -407,6 +395,7 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         estimates = est["per_run"]
     if on_slurm:
         return _submit(cfg, plan, runs, info, estimates), cfg, plan
+    plan.facts.save()
     if cfg.mode == "dry_run":
         return 0, cfg, plan
     _move_stale(plan)

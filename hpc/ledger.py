@@ -413,7 +413,9 @@ def _why(a: Attempt, rec: SlurmRecord, pending: str | None, folder: Path) -> str
     if a.oom:
         return f"out of memory (asked for {a.req_mem or 'the default'})"
     if a.state == "PENDING":
-        return f"pending: {pending or rec.reason or 'waiting'}"
+        # Slurm says "None" until the scheduler has looked at the job
+        said = next((r for r in (pending, rec.reason) if r and r != "None"), None)
+        return f"pending: {said or 'not yet considered by the scheduler'}"
     if a.state in ("RUNNING", "COMPLETING", "SUBMITTED", "CONFIGURING"):
         return a.state.lower()
     if a.state == "COMPLETED":

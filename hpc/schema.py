@@ -202,6 +202,12 @@ def check_cluster(c: Any) -> None:
             f"cluster.signal_delay_s={c.signal_delay_s} is not allowed: it must be shorter than "
             f"the train time limit cluster.time={c.time}"
         )
+    _check_cluster_text(c)
+
+
+def _check_cluster_text(c: Any) -> None:
+    """The cluster profile's text that reaches an sbatch line or a job script: sbatch-safe
+    characters, parseable memory sizes, one command per setup line; ConfigError names the key."""
     sbatch_chars = "letters, digits and _ . , : = + @ % / - [ ] only (it goes into an sbatch line)"
     for key in (
         "partition",

@@ -11,6 +11,7 @@ arrays this launch already submitted are cancelled and the ledger says so.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import re
 import shutil
@@ -21,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import submitit
 from omegaconf import OmegaConf
+from submitit.slurm.slurm import _make_sbatch_string  # the script submitit writes
 
 from dhm.core.config import ConfigError
 from hpc import ledger
@@ -84,8 +87,6 @@ class AskedCluster:
         self.sbatch = shutil.which("sbatch") is not None
         if not self.sbatch:
             return
-        import getpass
-
         self.partitions = Started(["sinfo", "-h", "-o", "%P|%l"], "reading partitions")
         self.nodes = Started(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], "reading nodes")
         self.config = Started(["scontrol", "show", "config"], "reading the Slurm config")
@@ -340,8 +341,6 @@ SUBMITIT_MAX_TIMEOUTS = 10_000
 
 
 def make_executor(cfg: Any, folder: Path, params: dict[str, Any]) -> Any:
-    import submitit
-
     executor = submitit.SlurmExecutor(
         folder=folder, max_num_timeout=SUBMITIT_MAX_TIMEOUTS, python=cfg.cluster.python
     )
@@ -351,8 +350,6 @@ def make_executor(cfg: Any, folder: Path, params: dict[str, Any]) -> Any:
 
 def render_script(cfg: Any, folder: Path, params: dict[str, Any], n_tasks: int) -> str:
     """The sbatch script submitit would write for this array (dry runs, --test-only)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     python = cfg.cluster.python or sys.executable
     command = f"{python} -u -m submitit.core._submit {folder}"
     extra = {"map_count": n_tasks} if n_tasks > 1 else {}

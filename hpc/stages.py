@@ -43,6 +43,7 @@ from dhm.core.config import from_yaml
 from dhm.core.fsutil import atomic_write_text
 from dhm.core.layout import ATTEMPTS_LOG
 from hpc.distributed import export_torch_env, master_port
+from hpc.state import run_reports
 
 SLURM_KEYS = (
     "SLURM_JOB_ID",
@@ -417,13 +418,17 @@ class AggregateStage:
         allow_partial: bool,
         replace_summary: bool = False,
         launch: dict[str, Any] | None = None,
+        reasons: dict[str, str] | None = None,
+        states: dict[str, dict] | None = None,
+        run_ids: list[str] | None = None,
+        summary_dir: str | Path | None = None,
     ) -> str:
+        """Aggregate into ``summary_dir`` (default ``<sweep>/summary``); ``launch``: the launch
+        config, whose ledger gives the reasons and states (on a node); else ``reasons`` and
+        ``states`` as given (in this process). Returns the summary folder."""
         from dhm.summary.aggregate import aggregate
 
-        reasons, states = {}, {}
         if launch is not None:
-            from hpc.status import run_reports
-
             reasons, states = run_reports(launch)
         report = aggregate(
             sweep_dir,
@@ -431,5 +436,54 @@ class AggregateStage:
             reasons=reasons,
             states=states,
             replace_fewer=replace_summary,
+            run_ids=run_ids,
+            summary_dir=summary_dir,
         )
         return str(report.summary_dir)
+
+
+def calibrate_models(models: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
+    """{key: images/s, device (and on CUDA peak and total memory, MB)} of ``steps`` training
+    steps (after ``warmup``) of each run config in ``models``, on this process's device."""
+    import torch
+
+    from dhm.training.train import make_optimizer, model_for, training_loss
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    out: dict[str, Any] = {}
+    for key, cfg in models.items():
+        model = model_for(cfg).to(device).train()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+        b = cfg.train.batch_size
+        x = torch.rand(b, 3, 32, 32, device=device)
+        y = torch.randint(0, 8, (b,), device=device)
+        for i in range(warmup + steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            loss, _ = training_loss(model(x, k=cfg.model.importance_num), y, cfg.model, model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        out[key] = {"images_per_s": steps * b / (time.perf_counter() - start), "device": name}
+        if cuda:
+            out[key]["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            props = torch.cuda.get_device_properties(device)
+            out[key]["device_mem_mb"] = props.total_memory / 2**20
+        print(f"calibrated {key}: {out[key]['images_per_s']:.1f} images/s on {name}")
+    return out
+
+
+def check_warm_start(cfg: Any, path: str) -> None:
+    """Load the warm-start checkpoint ``path`` into the model of run config ``cfg``
+    (CheckpointError or ConfigError names the file when it does not fit)."""
+    from dhm.training.train import apply_warm_start, model_for
+
+    apply_warm_start(model_for(cfg), path)

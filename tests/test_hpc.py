@@ -11,7 +11,8 @@ from dhm.core.config import ConfigError
 from hpc import schema, slurm
 from hpc.cli import compose_config
 from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
-from hpc.plan import arrays_for, make_plan
+from hpc.arrays import arrays_for
+from hpc.plan import make_plan
 from hpc.sweep import expand, grid_points, run_id_of
 
 
@@ -760,7 +761,7 @@ def test_attempts_read_sacct_and_squeue_started_as_processes(tmp_path, monkeypat
     # The Slurm commands themselves (the test's fake ones, printing real sacct -P and squeue
     # text): sacct's states per task and attempt, squeue's reason for the pending tasks.
     from hpc import ledger
-    from hpc.plan import run_states
+    from hpc.state import run_states
     from tests.helpers.fake_slurm import install
 
     bin_dir = tmp_path / "bin"
@@ -896,7 +897,7 @@ def test_a_checkpoints_verdict_is_kept_until_the_file_changes(tmp_path, monkeypa
 
 
 def test_progress_reads_the_last_row_with_a_loss_from_the_end_of_metrics_csv(tmp_path):
-    from hpc.status import progress
+    from hpc.state import progress
 
     logs = tmp_path / "logs"
     logs.mkdir()

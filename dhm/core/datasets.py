@@ -7,9 +7,11 @@ with this module alone; ``dhm.data.loaders`` loads the pixels.
 
 from __future__ import annotations
 
-import pickle
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -124,26 +126,60 @@ class DataError(ValueError):
     """A dataset is unknown, missing or unreadable; the message names the file and the fix."""
 
 
-def _parses(path: Path, name: str) -> bool:
-    try:
-        if name == "svhn":
-            import scipy.io
+_MAT_HEADER = 128  # MATLAB 5.0 MAT-file: text header, then tagged data elements
+_MAT_TAG = struct.Struct("<II")  # (data type, bytes) of a data element, little-endian
 
-            mat = scipy.io.loadmat(path)
-            return mat["X"].ndim == 4 and mat["X"].shape[:3] == (32, 32, 3)
+
+def _pickle_whole(f: BinaryIO, size: int) -> bool:
+    """A pickle (protocol 2 and up, as CIFAR's batches are) of a dict whose last two bytes are
+    SETITEMS/SETITEM and STOP: a file cut short ends there by chance once in 2^16."""
+    head = f.read(2)
+    f.seek(size - 2)
+    return head[:1] == b"\x80" and 2 <= head[1] <= 5 and f.read(2) in (b"u.", b"s.")
+
+
+def _mat_whole(f: BinaryIO, size: int) -> bool:
+    """A MATLAB 5.0 MAT-file (SVHN's, as scipy.io.savemat writes too) whose top-level data
+    elements' tags add up to the file's size (at least two: X and y); only the tags are read."""
+    header = f.read(_MAT_HEADER)
+    if not header.startswith(b"MATLAB 5.0 MAT-file") or header[126:128] != b"IM":
+        return False  # not a MAT-file, or big-endian (neither torchvision's nor scipy's)
+    pos, elements = _MAT_HEADER, 0
+    while pos < size:
+        elements += 1
+        f.seek(pos)
+        tag = f.read(_MAT_TAG.size)
+        if len(tag) < _MAT_TAG.size:
+            return False
+        dtype, nbytes = _MAT_TAG.unpack(tag)
+        if dtype >> 16:  # small data element: type, size and data in these 8 bytes
+            pos += _MAT_TAG.size
+            continue
+        pos += _MAT_TAG.size + nbytes
+        if dtype != 15:  # elements other than miCOMPRESSED are padded to 8 bytes
+            pos += -nbytes % 8
+    return pos == size and elements >= 2  # SVHN's X and y
+
+
+def _whole(path: Path, name: str) -> bool:
+    """Whether a dataset file has its format's header and is not cut short: a few bytes read,
+    whatever its size (the full parse, and torchvision's md5, run where the set is loaded)."""
+    try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-        return isinstance(obj, dict)
-    except Exception:
+            size = os.fstat(f.fileno()).st_size
+            if size < 4:
+                return False
+            return (_mat_whole if name == "svhn" else _pickle_whole)(f, size)
+    except OSError:
         return False
 
 
 def file_problem(name: str, root: str | Path, train: bool) -> str | None:
     """What is wrong with the files of file-based set ``name`` under ``root`` (None: nothing).
 
-    Looks for every file torchvision reads and parses each one (pickle, .mat): a missing
-    folder, a missing file and a truncated or corrupt file are each named. Not torchvision's
-    md5 check, which the real load still does.
+    Looks for every file torchvision reads and checks each one's header and length (pickle,
+    .mat): a missing folder, a missing file and a truncated or corrupt file are each named. Not
+    torchvision's md5 check, which the real load still does.
     """
     spec = FILE_SPECS[name]
     root = Path(root).expanduser()
@@ -153,7 +189,7 @@ def file_problem(name: str, root: str | Path, train: bool) -> str | None:
         return f"folder {folder}/ does not exist"
     if missing := [str(folder / f) for f in files if not (folder / f).is_file()]:
         return "missing file(s) " + ", ".join(missing)
-    if bad := [str(folder / f) for f in files if not _parses(folder / f, name)]:
+    if bad := [str(folder / f) for f in files if not _whole(folder / f, name)]:
         return "truncated or corrupt file(s) " + ", ".join(bad)
     return None
 

@@ -35,6 +35,20 @@ METRICS_LOG, ATTEMPTS_LOG = "metrics.csv", "train_attempts.jsonl"
 _SHARD_RE = re.compile(r"^(?P<set>.+)__(?P<start>\d{7})-(?P<stop>\d{7})\.h5$")
 
 
+class IncompleteSweepError(RuntimeError):
+    """Some runs are missing, corrupt or incompletely evaluated; the message lists each with
+    its reason. Raised after the summary is written; ``report`` holds the aggregation's
+    report (``dhm.summary.aggregate.AggregateReport``)."""
+
+    def __init__(self, message: str, report: Any):
+        super().__init__(message)
+        self.report = report
+
+
+class SummaryKeptError(RuntimeError):
+    """The existing summary has more complete runs than this aggregation: it was kept."""
+
+
 def shard_name(set_name: str, start: int, stop: int) -> str:
     return f"{set_name}__{start:07d}-{stop:07d}.h5"
 

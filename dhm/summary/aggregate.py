@@ -33,7 +33,13 @@ import yaml
 
 from dhm.core.config import RunConfig
 from dhm.core.fsutil import atomic_write_text
-from dhm.core.layout import MANIFEST, plan_estimates, summary_ok_count
+from dhm.core.layout import (  # noqa: F401 - the errors are part of this module's API
+    MANIFEST,
+    IncompleteSweepError,
+    SummaryKeptError,
+    plan_estimates,
+    summary_ok_count,
+)
 from dhm.core.layout import summary_complete as summary_complete  # re-exported
 from dhm.evaluation import results
 from dhm.report.data import write_report_data
@@ -73,21 +79,6 @@ _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
 _SHARD_ATTRS = ("num_dims", "model", "likelihood_space", "pixel_levels")
-
-
-class IncompleteSweepError(RuntimeError):
-    """Some runs are missing or corrupt; the message lists each with its reason.
-
-    Raised after the summary is written; ``report`` holds the :class:`AggregateReport`.
-    """
-
-    def __init__(self, message: str, report: AggregateReport):
-        super().__init__(message)
-        self.report = report
-
-
-class SummaryKeptError(RuntimeError):
-    """The existing summary has more complete runs than this aggregation: it was kept."""
 
 
 @dataclass
