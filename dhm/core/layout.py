@@ -57,7 +57,7 @@ def eval_sets(cfg: Any) -> list[tuple[str, str]]:
     """(set name, role) pairs of a run: its test set, its validation split (models with a
     classifier, for temperature scaling), then the OOD sets."""
     return list(
-        _eval_sets(
+        sets_for(
             cfg.model.name,
             cfg.data.name,
             tuple(cfg.eval.ood_sets or ()),
@@ -67,9 +67,10 @@ def eval_sets(cfg: Any) -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=256)  # a 1,000-run sweep asks for a handful of distinct answers
-def _eval_sets(
+def sets_for(
     model: str, data: str, eval_ood: tuple[str, ...], data_ood: tuple[str, ...]
 ) -> tuple[tuple[str, str], ...]:
+    """``eval_sets`` from the settings it depends on (model and data names, the OOD lists)."""
 
     ood = eval_ood or data_ood or DATASETS[data].ood_sets
     sets = [(data, "id")]
@@ -233,8 +234,9 @@ def summary_ok_count(summary_dir: Path) -> int | None:
 
 
 def summary_complete(sweep_dir: str | Path, run_ids: list[str] | None = None) -> tuple[bool, str]:
-    """(done, why not): a summary is done when its manifest lists files that all exist and it
-    is newer than every shard of the sweep (of ``run_ids``, if given)."""
+    """(up to date, in words): a summary is up to date when its manifest lists files that all
+    exist and it is newer than every shard of the sweep (of ``run_ids``, if given). The words
+    say "complete" only when every run of it is ok; else "partial (k of n runs ok)"."""
     summary = Path(sweep_dir) / "summary"
     try:
         manifest = json.loads((summary / MANIFEST).read_text())
@@ -246,4 +248,7 @@ def summary_complete(sweep_dir: str | Path, run_ids: list[str] | None = None) ->
         return False, f"summary incomplete ({len(missing)} file(s) missing, e.g. {missing[0]})"
     if newest_shard_mtime(Path(sweep_dir), run_ids) > stamp:
         return False, "summary older than the newest evaluation shard"
+    ok, runs = manifest.get("ok"), manifest.get("runs")
+    if not manifest.get("complete", ok == runs):  # manifests before "complete": ok == runs
+        return True, f"summary partial ({ok} of {runs} runs ok)"
     return True, "summary complete"

@@ -32,12 +32,14 @@ import numpy as np
 import yaml
 
 from dhm.core.config import RunConfig
+from dhm.core.datasets import DATASETS
 from dhm.core.fsutil import atomic_write_text
 from dhm.core.layout import (  # noqa: F401 - the errors are part of this module's API
     MANIFEST,
     IncompleteSweepError,
     SummaryKeptError,
     plan_estimates,
+    sets_for,
     summary_ok_count,
 )
 from dhm.core.layout import summary_complete as summary_complete  # re-exported
@@ -414,7 +416,21 @@ def summarize_run(
     run.cell = json.dumps(
         {k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, default=str
     )
+    if sets:
+        _check_expected_sets(run, config())
     return run
+
+
+def _check_expected_sets(run: RunSummary, cfg: dict) -> None:
+    """A run lacking a set its own config evaluates is incomplete (status missing), even when
+    no other run has that set either (every run's OOD evaluation cancelled, say)."""
+    model, data = _lookup(cfg, "model.name"), _lookup(cfg, "data.name")
+    if not cfg or model is None or data not in DATASETS:
+        return
+    ood = (tuple(_lookup(cfg, "eval.ood_sets") or ()), tuple(_lookup(cfg, "data.ood_sets") or ()))
+    for name, role in sets_for(str(model), str(data), *ood):
+        if name not in run.sets:
+            run.fail("missing", f"no eval shards for set {name} (its {role} set)")
 
 
 def _setting_columns(swept_keys: list[str] | None) -> list[tuple[str, str]]:
@@ -438,7 +454,10 @@ def _check_sets(runs: list[RunSummary]) -> None:
         for name in sorted(have.get(run.id_set or "", set()) - run.sets):
             if name.endswith("-val") and run.values.get("model") == "vae":
                 continue  # a validation set is evaluated for temperature scaling: classifiers only
-            run.fail("missing", f"no eval shards for set {name} (other {run.id_set} runs have it)")
+            if not any(f"for set {name} " in reason for reason in run.reasons):
+                run.fail(
+                    "missing", f"no eval shards for set {name} (other {run.id_set} runs have it)"
+                )
 
 
 def discover(sweep_dir: Path) -> tuple[list[str] | None, list[tuple[str, dict]], int]:
@@ -680,12 +699,13 @@ def _write_plots(summary: Path, m: _Measured, max_plot_runs: int) -> list[str]:
 
 
 def _finish(summary: Path, m: _Measured, files: list[str], allow_partial: bool) -> AggregateReport:
-    """Write the manifest (the summary is complete); raise IncompleteSweepError when a run has
-    a problem, unless ``allow_partial``."""
+    """Write the manifest (the summary's files are all written; ``complete`` only when every
+    run is ok); raise IncompleteSweepError when a run has a problem, unless ``allow_partial``."""
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "runs": len(m.rows),
         "ok": m.n_ok,
+        "complete": not m.problems and m.n_ok == len(m.rows),
         "files": files,
     }
     atomic_write_text(summary / MANIFEST, json.dumps(manifest, indent=1))

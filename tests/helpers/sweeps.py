@@ -67,10 +67,12 @@ def write_run(
     cfg = run_config(
         **{"run_dir": str(run_dir), "model.name": model, "model.alpha": alpha, "model.beta": beta}
     )
+    sets = sets or make_arrays(seed, model)
+    # the config names the OOD sets the run has (aggregation checks a run against its config)
+    cfg.eval.ood_sets = [name for name in sets if ROLE[name] == "ood"]
     (run_dir / "logs").mkdir(parents=True)
     config_yaml = to_yaml(cfg)
     (run_dir / "config.yaml").write_text(config_yaml)
-    sets = sets or make_arrays(seed, model)
     for set_name, arrays in sets.items():
         n = len(arrays["indices"])
         bounds = np.linspace(0, n, shards + 1).astype(int)
