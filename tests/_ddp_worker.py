@@ -14,7 +14,7 @@ if os.environ.get("DHM_TEST_FLOAT64"):
     torch.set_default_dtype(torch.float64)  # the whole run in float64, through the same code
 
 from dhm.training.train import run_training
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
 run_dir, overrides, out_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 path, model = run_training(small_config(run_dir, **overrides))

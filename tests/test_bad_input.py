@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.datasets import write_cifar10
 from tests.helpers.fake_slurm import install as install_fake_slurm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,13 +215,9 @@ def test_bad_input_is_refused(fake_slurm, tmp_path, name, args, status, message)
     refused(fake_slurm, tmp_path / "root", [*args, *mode], status, message)
 
 
-def test_the_cases_cover_at_least_thirty_inputs():
-    assert len(CASES) + len(FILE_CASES) >= 30
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny sweep trained, evaluated and aggregated once (cluster=local)."""
+    """A tiny sweep trained, evaluated and aggregated once (cluster=local): its tests are slow."""
     root = tmp_path_factory.mktemp("trained")
     out = subprocess.run(
         [sys.executable, str(REPO / "launch.py"), *TINY, f"root={root}"],
@@ -253,17 +250,7 @@ def _vae_checkpoint(path: Path) -> None:
     torch.save({"model": {}, "config_yaml": to_yaml(cfg)}, path)
 
 
-FILE_CASES = [
-    "truncated resume checkpoint",
-    "truncated warm start",
-    "warm start of a vae",
-    "truncated shard then aggregate",
-    "foreign shard then aggregate",
-    "truncated dataset file",
-    "missing data folder in dry_run",
-]
-
-
+@pytest.mark.slow
 def test_a_truncated_resume_checkpoint_is_named_with_the_way_out(fake_slurm, trained, tmp_path):
     root, run_dir = _copy(trained, tmp_path)
     (run_dir / "checkpoints" / "final.pt").unlink()
@@ -299,6 +286,7 @@ def test_warm_starts_that_do_not_load_or_do_not_fit_are_refused(fake_slurm, tmp_
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "foreign"])
 def test_a_bad_shard_never_replaces_a_good_summary(fake_slurm, trained, tmp_path, kind):
     import h5py
@@ -315,8 +303,6 @@ def test_a_bad_shard_never_replaces_a_good_summary(fake_slurm, trained, tmp_path
 
 
 def test_dataset_files_are_looked_for_and_read_at_launch(fake_slurm, tmp_path):
-    from tests.test_data import write_cifar10
-
     data = tmp_path / "data"
     write_cifar10(data)
     batch = data / "cifar-10-batches-py" / "data_batch_3"
@@ -372,6 +358,7 @@ def test_an_unwritable_root_is_refused_before_anything(fake_slurm, tmpfs):
     refused(fake_slurm, root, TINY, 2, "is not writable by this user")
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_with_a_clear_error_and_no_partial_file(tmpfs):
     root = tmpfs("full", "size=150k")
     out = subprocess.run(

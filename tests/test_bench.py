@@ -94,9 +94,13 @@ def test_launcher_counts_sbatch_calls(report):
     }  # fmt: skip
     # ... against one script per run for training and per run and set for evaluation.
     assert summary["sbatch_calls_one_script_per_run_and_stage"] == 100
-    # The command line ran (dry run and status through launch.py, against import hydra).
-    assert _positive(summary["cli_dry_run_over_import_hydra"])
-    assert _positive(summary["cli_status_over_import_hydra"])
+    # The command line ran (dry run and status through launch.py, in flight too), and each
+    # speed layer was measured by taking it out.
+    for key in ("dry_run_s", "status_s", "status_in_flight_s", "relaunch_dry_run_in_flight_s"):
+        assert _positive(summary[key])
+    assert set(summary["speed_layers"]) == {"no gc pause", "no file facts", "zipfile reader"}
+    for layer in summary["speed_layers"].values():
+        assert _positive(layer["status_s_without"]) and _positive(layer["relaunch_s_without"])
 
 
 def test_aggregate_reads_every_run(report):

@@ -4,18 +4,16 @@ loaders."""
 from __future__ import annotations
 
 import os
-import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.svhn as tv_svhn
 import torchvision.transforms.v2.functional as TF
 
 from dhm.data import loaders as D
+from tests.helpers.datasets import indexed_set, write_cifar10, write_pickle, write_svhn
 
 
 @pytest.fixture
@@ -31,45 +29,6 @@ def no_md5(monkeypatch):
 
     monkeypatch.setattr(tv_cifar, "check_integrity", exists)
     monkeypatch.setattr(tv_svhn, "check_integrity", exists)
-
-
-def _pickle(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0):
-    """CIFAR-10 python layout; returns expected (train, test) as CHW uint8 + labels.
-
-    Keys are str: the real Python-2 pickles decode to str keys under encoding="latin1".
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    out = {}
-    train_names = [f"data_batch_{i}" for i in range(1, 6)]
-    for split, names, n in [("train", train_names, per_batch), ("test", ["test_batch"], n_test)]:
-        xs, ys = [], []
-        for name in names:
-            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-            y = rng.integers(0, 10, n).tolist()
-            _pickle(folder / name, {"data": x, "labels": y, "batch_label": name})
-            xs.append(x)
-            ys += y
-        out[split] = (np.concatenate(xs).reshape(-1, 3, 32, 32), np.array(ys))
-    _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    return out["train"], out["test"]
-
-
-def write_svhn(root: Path, split: str, n: int, seed: int = 0):
-    """SVHN .mat: X [32,32,3,N] uint8, y [N,1] in 1..10 (10 = digit 0). Returns CHW + labels."""
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-    y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
-    y[0, 0] = 10
-    root.mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
-    return x.transpose(3, 2, 0, 1), np.where(y[:, 0] == 10, 0, y[:, 0])
 
 
 def _row_ids(images: torch.Tensor, reference: np.ndarray) -> list[int]:
@@ -110,10 +69,10 @@ def test_cifar100_ood_fine_labels(tmp_path, no_md5):
     for name, n in [("train", 5), ("test", 7)]:
         x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         fine, coarse = rng.integers(0, 100, n).tolist(), rng.integers(0, 20, n).tolist()
-        _pickle(folder / name, {"data": x, "fine_labels": fine, "coarse_labels": coarse})
+        write_pickle(folder / name, {"data": x, "fine_labels": fine, "coarse_labels": coarse})
         sets[name] = (x.reshape(-1, 3, 32, 32), np.array(fine))
     meta = {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": ["c"] * 20}
-    _pickle(folder / "meta", meta)
+    write_pickle(folder / "meta", meta)
     ood = D.load_ood("cifar100", tmp_path)
     assert np.array_equal(ood.images.numpy(), sets["test"][0])
     assert np.array_equal(ood.labels.numpy(), sets["test"][1])
@@ -241,19 +200,12 @@ def test_the_near_ood_set_is_not_separated_by_trivial_image_statistics():
     assert _auroc(spread(test).numpy(), spread(far).numpy()) > 0.99
 
 
-def _indexed(n: int = 53, seed: int = 0) -> D.ImageSet:
-    """Random images whose label is their own index, so y reveals which samples a batch holds."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    return D.ImageSet("t", images, torch.arange(n))
-
-
 def _all(loader: D.DeviceLoader, epoch: int, start: int = 0):
     return list(loader.epoch(epoch, start_batch=start))
 
 
 def test_loader_order_is_function_of_seed_and_epoch():
-    data = _indexed()
+    data = indexed_set()
     a = D.DeviceLoader(data, 8, device="cpu", seed=3, augment=True)
     b = D.DeviceLoader(data, 8, device="cpu", seed=3, augment=True)
     assert len(a) == 6
@@ -275,7 +227,7 @@ def test_loader_order_is_function_of_seed_and_epoch():
 
 
 def test_loader_resume_mid_epoch():
-    loader = D.DeviceLoader(_indexed(), 8, device="cpu", seed=1, augment=True)
+    loader = D.DeviceLoader(indexed_set(), 8, device="cpu", seed=1, augment=True)
     full = _all(loader, 4)
     for k in (0, 2, 6):
         part = _all(loader, 4, k)
@@ -289,7 +241,7 @@ def test_loader_resume_mid_epoch():
 
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_ranks_reassemble_single_process_batch(drop_last):
-    data = _indexed(51)
+    data = indexed_set(51)
     kw = dict(device="cpu", seed=9, augment=True, drop_last=drop_last)
     single = _all(D.DeviceLoader(data, 12, **kw), 1)
     ranks = [_all(D.DeviceLoader(data, 12, rank=r, world_size=3, **kw), 1) for r in range(3)]
@@ -303,7 +255,7 @@ def test_ranks_reassemble_single_process_batch(drop_last):
 
 
 def test_crop_flip_matches_torchvision():
-    data = _indexed(6)
+    data = indexed_set(6)
     offsets = torch.tensor([[0, 0], [8, 8], [0, 8], [3, 5], [8, 0], [4, 4]])
     flips = torch.tensor([False, True, True, False, True, False])
     out = D.crop_flip(data.images, offsets, flips)
@@ -341,7 +293,7 @@ def test_crop_windows_equal_crop_flip_for_every_offset_and_flip(padding):
 
 
 def test_loader_augmentation_wiring_and_plain_pixels():
-    data = _indexed()
+    data = indexed_set()
     plain = D.DeviceLoader(data, 8, device="cpu", seed=5, augment=False)
     aug = D.DeviceLoader(data, 8, device="cpu", seed=5, augment=True)
     for b, ((xp, yp), (xa, ya)) in enumerate(zip(_all(plain, 2), _all(aug, 2), strict=True)):
@@ -354,7 +306,7 @@ def test_loader_augmentation_wiring_and_plain_pixels():
 
 
 def test_iterate_batches_are_fixed_blocks_of_the_set():
-    data = _indexed(23)
+    data = indexed_set(23)
     batches = list(D.iterate_batches(data, 5, device="cpu", start=5, stop=23))
     idx = torch.cat([i for i, _, _ in batches])
     assert idx.equal(torch.arange(5, 23)) and [len(i) for i, _, _ in batches] == [5, 5, 5, 3]

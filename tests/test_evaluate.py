@@ -19,7 +19,7 @@ from dhm.evaluation import results
 from dhm.evaluation.attacks import fgsm_predictions
 from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, plan_shards
 from dhm.training.train import train
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
 REPO = Path(__file__).resolve().parents[1]
 

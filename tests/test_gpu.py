@@ -21,7 +21,7 @@ from dhm.data import loaders as D
 from dhm.evaluation.evaluate import evaluate_all
 from dhm.model import checkpoint as model_ckpt
 from dhm.training.train import train
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,6 +61,7 @@ def test_loader_batches_on_the_gpu_equal_the_cpu_ones():
         assert xg.is_cuda and xg.cpu().equal(xc) and yg.cpu().equal(yc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,split", [("dhm", 0), ("dhm", 3), ("resnet", 0), ("vae", 0)])
 def test_training_step_never_waits_for_the_host(kind, split):
     # The body of dhm.training.train's loop (bench.train_step.OurStep), after the epoch's one copy.
@@ -79,6 +80,7 @@ def test_training_step_never_waits_for_the_host(kind, split):
     step.close()  # reads the finiteness record: no non-finite loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_bf16_channels_last_training_and_evaluation_on_the_gpu(tmp_path, compile_model):
     cfg = small_config(

@@ -9,9 +9,9 @@ import pytest
 
 from dhm.core.config import ConfigError
 from hpc import schema, slurm
+from hpc.arrays import arrays_for
 from hpc.cli import compose_config
 from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
-from hpc.arrays import arrays_for
 from hpc.plan import make_plan
 from hpc.sweep import expand, grid_points, run_id_of
 

@@ -18,7 +18,7 @@ from dhm.core.config import ConfigError
 from dhm.data.loaders import DataError
 from dhm.model import checkpoint as model_ckpt
 from dhm.training.train import NonFiniteLossError, train
-from tests.conftest import free_port, small_config
+from tests.helpers.configs import free_port, small_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_every_model_kind_and_split_trains(small_cfg, kind, split):
 
 @pytest.mark.slow
 def test_compiled_training_on_cpu_saves_plain_weights_that_evaluate(small_cfg):
-    # train.compile=true (torch.compile; inductor on CPU, ~1.5 min here): the GPU fast path's
+    # train.compile=true (torch.compile; inductor on CPU): the GPU fast path's
     # option, on the same code path. The checkpoint holds the unwrapped module's weights.
     from dhm.evaluation.evaluate import evaluate_all
     from dhm.model.hybrid import build_model
@@ -146,6 +146,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(small
     assert not (ckpt_dir / "final.pt").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_found_at_a_log_step_names_the_step_it_happened(small_cfg):
     # The check is deferred (no host sync per step): here the first look is at the end of the
     # epoch, and the error still names step 7 and its terms; nothing is saved after it.
@@ -181,6 +182,7 @@ def _host_reads_in_dhm(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_training_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
     # On a GPU each read is a sync that stalls the queue; their number must not grow with the
     # number of steps. 19 and 38 steps, one log + checkpoint + validation (the epoch end) each.
@@ -199,9 +201,9 @@ def test_training_reads_the_device_only_at_log_and_checkpoint_steps(tmp_path, mo
 
 def test_loader_copies_to_the_device_once_per_epoch(monkeypatch):
     from dhm.data.loaders import DeviceLoader
-    from tests.test_data import _indexed
+    from tests.helpers.datasets import indexed_set
 
-    loader = DeviceLoader(_indexed(64), 8, device="cpu", seed=0, augment=True)
+    loader = DeviceLoader(indexed_set(64), 8, device="cpu", seed=0, augment=True)
     batches = loader.epoch(0)
     next(batches)  # the epoch's indices and windows are prepared here
     moves = []
@@ -217,6 +219,7 @@ def test_loader_copies_to_the_device_once_per_epoch(monkeypatch):
     assert len(rest) == 7 and moves == []
 
 
+@pytest.mark.slow
 def test_the_optimizer_steps_exactly_as_the_reference_adam(small_cfg):
     # make_optimizer's multi-tensor Adam must give the for-loop Adam's weights bit for bit
     # (the fused CPU kernel did not: see its docstring).
@@ -429,6 +432,7 @@ def test_a_stop_request_checkpoints_the_exact_position_and_resume_is_bit_identic
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_thread_count_warns(small_cfg, capsys):
     cfg = small_cfg(**{"train.epochs": 1, "train.checkpoint_every_steps": 5})
     stop = train_mod.StopRequest()
@@ -445,6 +449,7 @@ def test_resuming_with_another_thread_count_warns(small_cfg, capsys):
     assert f"written with {torch.get_num_threads() + 3}" in err and "bit-identical" in err
 
 
+@pytest.mark.slow
 def test_validation_metrics_are_logged_every_epoch(small_cfg):
     cfg = small_cfg(**{"train.epochs": 2, "train.val_max_images": 64})
     train(cfg)
@@ -505,6 +510,7 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     assert best > mean_elbo(fitted + 0.01) and best > mean_elbo(fitted - 0.01)
 
 
+@pytest.mark.slow
 def test_an_unreadable_final_checkpoint_is_set_aside_and_training_resumes(small_cfg):
     cfg = small_cfg(**{"train.epochs": 1})
     final = train(cfg)

@@ -290,65 +290,65 @@ def evaluate(
     return results.write_shard(out_path, shard.set_name, arrays, attrs)
 
 
-def _evaluate_arrays(
-    cfg: Any,
+def _likelihood_columns(
     model: DeepHybridModel,
     data: data_lib.ImageSet,
-    shard: ShardSpec,
-    device: torch.device,
+    indices: torch.Tensor,
+    x: torch.Tensor,
+    noise: _PerImage,
+    dequant: _PerImage | None,
+    ks: list[int],
+) -> dict[str, torch.Tensor]:
+    """One batch's VAE columns: ``complexity_bits`` [B] (PNG length in bits, pixel-space VAEs
+    only), then ``_bounds``' -ELBO [B] and -IWAE_k [B] (nats), ``iwae_ess`` [B] and, with a
+    classifier head, ``logits`` [B, classes] in float32. ``x`` [B, 3, H, W] is on the model's
+    device; the reconstruction target of a pixel-space VAE is the dequantized image."""
+    found: dict[str, torch.Tensor] = {}
+    target = None
+    if dequant is not None:
+        raw = data.images[indices.cpu()].to(x.device, x.dtype)
+        target = (raw + dequant(indices).to(x.device, x.dtype) - 0.5) / PIXEL_LEVELS
+        found["complexity_bits"] = torch.from_numpy(compressed_bits(data.images[indices.cpu()]))
+    for key, value in _bounds(model, x, noise(indices).transpose(0, 1), ks, target).items():
+        found[key] = value.float() if key == "logits" else value
+    return found
+
+
+def _attack_columns(
+    model: DeepHybridModel,
+    indices: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_grid: list[float],
+    e: Any,
+) -> dict[str, torch.Tensor]:
+    """One batch's predictions under attack, [B, E] for the E epsilons of ``eps_grid``:
+    ``fgsm/pred`` and, when eval.pgd_steps > 0, ``pgd/pred`` (its random start seeded by
+    (eval.seed, block), started from the FGSM predictions)."""
+    fgsm = fgsm_predictions(model.classify, x, y, eps_grid)
+    found = {"fgsm/pred": fgsm.T}
+    if e.pgd_steps:
+        block = int(indices[0]) // e.batch_size
+        pgd = pgd_predictions(
+            model.classify,
+            x,
+            y,
+            eps_grid,
+            e.pgd_steps,
+            e.pgd_step_size,
+            seed=e.seed * 1_000_003 + block,
+            fgsm_pred=fgsm,
+        )
+        found["pgd/pred"] = pgd.T
+    return found
+
+
+def _stack_columns(
+    cols: dict[str, list[Any]], eps_grid: list[float], pgd_steps: int
 ) -> dict[str, np.ndarray]:
-    e = cfg.eval
-    ks = sorted(set(int(k) for k in e.iwae_k))
-    noise = dequant = None
-    if model.has_vae:
-        noise = _PerImage(e.seed, 0, (max(ks), model.fc_mu.out_features))
-        if not model.split:
-            dequant = _PerImage(e.seed, 1, (3, 32, 32), uniform=True)
-    eps_grid = [float(v) for v in e.fgsm_eps]
-    attack = shard.role == "id" and model.has_head and eps_grid
-    cols: dict[str, list[Any]] = {}
-
-    def add(key: str, value: Any) -> None:
-        cols.setdefault(key, []).append(value.detach().cpu() if torch.is_tensor(value) else value)
-
-    batches = data_lib.iterate_batches(
-        data, e.batch_size, device=device, start=shard.start, stop=shard.stop
-    )
-    for indices, x, y in batches:
-        add("indices", indices)
-        if shard.role != "ood":
-            add("labels", y)
-        with torch.no_grad():
-            if model.has_vae and shard.role != "val":
-                target = None
-                if dequant is not None:
-                    raw = data.images[indices.cpu()].to(device, x.dtype)
-                    target = (raw + dequant(indices).to(device, x.dtype) - 0.5) / PIXEL_LEVELS
-                    add(
-                        "complexity_bits",
-                        torch.from_numpy(compressed_bits(data.images[indices.cpu()])),
-                    )
-                found = _bounds(model, x, noise(indices).transpose(0, 1), ks, target)
-                for key, value in found.items():
-                    add(key, value.float() if key == "logits" else value)
-            elif model.has_head:
-                add("logits", model.classify(x).float())
-        if attack:
-            fgsm = fgsm_predictions(model.classify, x, y, eps_grid)
-            add("fgsm/pred", fgsm.T)
-            if e.pgd_steps:
-                block = int(indices[0]) // e.batch_size
-                pgd = pgd_predictions(
-                    model.classify,
-                    x,
-                    y,
-                    eps_grid,
-                    e.pgd_steps,
-                    e.pgd_step_size,
-                    seed=e.seed * 1_000_003 + block,
-                    fgsm_pred=fgsm,
-                )
-                add("pgd/pred", pgd.T)
+    """The shard's arrays from per-batch columns: concatenated over batches [N, ...], float64
+    stored as float32, attack predictions transposed to int16 [E, N] with their ``eps`` [E] and
+    ``accuracy`` [E] (and ``pgd/steps``)."""
     arrays: dict[str, np.ndarray] = {}
     for key, parts in cols.items():
         value = torch.cat(parts).numpy()
@@ -362,7 +362,51 @@ def _evaluate_arrays(
             arrays[f"{kind}/eps"] = np.asarray(eps_grid, dtype=np.float32)
             arrays[f"{kind}/accuracy"] = (arrays[f"{kind}/pred"] == arrays["labels"][None]).mean(1)
     if "pgd/pred" in arrays:
-        arrays["pgd/steps"] = np.asarray(e.pgd_steps, dtype=np.int64)
+        arrays["pgd/steps"] = np.asarray(pgd_steps, dtype=np.int64)
+    return arrays
+
+
+def _evaluate_arrays(
+    cfg: Any,
+    model: DeepHybridModel,
+    data: data_lib.ImageSet,
+    shard: ShardSpec,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
+    """Every array of one shard (N = shard.stop - shard.start images): ``indices`` and, except
+    for OOD sets, ``labels`` [N]; the likelihood columns (``_likelihood_columns``) of a model
+    with a VAE outside the ``val`` role, else its ``logits`` [N, classes]; attacks on the ID set
+    (``_attack_columns``); and in the ID shard holding image 0, ``images/*`` grids."""
+    e = cfg.eval
+    ks = sorted(set(int(k) for k in e.iwae_k))
+    noise = dequant = None
+    if model.has_vae:
+        noise = _PerImage(e.seed, 0, (max(ks), model.fc_mu.out_features))
+        if not model.split:
+            dequant = _PerImage(e.seed, 1, (3, 32, 32), uniform=True)
+    eps_grid = [float(v) for v in e.fgsm_eps]
+    attack = shard.role == "id" and model.has_head and eps_grid
+    cols: dict[str, list[Any]] = {}
+
+    def add(found: dict[str, Any]) -> None:
+        for key, value in found.items():
+            cols.setdefault(key, []).append(
+                value.detach().cpu() if torch.is_tensor(value) else value
+            )
+
+    batches = data_lib.iterate_batches(
+        data, e.batch_size, device=device, start=shard.start, stop=shard.stop
+    )
+    for indices, x, y in batches:
+        add({"indices": indices} if shard.role == "ood" else {"indices": indices, "labels": y})
+        with torch.no_grad():
+            if model.has_vae and shard.role != "val":
+                add(_likelihood_columns(model, data, indices, x, noise, dequant, ks))
+            elif model.has_head:
+                add({"logits": model.classify(x).float()})
+        if attack:
+            add(_attack_columns(model, indices, x, y, eps_grid, e))
+    arrays = _stack_columns(cols, eps_grid, e.pgd_steps)
     if shard.role == "id" and shard.start == 0 and e.images:
         grids = val_lib.image_grids(model, data.images[: e.images], seed=e.seed, device=device)
         arrays.update({f"images/{k}": v.numpy() for k, v in grids.items()})

@@ -119,14 +119,11 @@ def elbo_hist_figure(
     return fig
 
 
-def heatmap_figure(
-    metric: str, grid: list[dict], base: list[dict], axes: list[str], fraction: bool
-) -> Figure:
-    """``metric`` over the grid rows (mean per cell of the ok runs), failed cells hatched with
-    their status, baselines in a strip on the right. ``fraction``: colours fixed to [0, 1]."""
-    words, unit, better = column_meta(metric)
-    xs = axis_values(grid, axes[0])
-    ys = axis_values(grid, axes[1]) if len(axes) > 1 else [None]
+def _cell_values(
+    metric: str, grid: list[dict], axes: list[str], xs: list, ys: list
+) -> tuple[np.ndarray, dict[tuple[int, int], str]]:
+    """``metric`` per grid cell [len(ys), len(xs)] (NaN where no ok run; the running pairwise
+    mean over ok runs otherwise) and the status to print in each cell that has no value."""
     value = np.full((len(ys), len(xs)), np.nan)
     status: dict[tuple[int, int], str] = {}
     for r in grid:
@@ -137,18 +134,14 @@ def heatmap_figure(
             value[i, j] = v if math.isnan(value[i, j]) else (value[i, j] + v) / 2
         elif math.isnan(value[i, j]):
             status[(i, j)] = str(r.get("status") or "missing")
-    cols = len(xs) + (len(base) + 1 if base else 0)
-    fig = Figure(figsize=(max(4.5, 2.6 + 0.9 * cols), max(3.2, 1.8 + 0.55 * len(ys))))
-    ax = fig.add_subplot()
-    limits = {"vmin": 0.0, "vmax": 1.0} if fraction else {}
-    im = ax.imshow(
-        np.ma.masked_invalid(value),
-        origin="lower",
-        aspect="auto",
-        cmap="viridis",
-        extent=(-0.5, len(xs) - 0.5, -0.5, len(ys) - 0.5),
-        **limits,
-    )
+    return value, status
+
+
+def _annotate_cells(
+    ax: Any, im: Any, value: np.ndarray, status: dict[tuple[int, int], str]
+) -> None:
+    """Print each finite cell's value (dark text on light colours) and hatch the failed cells
+    with their status."""
     for (i, j), v in np.ndenumerate(value):
         if np.isfinite(v):
             shade = (v - im.norm.vmin) / ((im.norm.vmax - im.norm.vmin) or 1)
@@ -164,8 +157,13 @@ def heatmap_figure(
     for (i, j), text in status.items():
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", ec="0.6"))
         ax.text(j, i, text, ha="center", va="center", fontsize=7, color="tab:red")
+
+
+def _baseline_strip(ax: Any, im: Any, metric: str, base: list[dict], n_x: int) -> None:
+    """One square per baseline row (other model kinds) to the right of the ``n_x`` grid columns,
+    coloured on the grid's colour scale, hatched with its status when it has no value."""
     for k, r in enumerate(base):
-        x = len(xs) + 0.5 + k
+        x = n_x + 0.5 + k
         v = _number(r.get(metric))
         ok = r.get("status") == "ok" and not math.isnan(v)
         face = im.cmap(im.norm(v)) if ok else "white"
@@ -190,11 +188,15 @@ def heatmap_figure(
             color="black" if ok and im.norm(v) > 0.6 else "tab:red" if not ok else "white",
         )
         ax.text(x, -0.75, str(r.get("model")), ha="center", va="top", fontsize=8)
-    ax.set_xlim(-0.5, cols - 0.5 if base else len(xs) - 0.5)
+
+
+def _label_axes(ax: Any, axes: list[str], xs: list, ys: list, cols: int, has_base: bool) -> None:
+    """Limits, tick labels (powers of ten as 10^e) and axis names of the heatmap."""
+    ax.set_xlim(-0.5, cols - 0.5 if has_base else len(xs) - 0.5)
     ax.set_xticks(
         range(len(xs)), [_tick(_number(x)) if not math.isnan(_number(x)) else str(x) for x in xs]
     )
-    ax.set_xlabel(axes[0] + ("   |   baselines" if base else ""))
+    ax.set_xlabel(axes[0] + ("   |   baselines" if has_base else ""))
     if len(axes) > 1:
         ax.set_yticks(
             range(len(ys)),
@@ -203,6 +205,32 @@ def heatmap_figure(
         ax.set_ylabel(axes[1])
     else:
         ax.set_yticks([])
+
+
+def heatmap_figure(
+    metric: str, grid: list[dict], base: list[dict], axes: list[str], fraction: bool
+) -> Figure:
+    """``metric`` over the grid rows (mean per cell of the ok runs), failed cells hatched with
+    their status, baselines in a strip on the right. ``fraction``: colours fixed to [0, 1]."""
+    words, unit, better = column_meta(metric)
+    xs = axis_values(grid, axes[0])
+    ys = axis_values(grid, axes[1]) if len(axes) > 1 else [None]
+    value, status = _cell_values(metric, grid, axes, xs, ys)
+    cols = len(xs) + (len(base) + 1 if base else 0)
+    fig = Figure(figsize=(max(4.5, 2.6 + 0.9 * cols), max(3.2, 1.8 + 0.55 * len(ys))))
+    ax = fig.add_subplot()
+    limits = {"vmin": 0.0, "vmax": 1.0} if fraction else {}
+    im = ax.imshow(
+        np.ma.masked_invalid(value),
+        origin="lower",
+        aspect="auto",
+        cmap="viridis",
+        extent=(-0.5, len(xs) - 0.5, -0.5, len(ys) - 0.5),
+        **limits,
+    )
+    _annotate_cells(ax, im, value, status)
+    _baseline_strip(ax, im, metric, base, len(xs))
+    _label_axes(ax, axes, xs, ys, cols, bool(base))
     direction = {1: "higher is better", -1: "lower is better"}.get(better, "")
     ax.set_title(f"{words} ({direction})" if direction else words, fontsize=9)
     bar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03)
@@ -228,8 +256,8 @@ def write_plots(
     """Every summary figure (see module docstring); returns the paths written.
 
     ``runs`` are ``dhm.summary.aggregate.RunSummary`` objects in row order; PNGs left in
-    ``plot_dir``
-    by an earlier aggregation that this one did not write are removed, so the count stays capped.
+    ``plot_dir`` by an earlier aggregation that this one did not write are removed, so the count
+    stays capped.
     """
     plot_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -1,10 +1,9 @@
 """Writers and reader of a sweep summary: results.csv, results.md and results.h5.
 
-``dhm.summary.aggregate`` computes the rows; this module only lays them out (see docs/results.md
-for the
-columns), with the cell formatting the tables and the plot labels share. Every file is written
-under a temporary name next to its final one and renamed when complete, so a killed aggregation
-never leaves a half-written summary file behind.
+``dhm.summary.aggregate`` computes the rows; this module only lays them out (see
+docs/results.md for the columns), with the cell formatting the tables and the plot labels
+share. Every file is written under a temporary name next to its final one and renamed when
+complete, so a killed aggregation never leaves a half-written summary file behind.
 """
 
 from __future__ import annotations
@@ -16,15 +15,40 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
 from dhm.core.fsutil import atomic_path
 
-if TYPE_CHECKING:
-    from dhm.summary.aggregate import RunSummary
+
+class RunCurves(Protocol):
+    """What the writers here read of one run: ``dhm.summary.aggregate.RunSummary`` fits it.
+
+    Typed structurally, so this module never imports ``aggregate`` (which imports this one).
+    """
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def values(self) -> dict[str, Any]: ...  # settings, model, dataset
+
+    @property
+    def fgsm(self) -> tuple[np.ndarray, np.ndarray] | None: ...  # eps [E] (pixels), accuracy [E]
+
+    @property
+    def pgd(self) -> tuple[np.ndarray, np.ndarray] | None: ...  # eps [E], accuracy [E]
+
+    @property
+    def reliability(self) -> Any: ...  # dhm.summary.metrics.Reliability or None
+
+    @property
+    def hist_edges(self) -> np.ndarray | None: ...  # -ELBO bin edges [B + 1], nats
+
+    @property
+    def hists(self) -> dict[str, np.ndarray]: ...  # set name -> counts [B]
 
 
 def plain(value: Any) -> Any:
@@ -140,7 +164,7 @@ def write_h5(
     path: Path,
     columns: list[str],
     rows: list[dict],
-    runs: list[RunSummary],
+    runs: Sequence[RunCurves],
     cells: list[dict] | None = None,
     attrs: dict[str, Any] | None = None,
 ) -> None:
@@ -162,7 +186,7 @@ def _strings(group: h5py.Group, name: str, values: list[str]) -> None:
     )
 
 
-def _write_runs(g: h5py.Group, runs: list[RunSummary]) -> None:
+def _write_runs(g: h5py.Group, runs: Sequence[RunCurves]) -> None:
     """The per-run curves stacked over runs: row i of every ``[R, ...]`` array is runs[i].
 
     A few datasets in all (not a group per run), so writing costs the same for 10 or 10,000
@@ -220,7 +244,7 @@ def read_table(path: str | Path) -> Any:
         )
 
 
-def plot_labels(runs: Sequence[RunSummary], setting_cols: list[str]) -> dict[str, str]:
+def plot_labels(runs: Sequence[RunCurves], setting_cols: list[str]) -> dict[str, str]:
     """Plot labels: the settings that differ between runs (the run id if none do)."""
     varying = [c for c in setting_cols if len({_cell(r.values.get(c)) for r in runs}) > 1]
     return {

@@ -268,14 +268,10 @@ def _resume_point(cfg: Any, ckpt_dir: Path) -> tuple[Path | None, dict[str, Any]
     return path, state
 
 
-def resume_or_init(cfg: Any) -> RunState:
-    """The run's state on this rank: from the newest step checkpoint, or fresh (with the
-    warm start, if any). Reads the training data and places everything on the device."""
-    t = cfg.train
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    info = data_lib.dataset_info(cfg.data.name)
-    train_set = data_lib.load_split(
+def _train_split(cfg: Any) -> data_lib.ImageSet:
+    """The training images of cfg.data (uint8 [N, C, H, W] on the CPU), less the validation
+    split when cfg.data.val_size asks for one."""
+    return data_lib.load_split(
         cfg.data.name,
         cfg.data.root,
         "train",
@@ -283,11 +279,12 @@ def resume_or_init(cfg: Any) -> RunState:
         val_size=cfg.data.val_size,
         split_seed=cfg.data.split_seed,
     )
-    resume_path, resume = _resume_point(cfg, ckpt_dir)
-    accelerator = make_accelerator(cfg)
-    if accelerator.device.type == "cuda":
-        # Fixed input shapes: let cuDNN pick the fastest kernels (exact resume is a CPU promise).
-        torch.backends.cudnn.benchmark = True
+
+
+def _init_model(cfg: Any, accelerator: Accelerator, resume: dict[str, Any] | None) -> Any:
+    """The model, seeded by cfg.train.seed: weights from ``resume``, else the warm start (if
+    any), else fresh; SyncBatchNorm and channels-last on CUDA when configured."""
+    t = cfg.train
     torch.manual_seed(t.seed)
     model = model_for(cfg)
     if resume is not None:
@@ -298,6 +295,15 @@ def resume_or_init(cfg: Any) -> RunState:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if accelerator.device.type == "cuda" and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _prepare_optimization(
+    cfg: Any, accelerator: Accelerator, model: Any, resume: dict[str, Any] | None
+) -> tuple[Any, torch.optim.Optimizer, Any]:
+    """Adam and the step-decay schedule for ``model``; (model, optimizer) as prepared by
+    Accelerate, and the optimizer and scheduler states of ``resume`` loaded."""
+    t = cfg.train
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
     # The scheduler steps once per epoch and is not handed to Accelerate, which would step
     # it once per process.
@@ -306,18 +312,58 @@ def resume_or_init(cfg: Any) -> RunState:
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+    return model, optimizer, scheduler
+
+
+def _make_loader(
+    cfg: Any, train_set: data_lib.ImageSet, accelerator: Accelerator
+) -> data_lib.DeviceLoader:
+    """This rank's share of the training batches, on the accelerator's device; ConfigError
+    when cfg.train.batch_size does not fit the set or the number of ranks."""
+    t = cfg.train
     try:
-        loader = data_lib.DeviceLoader(
+        return data_lib.DeviceLoader(
             train_set,
             t.batch_size,
             device=accelerator.device,
             seed=t.seed,
-            augment=info.augment,
+            augment=data_lib.dataset_info(cfg.data.name).augment,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
     except ValueError as err:  # a batch larger than the set, or not divisible by the ranks
         raise ConfigError(f"train.batch_size={t.batch_size}: {err}") from None
+
+
+def _start_logging(rs: RunState, run_dir: Path, resume_path: Path | None) -> None:
+    """On the main process: say where the run starts, write config.yaml if it is missing and
+    open the metric log at the run's step."""
+    where = f"resuming from {resume_path} (step {rs.step})" if resume_path else "starting"
+    print(
+        f"train {run_dir}: {where}, {rs.accelerator.num_processes} process(es) on "
+        f"{rs.accelerator.device}",
+        flush=True,
+    )
+    if not (run_dir / "config.yaml").exists():
+        atomic_write_text(run_dir / "config.yaml", rs.cfg_yaml)
+    rs.log = MetricLog(run_dir / "logs", rs.step)
+
+
+def resume_or_init(cfg: Any) -> RunState:
+    """The run's state on this rank: from the newest step checkpoint, or fresh (with the
+    warm start, if any). Reads the training data and places everything on the device."""
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    train_set = _train_split(cfg)
+    resume_path, resume = _resume_point(cfg, ckpt_dir)
+    accelerator = make_accelerator(cfg)
+    if accelerator.device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels (exact resume is a CPU promise).
+        torch.backends.cudnn.benchmark = True
+    model = _init_model(cfg, accelerator, resume)
+    model, optimizer, scheduler = _prepare_optimization(cfg, accelerator, model, resume)
+    loader = _make_loader(cfg, train_set, accelerator)
     if t.compile and accelerator.device.type == "cpu":
         import torch._inductor.config as inductor_config
 
@@ -340,15 +386,7 @@ def resume_or_init(cfg: Any) -> RunState:
     if resume is not None:
         rs.epoch, rs.batch, rs.step = resume["epoch"], resume["batch"], resume["global_step"]
     if rs.main:
-        where = f"resuming from {resume_path} (step {rs.step})" if resume else "starting"
-        print(
-            f"train {run_dir}: {where}, {accelerator.num_processes} process(es) on "
-            f"{accelerator.device}",
-            flush=True,
-        )
-        if not (run_dir / "config.yaml").exists():
-            atomic_write_text(run_dir / "config.yaml", rs.cfg_yaml)
-        rs.log = MetricLog(run_dir / "logs", rs.step)
+        _start_logging(rs, run_dir, resume_path)
     rs.watch = FiniteWatch(accelerator.device)
     return rs
 
