@@ -148,20 +148,20 @@ def test_status_and_dry_run_of_a_sweep_in_flight_load_neither_torch_nor_matplotl
     from hpc.cli import compose_config
     from hpc.sweep import expand, sweep_dir, write_plan
     from tests.helpers.fake_slurm import install
-    from tests.helpers.sweeps import make_arrays, write_run
-    from tests.test_state import N, _trained
+    from tests.helpers.sweeps import make_arrays, write_run, write_trained
 
+    n = 80  # images per set (eval.max_images): what the synthetic shards hold
     args = ["sweep=demo", "cluster=slurm", "cluster.partition=debug", "cluster.cpus_per_task=1",
             "cluster.eval_cpus=1", f"root={tmp_path}",
-            f"eval.max_images={N}"]  # fmt: skip
+            f"eval.max_images={n}"]  # fmt: skip
     cfg = compose_config(args)
     runs = expand(cfg)
     write_plan(cfg, runs)
     for i, run in enumerate(runs[:-1]):  # the last one is still training: no folder
         m = run.cfg.model
-        sets = make_arrays(i, m.name, n_id=N, n_val=N, n_ood=N)
+        sets = make_arrays(i, m.name, n_id=n, n_val=n, n_ood=n)
         write_run(sweep_dir(cfg), run.run_id, m.name, m.alpha, m.beta, i, sets=sets)
-        _trained(sweep_dir(cfg) / "runs" / run.run_id)
+        write_trained(sweep_dir(cfg) / "runs" / run.run_id)
     aggregate(sweep_dir(cfg), allow_partial=True, plots=False)
     assert (sweep_dir(cfg) / "summary" / "report_data.json").exists()
 

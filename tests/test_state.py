@@ -5,7 +5,6 @@ shards are written as the stages leave them."""
 from __future__ import annotations
 
 import json
-import zipfile
 
 import pytest
 
@@ -13,16 +12,9 @@ from dhm.core.layout import summary_complete
 from hpc.cli import cli, compose_config
 from hpc.state import run_reports
 from hpc.sweep import expand, sweep_dir, write_plan
-from tests.helpers.sweeps import make_arrays, write_run
+from tests.helpers.sweeps import make_arrays, write_run, write_trained
 
 N = 80  # images per set (eval.max_images): what the synthetic shards hold
-
-
-def _trained(run_dir) -> None:
-    final = run_dir / "checkpoints" / "final.pt"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(final, "w") as archive:  # whole, as looks_complete reads it
-        archive.writestr("final/data.pkl", b"x")
 
 
 @pytest.fixture
@@ -38,7 +30,7 @@ def cancelled(tmp_path):
         sets = make_arrays(i, m.name, n_id=N, n_val=N)
         sets.pop("digits_ood")
         write_run(sweep_dir(cfg), run.run_id, m.name, m.alpha, m.beta, i, sets=sets)
-        _trained(sweep_dir(cfg) / "runs" / run.run_id)
+        write_trained(sweep_dir(cfg) / "runs" / run.run_id)
     return cfg, runs
 
 
