@@ -13,8 +13,8 @@ Command line (issue 18's target: under 1 s each on these 2-core machines), wall 
   every shard, some evaluating, training with step checkpoints and long metrics.csv files,
   failed with a pickled exception, pending), the ledger of its six sbatch calls, and
   sacct/squeue answering for every task: ``mode=status`` and the relaunch's ``mode=dry_run``,
-  each also without one speed layer at a time (``ABLATIONS``: the collector's pause, the kept
-  file facts, the checkpoint reader that reads only a zip's end), to show what each is worth;
+  each also without one speed layer at a time (``ABLATIONS``: the kept file facts, the checkpoint
+  reader that reads only a zip's end), to show what each is worth;
 * the study's grid: ``sweep=alpha_beta`` with 100 seeds (1,002 runs) and CIFAR-10, CIFAR-100
   and SVHN files of their full sizes in torchvision's formats under ``data.root``.
 
@@ -206,9 +206,10 @@ def _populate(cfg: Any, runs: list[Run], folder: Path) -> dict[str, str]:
     }
 
 
-# Each ablation runs the launcher with one speed layer taken out (patched before launch.py runs).
+# Each ablation runs the launcher with one speed layer taken out (patched before launch.py runs),
+# on a first look at the sweep's files (file_facts.json removed before each sample) as well as
+# on a repeated one.
 ABLATIONS = {
-    "no gc pause": "import contextlib, hpc.launcher as L; L.gc_paused = contextlib.nullcontext",
     "no file facts": (
         "import hpc.file_facts as F; _init = F.FileFacts.__init__\n"
         "def init(self, d):\n    _init(self, d); self.kept = {}\n"
@@ -308,23 +309,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         env_flight = {**env, **_populate(cfg, runs, fakes)}
         facts = sweep_dir(cfg) / "file_facts.json"
-        cases = {
-            "ref": (hydra, env_flight, None),
-            "status": (status, env_flight, None),
-            "relaunch": (launch, env_flight, None),
-            "relaunch_first": (launch, env_flight, lambda: facts.unlink(missing_ok=True)),
-        }
-        for name, prelude in ABLATIONS.items():
-            cases[f"status, {name}"] = (
-                _launch(["sweep.name=bench", f"root={root}", "mode=status"], prelude),
-                env_flight,
-                None,
-            )
-            cases[f"relaunch, {name}"] = (
-                _launch([*overrides, *small, "mode=dry_run"], prelude),
-                env_flight,
-                None,
-            )
+        forget = lambda: facts.unlink(missing_ok=True)  # noqa: E731
+        cases = {"ref": (hydra, env_flight, None)}
+        for name, prelude in {"": "", **ABLATIONS}.items():
+            tag = f", {name}" if name else ""
+            for first in (True, False):  # a repeated look after its first look
+                look = " (first look)" if first else ""
+                cases[f"status{tag}{look}"] = (
+                    _launch(["sweep.name=bench", f"root={root}", "mode=status"], prelude),
+                    env_flight,
+                    forget if first else None,
+                )
+                cases[f"relaunch{tag}{look}"] = (
+                    _launch([*overrides, *small, "mode=dry_run"], prelude),
+                    env_flight,
+                    forget if first else None,
+                )
         flight = _interleaved(cases, repeats)
         study = {}
         if not args.quick:
@@ -352,10 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "python launch.py ... mode=dry_run": fresh["dry"],
         "python launch.py sweep.name=bench mode=status, stored plan": fresh["status"],
         "python -c 'import hydra, omegaconf' (reference, in flight phase)": flight["ref"],
-        "... mode=status, the sweep in flight: files, ledger, sacct": flight["status"],
-        "... mode=dry_run of the sweep in flight: a relaunch": flight["relaunch"],
-        "... the relaunch, file facts not yet kept (first look)": flight["relaunch_first"],
-        **{f"... {k} (ablation)": v for k, v in flight.items() if ", " in k},
+        **{f"... in flight: {k}": v for k, v in flight.items() if k != "ref"},
     }
     if study:
         timed |= {
@@ -368,15 +365,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dry_run_s": round(fresh["dry"], 3),
         "status_s": round(fresh["status"], 3),
         "status_in_flight_s": round(flight["status"], 3),
+        "status_in_flight_first_look_s": round(flight["status (first look)"], 3),
         "relaunch_dry_run_in_flight_s": round(flight["relaunch"], 3),
+        "relaunch_dry_run_in_flight_first_look_s": round(flight["relaunch (first look)"], 3),
     }
     if study:
         under |= {"study_dry_run_s": round(study["dry"], 3),
                   "study_status_s": round(study["status"], 3)}  # fmt: skip
     layers = {
         name: {
-            "status_s_without": round(flight[f"status, {name}"], 3),
-            "relaunch_s_without": round(flight[f"relaunch, {name}"], 3),
+            f"{cmd}_s{'_first_look' if look else ''}": {
+                "with": round(flight[f"{cmd}{look}"], 3),
+                "without": round(flight[f"{cmd}, {name}{look}"], 3),
+            }
+            for cmd in ("status", "relaunch")
+            for look in ("", " (first look)")
         }
         for name in ABLATIONS
     }

@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dhm.core.checkpoint import CheckpointError
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DataError
+from hpc.schema import STORED_MODES, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
@@ -70,8 +71,6 @@ def _hydra(args: Any) -> Any:
     from hydra._internal.hydra import Hydra
     from hydra.core.config_search_path import SearchPathQuery
 
-    from hpc.schema import register_configs
-
     register_configs()
     config_dir, extra = _config_dirs(args)
     search_path = create_config_search_path(str(config_dir))
@@ -82,21 +81,22 @@ def _hydra(args: Any) -> Any:
 
 
 def compose(hydra: Any, config_name: str, overrides: list[str]) -> DictConfig:
-    """The job config (without the ``hydra`` node) for overrides, as Hydra composes it."""
+    """The job config (without the ``hydra`` node) for overrides, as Hydra composes it;
+    hydra.* overrides (which Hydra lists in the node as it parses them) are refused."""
     cfg = hydra.compose_config(config_name, overrides, run_mode=RunMode.RUN)
+    _refuse_hydra_overrides(list(cfg.hydra.overrides.hydra))
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
 
 
-def _refuse_hydra_overrides(parsed: list[Override]) -> None:
-    for o in parsed:
-        if o.is_hydra_override():
-            raise UsageError(
-                f"{o.input_line}: hydra.* settings are not used by this launcher (it runs no "
-                "Hydra job: runs land in <root>/<sweep.name>/runs/<run_id>, logs beside them). "
-                "Set root=... and sweep.name=... instead; --cfg hydra shows Hydra's own config"
-            )
+def _refuse_hydra_overrides(lines: list[str]) -> None:
+    for line in lines:
+        raise UsageError(
+            f"{line}: hydra.* settings are not used by this launcher (it runs no "
+            "Hydra job: runs land in <root>/<sweep.name>/runs/<run_id>, logs beside them). "
+            "Set root=... and sweep.name=... instead; --cfg hydra shows Hydra's own config"
+        )
 
 
 def _multirun_dimensions(
@@ -106,7 +106,7 @@ def _multirun_dimensions(
     dicts, one per value of a swept key or option of a swept config group."""
     parser = OverridesParser.create(config_loader=hydra.config_loader)
     parsed = parser.parse_overrides(overrides)
-    _refuse_hydra_overrides(parsed)
+    _refuse_hydra_overrides([o.input_line for o in parsed if o.is_hydra_override()])
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if not sweeps:
@@ -172,8 +172,6 @@ def _run_leaves(cfg: DictConfig) -> dict[str, Any]:
 def compose_launch(hydra: Any, config_name: str, overrides: list[str], multirun: bool):
     """The launch config: Hydra's composition, and with -m the sweep dimensions in it."""
     if not multirun:
-        parser = OverridesParser.create(config_loader=hydra.config_loader)
-        _refuse_hydra_overrides(parser.parse_overrides(overrides))
         return compose(hydra, config_name, overrides)
     plain, dims = _multirun_dimensions(hydra, config_name, overrides)
     cfg = compose(hydra, config_name, plain)
@@ -216,8 +214,12 @@ def cli(argv: list[str]) -> int:
         launch = not (shows or args.help or args.hydra_help or args.resolve)
         if launch and args.experimental_rerun is None:
             cfg = _composed(args, config_name)
-            from hpc.launcher import main
-
+            # Each command loads what it needs: status, cancel and report no planning or
+            # submission code (submitit among it).
+            if cfg.mode in STORED_MODES:
+                from hpc.stored import main
+            else:
+                from hpc.launcher import main
             return main(cfg, argv)
         hydra = _hydra(args)
         if args.help:

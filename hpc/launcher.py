@@ -15,8 +15,6 @@ submitted before the checks pass.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import os
@@ -26,53 +24,32 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dhm.core.config import ConfigError
 from dhm.core.datasets import check_files
-from dhm.core.layout import IncompleteSweepError, estimates_of, eval_sets
-from dhm.report.page import write_report
-from hpc import costs, ledger, slurm, stages
+from dhm.core.layout import IncompleteSweepError, eval_sets
+from hpc import costs, slurm, stages
 from hpc.arrays import arrays_for
 from hpc.plan import Plan, make_plan, move_aside
-from hpc.schema import ClusterConfig, check_batch_split, check_launch
+from hpc.schema import check_batch_split, check_launch
 from hpc.state import run_reports
-from hpc.status import detail_lines, status_lines
 from hpc.sweep import (
     Run,
     check_plan_unchanged,
     expand,
     plan_path,
-    read_plan,
     select,
-    stored_runs,
+    stored_sweep,
     sweep_dir,
     write_plan,
 )
 
-STORED_MODES = ("status", "cancel", "aggregate", "report")
 FULL_PLAN_RUNS = 40  # above this many runs the plan is printed grouped by action
 
 
 class DiskError(RuntimeError):
     """Something on disk that a launch cannot use as it is (exit 1); the message names it."""
-
-
-def _stored(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], dict[str, Any]]:
-    """The sweep as stored in its plan (by name and root): the config with the stored cluster
-    profile unless the command line names another, the runs, and the plan as stored."""
-    path = plan_path(cfg)
-    plan = read_plan(path)
-    if plan is None:
-        raise ConfigError(
-            f"sweep.name={cfg.sweep.name}, root={cfg.root}: {path} does not exist; launch the "
-            "sweep first (or give its name and root as it was launched)"
-        )
-    runs = stored_runs(plan, path)
-    if not any(a.startswith(("cluster=", "cluster.")) for a in argv):
-        cfg = cfg.copy()
-        cfg.cluster = OmegaConf.merge(OmegaConf.structured(ClusterConfig), plan["cluster"])
-    return cfg, runs, plan
 
 
 def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
@@ -273,84 +250,34 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
     return 0
 
 
-def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
-    """scancel the tasks of the selected runs that are pending or running (and the aggregate
-    job when the whole sweep is selected)."""
-    wanted = {r.run_id for r in runs}
-    ids = sorted(
-        {
-            a.job_id
-            for a in ledger.attempts(cfg)
-            if a.active and (set(a.runs) & wanted or (everything and a.stage == "aggregate"))
-        }
-    )
-    slurm.cancel(ids)
-    if ids:
-        ledger.record_cancel(cfg, ids, "mode=cancel")
-    print(f"cancelled {len(ids)} task(s)" + (f": {' '.join(ids)}" if ids else ""))
-    return 0
-
-
 def _selection_dir(cfg: Any, runs: list[Run]) -> Path:
     digest = hashlib.sha256(" ".join(r.run_id for r in runs).encode()).hexdigest()[:8]
     return sweep_dir(cfg) / f"summary-{digest}"
 
 
-def stored_mode(cfg: DictConfig, argv: list[str]) -> int:
-    """status | cancel | aggregate | report: from the stored plan, by the sweep's name."""
-    cfg, all_runs, stored = _stored(cfg, argv)
+def aggregate_mode(cfg: DictConfig, argv: list[str]) -> int:
+    """mode=aggregate: the aggregate stage in this process, for the stored sweep (or a
+    selection of it, into ``summary-<hash>/``)."""
+    cfg, all_runs, _ = stored_sweep(cfg, argv)
     runs = select(cfg, all_runs)
     whole = len(runs) == len(all_runs)
-    query = cfg.cluster.name == "slurm"
-    if cfg.mode == "cancel":
-        return cancel(cfg, runs, whole)
-    if cfg.mode == "status":
-        if cfg.runs and len(runs) == 1:
-            print("\n".join(detail_lines(cfg, runs[0], query)))
-            return 0
-        lines, states = status_lines(cfg, runs, query, estimates_of(stored))
-        print("\n".join(lines))
-        if whole and sweep_dir(cfg).exists():
-            path = write_report(sweep_dir(cfg), states=states, plan=stored)
-            print(f"report: {path}")
-        return 0
-    reasons, states = run_reports(cfg, runs, query)
-    if cfg.mode == "report":
-        print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
-        return 0
+    reasons, states = run_reports(cfg, runs, cfg.cluster.name == "slurm")
     return _aggregate(cfg, reasons, states, None if whole else runs,
                       None if whole else _selection_dir(cfg, runs))  # fmt: skip
 
 
-@contextlib.contextmanager
-def gc_paused() -> Any:
-    """Planning allocates ~10^5 small containers (1,000 runs' configs, states, tasks) that live
-    until the launch ends: the cyclic collector's passes over them cost ~10% of a 1,000-run
-    plan and free nothing. Paused while planning only; training, evaluation and aggregation
-    in this process run with it."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
+    """A launch, its dry run, aggregate or calibrate (status, cancel and report are
+    ``hpc.stored.main``'s: hpc.cli chooses)."""
     argv = list(argv or [])
     check_launch(cfg)
-    if cfg.mode == "status":
-        with gc_paused():
-            return stored_mode(cfg, argv)
-    if cfg.mode in STORED_MODES:
-        return stored_mode(cfg, argv)
+    if cfg.mode == "aggregate":
+        return aggregate_mode(cfg, argv)
     if cfg.mode == "calibrate":
         _, selected = _expanded(cfg)
         print(f"calibration: {costs.calibrate(cfg, selected)}")
         return 0
-    with gc_paused():
-        status, cfg, plan = _plan_and_submit(cfg)
+    status, cfg, plan = _plan_and_submit(cfg)
     return status if status is not None else run_local(cfg, plan)
 
 

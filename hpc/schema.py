@@ -20,6 +20,8 @@ from dhm.core.config import ConfigError, RunSections, check_known_keys
 from hpc.distributed import MAX_RUNS_PER_TASK
 
 MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate")
+# Modes that read a stored sweep without planning or submitting (hpc.stored).
+STORED_MODES = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm")
 # A value that goes into an #SBATCH line: no whitespace, quotes or shell syntax.
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]*$")

@@ -124,8 +124,11 @@ def disk_states(
         if check_stale and files.shards:
             current = layout.eval_id(run.cfg)
             for name, _ in sets:
-                shards = layout.set_shards(eval_dir, name, files.shards)
-                old = [path for *_, path in shards if facts.eval_id(path) != current]
+                paths = (
+                    os.path.join(eval_dir, f)
+                    for *_, f in layout.shard_spans(eval_dir, name, files.shards)
+                )
+                old = [Path(p) for p in paths if facts.eval_id(p) != current]
                 if old:
                     state.stale[name] = old
                     state.eval_done[name] = False

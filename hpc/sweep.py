@@ -38,6 +38,7 @@ from dhm.core.config import (
     training_identity,
 )
 from dhm.core.fsutil import atomic_write_text
+from hpc.schema import ClusterConfig
 
 RUN_SECTIONS = ("model", "data", "train")
 PLAN_VERSION = 2
@@ -415,3 +416,20 @@ def select(cfg: Any, runs: list[Run]) -> list[Run]:
             f"(it has {len(runs)} runs)"
         )
     return out
+
+
+def stored_sweep(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], dict[str, Any]]:
+    """The sweep as stored in its plan (by name and root): the config with the stored cluster
+    profile unless the command line names another, the runs, and the plan as stored."""
+    path = plan_path(cfg)
+    plan = read_plan(path)
+    if plan is None:
+        raise ConfigError(
+            f"sweep.name={cfg.sweep.name}, root={cfg.root}: {path} does not exist; launch the "
+            "sweep first (or give its name and root as it was launched)"
+        )
+    runs = stored_runs(plan, path)
+    if not any(a.startswith(("cluster=", "cluster.")) for a in argv):
+        cfg = cfg.copy()
+        cfg.cluster = OmegaConf.merge(OmegaConf.structured(ClusterConfig), plan["cluster"])
+    return cfg, runs, plan

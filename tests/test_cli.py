@@ -219,6 +219,7 @@ def test_the_launcher_receives_what_hydra_composes(tmp_path, monkeypatch):
     fresh = compose_config(["sweep=single", "model.beta=0.5", "mode=dry_run", "root=first"])
     seen = []
     monkeypatch.setattr("hpc.launcher.main", lambda cfg, argv: seen.append(cfg) or 0)
+    monkeypatch.setattr("hpc.stored.main", lambda cfg, argv: seen.append(cfg) or 0)
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\nroot: first\n")

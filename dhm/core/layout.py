@@ -152,16 +152,7 @@ def scan_runs(run_dirs: list[str]) -> dict[str, RunFiles]:
     return out
 
 
-def set_shards(
-    eval_dir: str | Path, set_name: str, names: Iterable[str] | None = None
-) -> list[tuple[int, int, Path]]:
-    """(start, stop, path) of a set's shard files, by start; ``names``: the folder's listing,
-    when the caller has it."""
-    folder = Path(eval_dir)
-    return [(a, b, folder / name) for a, b, name in _spans(eval_dir, set_name, names)]
-
-
-def _spans(
+def shard_spans(
     eval_dir: str | Path, set_name: str, names: Iterable[str] | None
 ) -> list[tuple[int, int, str]]:
     """(start, stop, file name) of a set's shards, by start."""
@@ -180,7 +171,7 @@ def set_complete(
 ) -> bool:
     """True when the set's shard files cover [0, size) without gaps. ``size`` None: read it
     from the first shard (the only case that opens a file). ``names``: the folder's listing."""
-    spans = _spans(eval_dir, set_name, names)  # no path built unless a shard must be opened
+    spans = shard_spans(eval_dir, set_name, names)  # no path built unless a shard must be opened
     if not spans:
         return False
     covered = 0

@@ -40,7 +40,6 @@ from dhm.core.layout import (  # noqa: F401 - the layout's names, part of this m
     eval_id,
     eval_sets,
     set_complete,
-    set_shards,
     shard_name,
 )
 from dhm.core.shard_attrs import (  # noqa: F401 - part of this module's API
