@@ -266,7 +266,7 @@ def check_resources(cfg: Any, info: ClusterInfo, stages: dict[str, Resources]) -
 
 class Yamls:
     """The configs of one task's runs, dumped to YAML only when the task is submitted: a dry
-    run, which prints the arrays, never needs them (~2 ms a run)."""
+    run, which prints the arrays, never needs them."""
 
     def __init__(self, runs: Any) -> None:
         self.runs = list(runs)

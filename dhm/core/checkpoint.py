@@ -38,11 +38,11 @@ def looks_complete(path: str | Path) -> bool:
     the file, is made of at least as many records as it announces, and names a ``data.pkl``
     record.
 
-    Reads the archive's last bytes and its directory (~30 us for a checkpoint of ~1,000
-    tensors, where ``zipfile`` spends milliseconds parsing every record), so the launcher can
-    check thousands of runs. A truncated file (a copy cut short, a full disk outside the atomic
-    writer) loses the records at its end and fails; bytes appended after them are allowed, as
-    ``zipfile`` and ``torch.load`` allow them. ``load`` is the full check.
+    Reads the archive's last bytes and its directory, where ``zipfile`` parses every record, so
+    the launcher can check thousands of runs (docs/performance.md: what it saves). A truncated
+    file (a copy cut short, a full disk outside the atomic writer) loses the records at its end
+    and fails; bytes appended after them are allowed, as ``zipfile`` and ``torch.load`` allow
+    them. ``dhm.model.checkpoint.load`` is the full check.
     """
     try:
         with open(path, "rb") as f:

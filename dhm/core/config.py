@@ -287,7 +287,7 @@ class Plain(dict):
     """Plain config data (nested dicts of YAML scalars and lists) read like a DictConfig.
 
     ``cfg.train.lr`` and ``cfg.train["lr"]`` both work, as for a DictConfig, which is what the
-    checks here and the launcher read; building and reading one is ~100x cheaper than a
+    checks here and the launcher read; building and reading one is far cheaper than a
     DictConfig, which matters for a 1,000-run sweep. Values are whatever the schema made of
     them: build one from ``OmegaConf.to_container`` of a validated config (``Plain.of``).
     """

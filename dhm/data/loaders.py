@@ -266,7 +266,7 @@ def crop_flip(
     ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     # Rows first: whole padded rows with one index_select (contiguous copies), then the
     # per-sample column window (and flip) with one gather whose index is shared by every
-    # row of a sample. About 2x faster on CPU than one 4-way advanced-indexing gather.
+    # row of a sample: faster on CPU than one 4-way advanced-indexing gather.
     first_row = torch.arange(b * c, device=dev).view(b, c, 1) * hp
     row_idx = (first_row + (offsets[:, :1] + ar_h)[:, None, :]).reshape(-1)
     rows = torch.index_select(padded, 0, row_idx).view(b, c * h, wp)
@@ -282,8 +282,8 @@ class CropWindows:
     image j is a fixed-stride window starting at ``j*S + dy*(W+2p) + dx`` (S = one padded
     image), so ``windows`` views the buffer as [positions, C, H, W] with strides
     (1, (H+2p)(W+2p), W+2p, 1), and a batch of crops is ``index_select`` of their start
-    positions: one contiguous-row copy per image row, ~0.35 us per CIFAR image on one CPU core,
-    5x faster than the per-element gather of ``crop_flip``. A flipped crop at dx is the window
+    positions: one contiguous-row copy per image row, faster than the per-element gather of
+    ``crop_flip`` (docs/performance.md). A flipped crop at dx is the window
     at 2p - dx of the mirror image. Equals ``crop_flip`` bit for bit (tested).
     """
 
@@ -364,8 +364,8 @@ class DeviceLoader:
             raise ValueError(f"{data.name}: {n} samples give no batch of {global_batch_size}")
         self.device = torch.device(device)
         self.images = data.images.to(self.device)  # once; batches are gathered from here
-        # index_select on a [N, C*H*W] view copies whole images (~20x faster on CPU than
-        # advanced indexing of the 4-d tensor).
+        # index_select on a [N, C*H*W] view copies whole images (faster on CPU than advanced
+        # indexing of the 4-d tensor).
         self._flat = self.images.reshape(len(data), -1)
         self._crops = CropWindows(self.images) if augment else None
         self.labels = data.labels.to(self.device)
