@@ -71,6 +71,8 @@ def test_missing_evaluations_show_the_same_everywhere(cancelled, capsys):
     header = table[0].split(",")
     status_col = header.index("status")
     assert {row.split(",")[status_col] for row in table[1:]} == {"missing"}
+    md = (sweep_dir(cfg) / "summary" / "results.md").read_text()
+    assert f"({n} runs, 0 ok)" in md and "digits_heldout" in md.split("## Problems")[1]
     footer = next(ln for ln in _status(cfg, capsys) if ln.startswith(f"{n} runs:"))
     assert f"{n} eval missing; summary partial (0 of {n} runs ok)" in footer
     page = (sweep_dir(cfg) / "summary" / "report.html").read_text()
