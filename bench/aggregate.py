@@ -38,19 +38,22 @@ def _write_sweep(sweep: Path, n_runs: int) -> None:
         rid = f"run{i:05d}"
         beta = float(10.0 ** (i % 10 - 4))
         plan["runs"].append({"run_id": rid, "overrides": {"model.beta": beta}})
-        cfg = run_config(**{"run_dir": str(sweep / "runs" / rid), "model.beta": beta})
+        cfg = run_config(**{"run_dir": str(sweep / "runs" / rid), "model.beta": beta,
+                            "eval.ood_sets": ["digits_ood"]})  # fmt: skip
         (sweep / "runs" / rid).mkdir(parents=True)
         (sweep / "runs" / rid / "config.yaml").write_text(to_yaml(cfg))
         common = {"run_id": rid, "model": "dhm", "config_yaml": to_yaml(cfg), "num_dims": 3072}
-        for name, role, n in (("digits", "id", N_ID), ("digits_ood", "ood", N_OOD)):
+        sets = (("digits", "id", N_ID), ("digits-val", "val", N_ID), ("digits_ood", "ood", N_OOD))
+        for name, role, n in sets:  # every set a DHM run's config evaluates
             arrays = {
                 "indices": np.arange(n),
                 "logits": rng.normal(size=(n, 10)).astype(np.float32),
                 "neg_elbo": rng.normal(3000, 100, n).astype(np.float32),
                 "neg_iwae_k10": rng.normal(2990, 100, n).astype(np.float32),
             }
-            if role == "id":
+            if role in ("id", "val"):
                 arrays["labels"] = labels
+            if role == "id":
                 arrays["fgsm/eps"] = np.asarray(EPS, np.float32)
                 arrays["fgsm/pred"] = rng.integers(0, 10, (len(EPS), n)).astype(np.int16)
             attrs = {**common, "role": role, "set_size": n, "start": 0, "stop": n}

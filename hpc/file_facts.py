@@ -47,7 +47,8 @@ class FileFacts:
         path = str(path)
         try:
             st = os.stat(path)
-        except OSError:
+        except OSError:  # gone (moved aside, removed): its fact goes too
+            self.kept.pop(f"{kind}:{path}", None)
             return None
         stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         entry = self.kept.get(f"{kind}:{path}")
@@ -72,11 +73,11 @@ class FileFacts:
 
     def save(self) -> None:
         """Write the kept facts if any file was read and the sweep folder exists (an unwritable
-        one is skipped), leaving out files that are gone."""
+        one is skipped). A file looked up and found gone is dropped; others are not checked
+        (a stat each, on every save: slow on a parallel file system)."""
         if not self.read or not self.path.parent.is_dir():
             return
-        kept = {k: v for k, v in self.kept.items() if os.path.exists(k.split(":", 1)[1])}
         try:
-            atomic_write_text(self.path, json.dumps({"format": FORMAT, "facts": kept}))
+            atomic_write_text(self.path, json.dumps({"format": FORMAT, "facts": self.kept}))
         except OSError:
             return

@@ -7,7 +7,8 @@
 
 Everything a compute node would refuse is refused here first, in ``mode=run`` and
 ``mode=dry_run`` alike: values and keys (hpc.schema), a plan whose runs differ from the stored
-one, the warm-start checkpoint (loaded and matched), the dataset files (found and parsed),
+one, the warm-start checkpoint (loaded and matched), the dataset files (found, each one's
+header and length checked),
 resources the partition's nodes do not have, the array size limits and ``sbatch --test-only``.
 Usage errors exit 2, runtime errors 1, each with one line (``hpc.cli``); nothing is written or
 submitted before the checks pass.

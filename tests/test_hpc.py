@@ -823,8 +823,9 @@ def test_a_shards_eval_id_is_read_once_per_version_of_the_file(tmp_path, monkeyp
     assert FileFacts(sweep).eval_id(shard) == "bbbb" and len(opened) == 3  # unreadable: read all
     assert FileFacts(sweep).eval_id(tmp_path / "missing.h5") is None
     moved = sweep / "moved.h5"
-    shard.rename(moved)  # moved aside: its fact is dropped at the next save
+    shard.rename(moved)  # moved aside: its fact is dropped once it is looked up and gone
     again = FileFacts(sweep)
+    assert again.eval_id(shard) is None
     assert again.eval_id(moved) == "bbbb" and len(opened) == 4
     again.save()
     assert list(FileFacts(sweep).kept) == [f"eval_id:{moved}"]

@@ -94,3 +94,22 @@ def test_a_failed_local_training_is_failed_not_unstarted(cancelled, capsys):
     reasons, states = run_reports(cfg)
     assert "NonFiniteLossError" in reasons[run.run_id]
     assert states[run.run_id]["bucket"] == "failed"
+
+
+def test_a_run_is_judged_by_the_sets_its_latest_launch_evaluates(tmp_path):
+    # Trained and evaluated against digits_ood; relaunched with a second OOD set (the plan's
+    # config names both): until that set is evaluated, the run is incomplete.
+    from dhm.summary.aggregate import aggregate
+
+    ood = "eval.ood_sets=[digits_heldout,digits_ood]"
+    cfg = compose_config(["sweep=demo", "cluster=local", f"root={tmp_path}",
+                          f"eval.max_images={N}", ood])  # fmt: skip
+    runs = expand(cfg)
+    write_plan(cfg, runs)
+    for i, run in enumerate(runs):
+        m = run.cfg.model
+        sets = make_arrays(i, m.name, n_id=N, n_val=N, n_ood=N)  # config: ood_sets=[digits_ood]
+        write_run(sweep_dir(cfg), run.run_id, m.name, m.alpha, m.beta, i, sets=sets)
+    report = aggregate(sweep_dir(cfg), allow_partial=True, plots=False)
+    assert {row["status"] for row in report.rows} == {"missing"}
+    assert all("digits_heldout" in reason for _, reason in report.problems)

@@ -385,9 +385,14 @@ def _stored_config(run_dir: Path, sets: dict[str, results.SetResults]) -> dict:
 
 
 def summarize_run(
-    run_dir: Path, run_id: str, overrides: dict[str, Any], setting_keys: list[tuple[str, str]]
+    run_dir: Path,
+    run_id: str,
+    overrides: dict[str, Any],
+    setting_keys: list[tuple[str, str]],
+    planned_cfg: dict | None = None,
 ) -> RunSummary:
-    """Load, merge and measure one run; never raises for bad shards (they become reasons)."""
+    """Load, merge and measure one run; never raises for bad shards (they become reasons).
+    ``planned_cfg``: its config in plan.json (the eval settings of the latest launch)."""
     run = RunSummary(run_id)
     if not run_dir.is_dir():
         run.fail("missing", f"planned run has no folder runs/{run_id}")
@@ -416,8 +421,8 @@ def summarize_run(
     run.cell = json.dumps(
         {k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, default=str
     )
-    if sets:
-        _check_expected_sets(run, config())
+    if sets:  # the sets the latest launch evaluates (its plan), else those it was trained with
+        _check_expected_sets(run, planned_cfg or config())
     return run
 
 
@@ -460,22 +465,28 @@ def _check_sets(runs: list[RunSummary]) -> None:
                 )
 
 
-def discover(sweep_dir: Path) -> tuple[list[str] | None, list[tuple[str, dict]], int]:
-    """(swept keys or None, [(run_id, overrides)], run folders not in the plan)."""
+def discover(
+    sweep_dir: Path,
+) -> tuple[list[str] | None, list[tuple[str, dict, dict | None]], int]:
+    """(swept keys or None, [(run_id, overrides, its config as planned or None)], run folders
+    not in the plan)."""
     runs_dir = sweep_dir / "runs"
     folders = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
     plan_path = sweep_dir / "plan.json"
     if not plan_path.exists():
         if not folders:
             raise FileNotFoundError(f"{sweep_dir}: neither plan.json nor run folders under runs/")
-        return None, [(name, {}) for name in folders], 0
+        return None, [(name, {}, None) for name in folders], 0
     try:
         plan = json.loads(plan_path.read_text())
-        planned = [(str(r["run_id"]), dict(r.get("overrides") or {})) for r in plan["runs"]]
+        planned = [
+            (str(r["run_id"]), dict(r.get("overrides") or {}), r.get("config"))
+            for r in plan["runs"]
+        ]
         swept = [str(k) for k in plan.get("swept_keys", [])]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{plan_path}: unreadable plan ({type(err).__name__}: {err})") from None
-    ids = {run_id for run_id, _ in planned}
+    ids = {run_id for run_id, *_ in planned}
     return swept, planned, sum(name not in ids for name in folders)
 
 
@@ -619,11 +630,11 @@ def _measure(
     swept, planned, ignored = discover(sweep_dir)
     if run_ids is not None:
         wanted = set(run_ids)
-        planned = [(rid, o) for rid, o in planned if rid in wanted]
+        planned = [p for p in planned if p[0] in wanted]
     setting_keys = _setting_columns(swept)
     runs = [
-        summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys)
-        for rid, overrides in planned
+        summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys, planned_cfg)
+        for rid, overrides, planned_cfg in planned
     ]
     _check_sets(runs)
     for run in runs:

@@ -1,0 +1,247 @@
+"""The report's data, extracted once per aggregation into ``summary/report_data.json``.
+
+``write_report_data(sweep_dir, summary_dir)`` reads ``summary/results.h5`` (the table, the seed
+cells and the stacked per-run curves that ``dhm.summary.aggregate`` has just written) and, for
+the first ``max_image_runs`` runs, the image grids in their first test shard, and writes what
+``dhm.report.page.write_report`` draws as plain JSON: the headline table's values per seed cell
+(mean and std over seeds, or the value and its 95% bootstrap interval), each headline metric's
+heatmap over the grid, and per run its attack curves, reliability bins, -ELBO histograms and
+image grids (PNG data URIs). The page is then rendered from this file and the runs' live states
+alone, with neither h5py nor numpy, so ``mode=status`` can rewrite it for runs in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from PIL import Image
+
+from dhm.core.fsutil import atomic_write_text
+from dhm.report.page import DATA_FORMAT, DATA_NAME, fmt
+from dhm.summary.tables import axis_values, column_meta, grid_layout
+
+MAX_IMAGE_RUNS = 48  # runs whose image grids are embedded (the page stays a few MB)
+HEATMAP_PREFIXES = ("accuracy", "ece", "auroc", "fgsm", "pgd")  # headline metrics drawn as grids
+_CURVES = (
+    "fgsm/eps",
+    "fgsm/accuracy",
+    "pgd/eps",
+    "pgd/accuracy",
+    "reliability/counts",
+    "reliability/accuracy",
+    "reliability/confidence",
+    "elbo_hist/edges",
+)
+
+
+def _read_table(group: h5py.Group) -> tuple[list[str], list[dict]]:
+    """A table of results.h5 as rows: floats (None for NaN) and strings (None when empty)."""
+    cols = json.loads(group.attrs["columns"])
+    data = {c: group[c].asstr()[()] if group[c].dtype.kind == "O" else group[c][()] for c in cols}
+    n = len(data[cols[0]]) if cols else 0
+    rows = []
+    for i in range(n):
+        row = {}
+        for c in cols:
+            v = data[c][i]
+            if isinstance(v, str):
+                row[c] = v or None
+            else:
+                row[c] = None if math.isnan(v) else float(v)
+        rows.append(row)
+    return cols, rows
+
+
+def _curves(g: h5py.Group) -> dict[str, Any]:
+    out: dict[str, Any] = {"run_id": list(g["run_id"].asstr()[()]) if "run_id" in g else []}
+    for key in _CURVES:
+        out[key] = g[key][()] if key in g else None
+    out["hists"] = {k: g[f"elbo_hist/counts/{k}"][()] for k in g.get("elbo_hist/counts", {})}
+    return out
+
+
+def _round(values: Any) -> list[float | None]:
+    a = np.asarray(values, dtype=np.float64)
+    return [None if not math.isfinite(v) else float(f"{v:.4g}") for v in a.ravel()]
+
+
+def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
+    """Run i's figures as the page's script draws them (attacks, reliability, histograms)."""
+    d: dict[str, Any] = {"id": rid, "id_set": row.get("dataset")}
+    for kind in ("fgsm", "pgd"):
+        if c[f"{kind}/eps"] is not None and not np.isnan(c[f"{kind}/accuracy"][i]).all():
+            d[kind] = [_round(c[f"{kind}/eps"]), _round(c[f"{kind}/accuracy"][i])]
+    if c["reliability/counts"] is not None and c["reliability/counts"][i].sum() > 0:
+        d["rel"] = {k: _round(c[f"reliability/{k}"][i]) for k in ("accuracy", "confidence")}
+        d["rel"]["counts"] = [int(v) for v in c["reliability/counts"][i]]
+    if c["elbo_hist/edges"] is not None and np.isfinite(c["elbo_hist/edges"][i]).all():
+        d["hist"] = {
+            "edges": _round(c["elbo_hist/edges"][i]),
+            "sets": {k: [int(v) for v in h[i]] for k, h in c["hists"].items() if h[i].sum() > 0},
+        }
+    return d
+
+
+def _png(images: np.ndarray, ncol: int = 8) -> str:
+    """A grid of uint8 images [n, 3, 32, 32] as a PNG data URI (2x upscaled)."""
+    n = len(images)
+    rows = -(-n // ncol)
+    grid = np.full((rows * 34, ncol * 34, 3), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, col = divmod(k, ncol)
+        grid[r * 34 + 1 : r * 34 + 33, col * 34 + 1 : col * 34 + 33] = img.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
+        buf, format="PNG"
+    )
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
+    """inputs, recon and samples of the run's first test shard, as PNG data URIs."""
+    if not id_set:
+        return {}
+    paths = sorted((sweep_dir / "runs" / rid / "eval").glob(f"{id_set}__0000000-*.h5"))
+    if not paths:
+        return {}
+    try:
+        with h5py.File(paths[0], "r") as f:
+            g = f.get(f"{id_set}/images")
+            if g is None:
+                return {}
+            return {k: _png(g[k][()]) for k in ("inputs", "recon", "samples") if k in g}
+    except OSError:
+        return {}
+
+
+def _value(ok: list[dict], metric: str) -> dict[str, Any] | None:
+    """A headline cell: mean and std (ddof 1) over the cell's ok runs when several have the
+    metric, else the value with its bootstrap interval (lo, hi: None when not computed)."""
+    vals = [r[metric] for r in ok if r.get(metric) is not None]
+    if not vals:
+        return None
+    if len(vals) > 1:
+        return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1))}
+    lo, hi = ok[0].get(f"{metric}_ci_lo"), ok[0].get(f"{metric}_ci_hi")
+    return {"value": vals[0], "lo": lo, "hi": hi}
+
+
+def _groups(
+    rows: list[dict], cells: list[dict] | None, shown: list[str], headline: list[str]
+) -> list[dict[str, Any]]:
+    """The headline table's rows: one per seed cell (its runs, settings and metric cells)."""
+    by_id = {r["run_id"]: r for r in rows}
+    groups = [c["runs"].split() for c in cells] if cells else [[r["run_id"]] for r in rows]
+    out = []
+    for ids in groups:
+        members = [by_id[i] for i in ids if i in by_id]
+        ok = [r for r in members if r["status"] == "ok"]
+        out.append(
+            {
+                "ids": ids,
+                "members": [r["run_id"] for r in members],
+                "settings": [members[0].get(c) for c in shown],
+                "values": [_value(ok, m) for m in headline],
+            }
+        )
+    return out
+
+
+def _heatmap(metric: str, grid: list[dict], base: list[dict], axes: list[str]) -> dict[str, Any]:
+    """One metric over the two axes: per cell its runs and, when any is ok, their mean."""
+    words, _, better = column_meta(metric)
+    xs = axis_values(grid, axes[0])
+    ys = axis_values(grid, axes[1]) if len(axes) > 1 else [None]
+    by_key: dict[tuple, list[dict]] = {}
+    for r in grid:
+        key = (fmt(r.get(axes[0])), fmt(r.get(axes[1])) if len(axes) > 1 else "")
+        by_key.setdefault(key, []).append(r)
+
+    def cell(rs: list[dict]) -> dict[str, Any]:
+        ok = [r[metric] for r in rs if r.get("status") == "ok" and r.get(metric) is not None]
+        out: dict[str, Any] = {"ids": [r["run_id"] for r in rs]}
+        if ok:
+            out.update(mean=float(np.mean(ok)), n=len(ok))
+        return out
+
+    lines = [
+        {
+            "label": fmt(y, 3) if y is not None else "",
+            "cells": [cell(by_key.get((fmt(x), fmt(y) if y is not None else ""), [])) for x in xs],
+        }
+        for y in reversed(ys)
+    ]
+    return {
+        "words": words,
+        "better": better,
+        "axes": axes,
+        "xs": [fmt(x, 3) for x in xs],
+        "rows": lines,
+        "base": [{"label": str(r.get("model")), "cell": cell([r])} for r in base],
+    }
+
+
+def _heatmaps(settings: list[str], rows: list[dict], headline: list[str]) -> list[dict] | None:
+    """The headline heatmaps over the grid; None when no setting varies (no grid)."""
+    grid, base, axes = grid_layout(settings, rows)
+    if not axes:
+        return None
+    metrics = [m for m in headline if m.startswith(HEATMAP_PREFIXES)]
+    return [_heatmap(m, grid, base, axes) for m in metrics]
+
+
+def _meta(col: str) -> dict[str, Any]:
+    words, unit, better = column_meta(col)
+    return {"col": col, "words": words, "unit": unit, "better": better}
+
+
+def report_data(
+    sweep_dir: Path, summary: Path, max_image_runs: int = MAX_IMAGE_RUNS
+) -> dict[str, Any]:
+    """Everything the page shows of ``summary/results.h5`` and the runs' shards, as JSON."""
+    with h5py.File(summary / "results.h5", "r") as f:
+        cols, rows = _read_table(f["table"])
+        cells = _read_table(f["cells"])[1] if "cells" in f else None
+        curves = _curves(f["runs"])
+        attrs = dict(f.attrs)
+    dataset_at = cols.index("dataset") if "dataset" in cols else 1
+    settings = cols[2 : dataset_at + 1]
+    shown = [c for c in settings if c not in ("seed", "train.seed")]
+    headline = json.loads(attrs.get("headline", "[]"))
+    runs = []
+    for i, rid in enumerate(curves["run_id"]):
+        d = _run_data(i, rid, curves, rows[i])
+        if i < max_image_runs:
+            d["images"] = _images(sweep_dir, rid, rows[i].get("dataset"))
+        runs.append(d)
+    return {
+        "format": DATA_FORMAT,
+        "created": str(attrs["created"]) if "created" in attrs else None,
+        "git_commit": str(attrs.get("git_commit", "unknown")),
+        "shown": shown,
+        "headline": [_meta(m) for m in headline],
+        "rows": [{k: r.get(k) for k in ("run_id", "status", "problem")} for r in rows],
+        "groups": _groups(rows, cells, shown, headline),
+        "heatmaps": _heatmaps(settings, rows, headline) if rows else None,
+        "runs": runs,
+        "max_image_runs": max_image_runs,
+    }
+
+
+def write_report_data(
+    sweep_dir: str | Path,
+    summary_dir: str | Path | None = None,
+    max_image_runs: int = MAX_IMAGE_RUNS,
+) -> Path:
+    """Write ``<summary_dir>/report_data.json`` (default ``<sweep_dir>/summary``); its path."""
+    sweep_dir = Path(sweep_dir)
+    summary = Path(summary_dir) if summary_dir is not None else sweep_dir / "summary"
+    data = report_data(sweep_dir, summary, max_image_runs)
+    return atomic_write_text(summary / DATA_NAME, json.dumps(data, separators=(",", ":")))

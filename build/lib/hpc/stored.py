@@ -1,0 +1,75 @@
+"""The modes that read a stored sweep by its name: status, cancel and report.
+
+    python launch.py sweep.name=alpha_beta mode=status             # one row per run
+    python launch.py sweep.name=alpha_beta mode=status runs=[ab12] # one run in full
+    python launch.py sweep.name=alpha_beta mode=cancel
+    python launch.py sweep.name=alpha_beta mode=report             # rewrite summary/report.html
+
+They need the stored plan, the disk and Slurm's answers, nothing of the planning or submission
+code (``hpc.launcher`` imports this module for the stored sweep; never the other way).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+from omegaconf import DictConfig
+
+from dhm.core.layout import estimates_of
+from dhm.report.page import write_report
+from hpc import ledger
+from hpc.ledger import SlurmError
+from hpc.schema import check_launch
+from hpc.state import run_reports
+from hpc.status import detail_lines, status_lines
+from hpc.sweep import Run, select, stored_sweep, sweep_dir
+
+
+def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
+    """scancel the tasks of the selected runs that are pending or running (and the aggregate
+    job when the whole sweep is selected)."""
+    wanted = {r.run_id for r in runs}
+    ids = sorted(
+        {
+            a.job_id
+            for a in ledger.attempts(cfg)
+            if a.active and (set(a.runs) & wanted or (everything and a.stage == "aggregate"))
+        }
+    )
+    scancel(ids)
+    if ids:
+        ledger.record_cancel(cfg, ids, "mode=cancel")
+    print(f"cancelled {len(ids)} task(s)" + (f": {' '.join(ids)}" if ids else ""))
+    return 0
+
+
+def scancel(job_ids: list[str]) -> None:
+    if job_ids:
+        try:
+            subprocess.run(["scancel", *job_ids], check=True, timeout=60, capture_output=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise SlurmError(f"scancel {' '.join(job_ids)} failed: {err}") from None
+
+
+def main(cfg: DictConfig, argv: list[str]) -> int:
+    """status | cancel | report: from the stored plan, by the sweep's name."""
+    check_launch(cfg)
+    cfg, all_runs, stored = stored_sweep(cfg, argv)
+    runs = select(cfg, all_runs)
+    whole = len(runs) == len(all_runs)
+    query = cfg.cluster.name == "slurm"
+    if cfg.mode == "cancel":
+        return cancel(cfg, runs, whole)
+    if cfg.mode == "report":
+        _, states = run_reports(cfg, runs, query)
+        print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
+        return 0
+    if cfg.runs and len(runs) == 1:
+        print("\n".join(detail_lines(cfg, runs[0], query)))
+        return 0
+    lines, states = status_lines(cfg, runs, query, estimates_of(stored))
+    print("\n".join(lines))
+    if whole and sweep_dir(cfg).exists():
+        print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
+    return 0
