@@ -1,8 +1,9 @@
-"""main(cfg): validate -> plan -> submit | status | cancel | aggregate | report | calibrate.
+"""main(cfg): validate -> plan -> submit (run, dry_run), aggregate, calibrate. Status, cancel
+and report of a stored sweep are ``hpc.stored``'s.
 
     python launch.py sweep=alpha_beta cluster=slurm      # submit the study, return at once
     python launch.py sweep=alpha_beta mode=dry_run       # the plan, its cost, the sbatch scripts
-    python launch.py sweep.name=alpha_beta mode=status   # one row per run (the stored plan)
+    python launch.py sweep.name=alpha_beta mode=aggregate
     python launch.py                                     # the offline demo, in this process
 
 Everything a compute node would refuse is refused here first, in ``mode=run`` and
