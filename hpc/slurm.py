@@ -488,11 +488,3 @@ def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[s
         )
         print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))", flush=True)
     return ids
-
-
-def cancel(job_ids: list[str]) -> None:
-    if job_ids:
-        try:
-            subprocess.run(["scancel", *job_ids], check=True, timeout=60, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as err:
-            raise SlurmError(f"scancel {' '.join(job_ids)} failed: {err}") from None
