@@ -446,3 +446,11 @@ def latest(atts: list[Attempt]) -> dict[tuple[str, str, str], Attempt]:
 def log_tail(a: Attempt, lines: int = 15) -> list[str]:
     """The last lines of the attempt's error log, else of its output log."""
     return tail(a.err_log, lines) or tail(a.log, lines)
+
+
+def scancel(job_ids: list[str]) -> None:
+    if job_ids:
+        try:
+            subprocess.run(["scancel", *job_ids], check=True, timeout=60, capture_output=True)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise SlurmError(f"scancel {' '.join(job_ids)} failed: {err}") from None

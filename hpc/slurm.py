@@ -466,7 +466,7 @@ def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[s
                 reason[-1] if reason else type(err).__name__,
             )
             if ids:
-                cancel(ids)
+                ledger.scancel(ids)
                 ledger.record_cancel(cfg, ids, f"sbatch failed for {spec.stage}: {reason}")
             done = f"; cancelled the {len(ids)} array(s) it had submitted ({' '.join(ids)})"
             raise SlurmError(

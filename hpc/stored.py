@@ -11,7 +11,6 @@ code (``hpc.launcher`` imports this module for the stored sweep; never the other
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,7 +18,6 @@ from omegaconf import DictConfig
 from dhm.core.layout import estimates_of
 from dhm.report.page import write_report
 from hpc import ledger
-from hpc.ledger import SlurmError
 from hpc.schema import check_launch
 from hpc.state import run_reports
 from hpc.status import detail_lines, status_lines
@@ -37,19 +35,11 @@ def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
             if a.active and (set(a.runs) & wanted or (everything and a.stage == "aggregate"))
         }
     )
-    scancel(ids)
+    ledger.scancel(ids)
     if ids:
         ledger.record_cancel(cfg, ids, "mode=cancel")
     print(f"cancelled {len(ids)} task(s)" + (f": {' '.join(ids)}" if ids else ""))
     return 0
-
-
-def scancel(job_ids: list[str]) -> None:
-    if job_ids:
-        try:
-            subprocess.run(["scancel", *job_ids], check=True, timeout=60, capture_output=True)
-        except (OSError, subprocess.SubprocessError) as err:
-            raise SlurmError(f"scancel {' '.join(job_ids)} failed: {err}") from None
 
 
 def main(cfg: DictConfig, argv: list[str]) -> int:
