@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from dhm.core import provenance
 from dhm.core.config import RunConfig
 from dhm.core.datasets import DATASETS
 from dhm.core.fsutil import atomic_write_text
@@ -686,8 +687,6 @@ def _write_tables(summary: Path, sweep_dir: Path, m: _Measured) -> list[str]:
     write_csv(summary / "results.csv", m.columns, m.rows)
     write_csv(summary / "cells.csv", list(m.cells[0]) if m.cells else [], m.cells)
     write_md(summary / "results.md", m.columns, m.rows, m.headline, m.problems, m.ignored, m.cells)
-    from dhm.core import provenance
-
     attrs = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sweep": sweep_dir.name,
