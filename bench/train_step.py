@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from bench import common
 from dhm.data.loaders import DeviceLoader, ImageSet
 from dhm.model.hybrid import DHMOutput
-from dhm.training.train import FiniteWatch, make_optimizer, step_seed, training_loss
+from dhm.training.train import (
+    FiniteWatch,
+    make_optimizer,
+    param_groups,
+    step_seed,
+    training_loss,
+)
 
 # CPU: let the reference's DataLoader workers finish prefetching before a sample is timed.
 SETTLE_S = 0.1
@@ -46,8 +52,7 @@ class OurStep:
         self.channels_last = self.acc.device.type == "cuda" and tcfg.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(params, tcfg)
+        optimizer = make_optimizer(param_groups(model, tcfg), tcfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.model.train()
         # As dhm.training.train: the compiled module runs the step, the prepared one holds the

@@ -447,7 +447,7 @@ def calibrate_models(models: dict[str, Any], steps: int, warmup: int) -> dict[st
     steps (after ``warmup``) of each run config in ``models``, on this process's device."""
     import torch
 
-    from dhm.training.train import make_optimizer, model_for, training_loss
+    from dhm.training.train import make_optimizer, model_for, param_groups, training_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -457,7 +457,7 @@ def calibrate_models(models: dict[str, Any], steps: int, warmup: int) -> dict[st
         model = model_for(cfg).to(device).train()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+        opt = make_optimizer(param_groups(model, cfg.train), cfg.train)
         b = cfg.train.batch_size
         x = torch.rand(b, 3, 32, 32, device=device)
         y = torch.randint(0, 8, (b,), device=device)

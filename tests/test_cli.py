@@ -134,6 +134,23 @@ def test_run_ids_of_the_shipped_sweeps_are_pinned():
         assert [r.run_id for r in expand(compose_config([f"sweep={sweep}"]))] == ids, sweep
 
 
+def test_identity_3_moves_only_the_runs_whose_learned_sigma_now_trains_otherwise():
+    # Identity 3 (train.sigma_lr) changed what a learned sigma trains, and only that: the
+    # thesis study (likelihood thesis) and classifiers keep their ids, and train.sigma_lr=null
+    # (the old behaviour) gives every run its version-2 id back (run_ids_v2.json: the ids
+    # pinned before the change; the demo left it, as its own config changed to sigma=optimal).
+    now = json.loads((REPO / "tests" / "run_ids.json").read_text())
+    v2 = json.loads((REPO / "tests" / "run_ids_v2.json").read_text())
+    assert now["alpha_beta"] == v2["alpha_beta"]
+    for sweep, ids in v2.items():
+        runs = expand(compose_config([f"sweep={sweep}", "train.sigma_lr=null"]))
+        assert [r.run_id for r in runs] == ids, sweep
+        moved = {
+            r.cfg.model.name for r, old in zip(runs, now[sweep], strict=True) if r.run_id != old
+        }
+        assert "resnet" not in moved
+
+
 def test_the_identity_defaults_are_what_omegaconf_makes_of_the_schema():
     # Run ids compare with dataclasses.asdict(RunConfig()): the same data, types included,
     # as OmegaConf's structured config of RunConfig, which validates every composed value.

@@ -23,8 +23,12 @@ from dhm.core.datasets import DATASETS, OOD_SETS
 
 MODEL_KINDS = ("dhm", "resnet", "vae", "zmodel")
 LIKELIHOODS = ("gaussian", "thesis")
-SIGMAS = ("global", "channel", "fixed")
-IDENTITY_VERSION = 2  # 1: every field hashed (until 2026-12); 2: the delta from the defaults
+SIGMAS = ("global", "channel", "fixed", "optimal")
+# 1: every field hashed (until 2026-12); 2: the delta from the defaults; 3: a learned sigma
+# trains at train.sigma_lr (2026-12-07). Version 3 applies only to runs whose training it
+# changed (``training_identity``): a classifier, a fixed or optimal sigma, the thesis objective
+# and train.sigma_lr=null train as before and keep their version-2 ids.
+IDENTITY_VERSION = 3
 
 
 class ConfigError(ValueError):
@@ -45,7 +49,9 @@ class ModelConfig:
     # thesis: the thesis' objective, mean squared error per element (of the normalized image)
     # + kl_coeff x the KL averaged over latent dims; not a likelihood (evaluation fits sigma).
     likelihood: str = "gaussian"
-    sigma: str = "global"  # global | channel: learned; fixed: obs_sigma
+    # global | channel: learned (at train.sigma_lr); fixed: obs_sigma; optimal: each batch's
+    # closed-form optimum, the RMS reconstruction error (the sigma-VAE, Rybkin et al. 2021).
+    sigma: str = "global"
     obs_sigma: float = 0.1  # the fixed sigma, or a learned sigma's initial value (target units)
     kl_coeff: float = 0.1  # beta-VAE weight on the KL term
     importance_num: int = 1  # k samples; > 1 trains on the IWAE bound
@@ -75,6 +81,10 @@ class TrainConfig:
     lr_decay: float = 0.1
     lr_decay_every: int = 50  # epochs
     weight_decay: float = 0.0
+    # Adam's learning rate for a learned decoder log sigma (model.sigma global | channel). Adam
+    # moves a parameter by about lr per step, so at train.lr (1e-3) log sigma cannot reach its
+    # optimum in a short run. null: train.lr, the behaviour before 2026-12-07.
+    sigma_lr: float | None = 0.05
     seed: int = 0
     checkpoint_every_steps: int = 500  # 0: only at epoch ends
     keep_checkpoints: int = 2  # step checkpoints kept besides final.pt
@@ -197,6 +207,8 @@ def check_train(t: Any) -> None:
     _at_least("train", t, ("checkpoint_every_steps", "val_every_epochs"), 0)
     if not t.lr > 0:
         _fail("train.lr", t.lr, "a number > 0")
+    if t.sigma_lr is not None and not t.sigma_lr > 0:
+        _fail("train.sigma_lr", t.sigma_lr, "a number > 0, or null (train.lr)")
     if not 0 < t.lr_decay <= 1:
         _fail("train.lr_decay", t.lr_decay, "a factor in (0, 1]")
     if t.weight_decay < 0:
@@ -367,11 +379,28 @@ def training_identity(cfg: Any, *, full: bool = False) -> dict[str, Any]:
     plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in plain["data"].items() if k not in OPERATIONAL_DATA_KEYS}
     train = {k: v for k, v in plain["train"].items() if k not in OPERATIONAL_TRAIN_KEYS}
+    if not learns_sigma(plain["model"]):
+        train.pop("sigma_lr", None)  # no learned sigma: its rate trains nothing
     ident = {"model": dict(plain["model"]), "data": data, "train": train}
     if full:
         return ident
     defaults = {k: RUN_DEFAULTS[k] for k in ident}
-    return {"identity": IDENTITY_VERSION, **_delta(ident, defaults)}
+    delta = _delta(ident, defaults)
+    if train.get("sigma_lr", 0.0) is None:  # version 2 trained so: the same id as then
+        del delta["train"]["sigma_lr"]
+        if not delta["train"]:
+            del delta["train"]
+        return {"identity": 2, **delta}
+    return {"identity": IDENTITY_VERSION if "sigma_lr" in train else 2, **delta}
+
+
+def learns_sigma(model: dict[str, Any]) -> bool:
+    """Whether a run trains its decoder sigma by gradient (model.sigma global | channel)."""
+    return (
+        model["name"] != "resnet"
+        and model["likelihood"] == "gaussian"
+        and model["sigma"] in ("global", "channel")
+    )
 
 
 def run_config(**overrides: Any) -> DictConfig:
@@ -386,7 +415,8 @@ def from_yaml(text: str) -> DictConfig:
     """A stored config (checkpoint, config.yaml) on the current schema: newer keys get defaults.
 
     Configs written before ``model.sigma`` existed had ``model.learn_sigma``; they are read as
-    ``sigma: global`` (learned) or ``fixed``, what they trained with.
+    ``sigma: global`` (learned) or ``fixed``, what they trained with. Configs written before
+    ``train.sigma_lr`` existed read it as null (sigma trained at train.lr), what they did.
     """
     data = OmegaConf.create(text)
     model = data.get("model") if isinstance(data, DictConfig) else None
@@ -394,6 +424,9 @@ def from_yaml(text: str) -> DictConfig:
         learned = model.pop("learn_sigma")
         if "sigma" not in model:
             model.sigma = "global" if learned else "fixed"
+    train = data.get("train") if isinstance(data, DictConfig) else None
+    if isinstance(train, DictConfig) and "sigma_lr" not in train:
+        train.sigma_lr = None  # written before train.sigma_lr: sigma trained at train.lr
     return OmegaConf.merge(OmegaConf.structured(RunConfig), data)
 
 

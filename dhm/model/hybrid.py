@@ -14,7 +14,10 @@ unless ``vae_trunk_grad=False`` gives the encoder a stop-gradient copy too (the 
 learns from the cross-entropy alone).
 
 The observation model's sigma is ``log_sigma``: a scalar (``sigma="global"``, learned; or
-``"fixed"``, not trained) or one value per channel of the target (``"channel"``, learned).
+``"fixed"``, not trained) or one value per channel of the target (``"channel"``, learned). With
+``sigma="optimal"`` training uses each batch's closed-form optimum instead
+(``dhm.model.objectives.optimal_log_sigma``) and ``log_sigma`` is not trained: evaluation fits
+it on the validation split, as for ``fixed``.
 """
 
 from __future__ import annotations
@@ -91,12 +94,14 @@ class DeepHybridModel(nn.Module):
             self.fc_mu = nn.Linear(feat, latent_dim)
             self.fc_logvar = nn.Linear(feat, latent_dim)
             self.decoder = ResNetDecoder(latent_dim, width, last_stage=vae_split_layer, norm=norm)
-            if sigma not in ("global", "channel", "fixed"):
-                raise ValueError(f"sigma={sigma!r} is not allowed: global, channel or fixed")
+            if sigma not in ("global", "channel", "fixed", "optimal"):
+                raise ValueError(
+                    f"sigma={sigma!r} is not allowed: global, channel, fixed or optimal"
+                )
             channels = encoder_stage_shape(vae_split_layer, width)[0]
             shape = (channels,) if sigma == "channel" else ()
             self.log_sigma = nn.Parameter(
-                torch.full(shape, math.log(obs_sigma)), requires_grad=sigma != "fixed"
+                torch.full(shape, math.log(obs_sigma)), requires_grad=sigma in ("global", "channel")
             )
         if self.has_head:
             head_in = {"dhm": feat + latent_dim, "resnet": feat, "zmodel": latent_dim}[kind]

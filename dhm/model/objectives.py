@@ -47,6 +47,21 @@ def gaussian_log_likelihood(
     return log_p.flatten(1).sum(1)
 
 
+OPTIMAL_SIGMA_MIN = 1e-3  # floor of the batch-optimal sigma: a perfect reconstruction has no log 0.
+# It never binds on images: the 8-bit grid's quantization noise alone is 1/255/sqrt(12) = 1.1e-3.
+
+
+def optimal_log_sigma(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """log of the sigma that maximises the Gaussian log-likelihood of ``target`` [B, ...] under
+    decoder means ``recon`` [k, B, ...]: sigma^2 = the mean squared error over samples, images and
+    elements (Rybkin et al. 2021, the "optimal sigma" of the sigma-VAE). Detached: at the
+    optimum the objective's derivative in sigma is zero, so the gradient through it would add
+    nothing. A scalar tensor; floored at OPTIMAL_SIGMA_MIN."""
+    with torch.no_grad():
+        mse = (wide(recon) - wide(target).unsqueeze(0)).square().mean()
+        return 0.5 * torch.log(mse.clamp_min(OPTIMAL_SIGMA_MIN**2))
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag(exp(logvar))) || N(0, I)) summed over latent dims: [B, D] -> [B] nats."""
     mu, logvar = wide(mu), wide(logvar)

@@ -17,7 +17,8 @@ from dhm.core.layout import METRICS_LOG
 
 METRIC_FIELDS = (
     "step", "epoch", "lr", "loss", "ce", "accuracy", "rec_nll", "kl", "neg_elbo",
-    "vae_objective", "images_per_s", "val_accuracy", "val_nll", "val_neg_elbo",
+    "vae_objective", "sigma", "images_per_s", "val_accuracy", "val_nll", "val_neg_elbo",
+    "val_sigma_fitted",
 )  # fmt: skip
 
 

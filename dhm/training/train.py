@@ -33,7 +33,7 @@ from dhm.core.fsutil import atomic_write_text
 from dhm.data import loaders as data_lib
 from dhm.model import checkpoint as model_ckpt
 from dhm.model.hybrid import DeepHybridModel, build_model, warm_start_from_resnet
-from dhm.model.objectives import hybrid_loss, vae_terms
+from dhm.model.objectives import hybrid_loss, optimal_log_sigma, vae_terms
 from dhm.training import validation as val_lib
 from dhm.training.monitor import (  # noqa: F401 - NonFiniteLossError is part of this module's API
     FiniteWatch,
@@ -64,9 +64,22 @@ class StopRequest:
         self.requested = False
 
 
-def make_optimizer(params: list[torch.nn.Parameter], t: Any) -> torch.optim.Adam:
-    """Adam for cfg.train ``t``, multi-tensor (``foreach``): a few ops over all parameters per
-    step instead of a few per parameter tensor, and bitwise the same result as the for-loop.
+def param_groups(model: torch.nn.Module, t: Any) -> list[dict[str, Any]]:
+    """The trained parameters of ``model`` as Adam's groups: a learned decoder ``log_sigma`` in
+    a group of its own at cfg.train ``t``'s sigma_lr (when set), everything else at t.lr."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sigma_lr = t.get("sigma_lr")
+    sigma = [p for n, p in params if n.split(".")[-1] == "log_sigma"] if sigma_lr else []
+    rest = [p for _, p in params if not any(p is q for q in sigma)]
+    return [{"params": rest}] + (
+        [{"params": sigma, "lr": sigma_lr, "betas": (0.9, 0.9)}] if sigma else []
+    )
+
+
+def make_optimizer(params: list[Any], t: Any) -> torch.optim.Adam:
+    """Adam for cfg.train ``t`` over ``params`` (tensors, or ``param_groups``), multi-tensor
+    (``foreach``): a few ops over all parameters per step instead of a few per parameter
+    tensor, and bitwise the same result as the for-loop.
 
     Not ``fused=True``: on torch 2.14's CPU kernel it diverged from the for-loop Adam (see
     docs/performance.md), which foreach does not.
@@ -85,18 +98,25 @@ def training_loss(
         scale = 1.0
         if m.likelihood == "thesis" and m.vae_split_layer == 0 and model is not None:
             scale = model.pixel_std.view(-1, 1, 1)
+        log_sigma = out.log_sigma
+        if m.sigma == "optimal" and m.likelihood == "gaussian":
+            log_sigma = optimal_log_sigma(out.target, out.recon)
+        sigma = torch.as_tensor(log_sigma).detach().exp().mean()
         vae = vae_terms(
             out.target,
             out.recon,
             out.z,
             out.mu,
             out.logvar,
-            out.log_sigma,
+            log_sigma,
             kl_coeff=m.kl_coeff,
             likelihood=m.likelihood,
             target_scale=scale,
         )
-    return hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta)
+    loss, terms = hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta)
+    if vae is not None and m.likelihood == "gaussian":
+        terms["sigma"] = sigma  # the decoder sigma of this step (mean over channels)
+    return loss, terms
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -304,7 +324,7 @@ def _prepare_optimization(
     """Adam and the step-decay schedule for ``model``; (model, optimizer) as prepared by
     Accelerate, and the optimizer and scheduler states of ``resume`` loaded."""
     t = cfg.train
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], t)
+    optimizer = make_optimizer(param_groups(model, t), t)
     # The scheduler steps once per epoch and is not handed to Accelerate, which would step
     # it once per process.
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, t.lr_decay_every, gamma=t.lr_decay)
@@ -504,12 +524,12 @@ def _maybe_validate(rs: RunState) -> None:
 
 
 def _eval_sigma(rs: RunState) -> dict[str, Any]:
-    """The sigma evaluation uses, for final.pt: the learned one, or fitted on validation."""
+    """The sigma evaluation's headline bounds use, for final.pt: fitted in closed form on the
+    validation split for every sigma option (for a learned one too: the shards then hold its
+    trained bounds beside, ``dhm.evaluation.evaluate``)."""
     m = rs.unwrapped
     if not m.has_vae:
         return {}
-    if m.log_sigma.requires_grad:
-        return {"eval_sigma_source": "learned"}
 
     def fit(data: data_lib.ImageSet) -> val_lib.ValStats:
         return _validation_pass(rs, data)

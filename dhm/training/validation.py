@@ -38,7 +38,8 @@ class ValStats:
         return 0.5 * math.log(max(self.sums["sse"] / self.sums["elements"], 1e-30))
 
     def metrics(self) -> dict[str, float]:
-        """val_accuracy, val_nll (nats), val_neg_elbo (nats per image) where available."""
+        """val_accuracy, val_nll (nats), val_neg_elbo (nats per image) and val_sigma_fitted
+        (the closed-form sigma on these images) where available."""
         s, out = self.sums, {}
         if s["labelled"]:
             out["val_accuracy"] = s["correct"] / s["labelled"]
@@ -50,6 +51,7 @@ class ValStats:
             else:  # the closed form at the fitted sigma: D/2 (log(2 pi sigma^2) + 1)
                 rec = 0.5 * d * (math.log(2 * math.pi) + 2 * self.fitted_log_sigma() + 1)
             out["val_neg_elbo"] = rec + s["kl"] / n
+            out["val_sigma_fitted"] = math.exp(self.fitted_log_sigma())
         return out
 
 
