@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from dhm.core.config import to_yaml
 from dhm.evaluation import results
 from dhm.evaluation.attacks import fgsm_predictions
 from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, plan_shards
@@ -137,8 +138,14 @@ def test_shard_contents_and_provenance(trained):
         assert (
             f.attrs["likelihood_space"] == "pixels-dequantized" and f.attrs["pixel_levels"] == 255
         )
-        # Trained with the default learned sigma: evaluation uses it, and says so.
-        assert f.attrs["sigma_source"] == "learned" and len(json.loads(f.attrs["sigma"])) == 1
+        # Trained with the default learned sigma: the headline bounds use the sigma fitted on
+        # the validation split, and the trained sigma's bounds sit beside them.
+        assert (
+            f.attrs["sigma_source"].startswith("fitted on") and f.attrs["bound_sigma"] == "fitted"
+        )
+        assert len(json.loads(f.attrs["sigma"])) == len(json.loads(f.attrs["trained_sigma"])) == 1
+    assert digits["trained_neg_elbo"].shape == digits["trained_neg_iwae_k3"].shape == (150,)
+    assert "trained_neg_elbo" in ood and "trained_neg_elbo" not in val
     # Evaluating again keeps the complete files.
     mtimes = [p.stat().st_mtime_ns for p in paths]
     assert [p.stat().st_mtime_ns for p in evaluate_all(cfg, ckpt, run_id="r1")] == mtimes
@@ -383,3 +390,87 @@ def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     finally:
         os.umask(old)
     assert again.stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.slow
+def test_the_fitted_sigma_bound_is_at_least_the_trained_one_where_it_was_fitted(trained):
+    # The closed-form sigma maximises the ELBO summed over the images it was fitted on, for
+    # that noise: so on the validation images, with their one sample each (the noise
+    # validation_pass drew) and a global sigma, the fitted-sigma ELBO is at least the
+    # trained-sigma one. Both from _bounds, evaluation's own function.
+    from dhm.data import loaders as data_lib
+    from dhm.evaluation.evaluate import _bounds, load_model
+    from dhm.training import validation as val_lib
+
+    cfg, ckpt = trained
+    model, train_cfg, stored = load_model(ckpt, torch.device("cpu"))
+    assert model.log_sigma.requires_grad and model.log_sigma.ndim == 0  # learned, global
+    val = val_lib.validation_set(train_cfg, None)
+    stats = val_lib.validation_pass(model, val, 100, torch.device("cpu"), seed=7)
+    fitted, trained_ls = stats.fitted_log_sigma(), model.log_sigma.detach().clone()
+    assert abs(fitted - float(trained_ls)) > 1e-3  # the comparison is not between equals
+    with torch.no_grad():
+        model.log_sigma.fill_(fitted)
+    elbo_fitted = elbo_trained = 0.0
+    for block, (_, x, _) in enumerate(data_lib.iterate_batches(val, 100, device="cpu")):
+        eps = val_lib.block_noise(7, block, (1, x.shape[0], model.fc_mu.out_features))
+        with torch.no_grad():
+            found = _bounds(model, x, eps, [1], None, trained_ls)
+        elbo_fitted -= found["neg_elbo"].double().sum().item()
+        elbo_trained -= found["trained_neg_elbo"].double().sum().item()
+    assert elbo_fitted >= elbo_trained
+    # The fit stored in final.pt at the end of training is the same closed form.
+    assert stored["eval_sigma_source"].startswith("fitted on")
+
+
+@pytest.mark.slow
+def test_a_constant_decoder_scores_the_hand_computed_bits_per_dim_on_uniform_noise(
+    tmp_path, monkeypatch
+):
+    # A VAE whose decoder predicts 0.5 for every pixel and whose posterior is the prior (KL 0),
+    # evaluated through evaluate() with its sigma fitted on (noise) validation images. Uniform
+    # 8-bit noise, dequantized, is uniform on an interval of width 256/255 (variance
+    # ~1/12): the Gaussian of that variance costs 0.5 ln(2 pi e / 12) nats a dimension, so
+    # bits/dim = log2(255) + 0.5 log2(2 pi e / 12) = 8.249 (+ log2(256/255) = 0.0056 for the
+    # interval's extra level). Tolerance 0.01 bits: that term plus the sampling error of a
+    # fit over 200 x 3072 values (relative sd of a variance estimate ~ 0.1%).
+    import math
+
+    from dhm.data import loaders as data_lib
+    from dhm.evaluation import evaluate as ev
+    from dhm.model import checkpoint as model_ckpt
+    from dhm.model.nets import ResNetDecoder
+    from dhm.summary import metrics as M
+    from dhm.training.train import model_for
+
+    hand = math.log2(255) + 0.5 * math.log2(2 * math.pi * math.e / 12)
+    assert abs(hand - 8.249) < 1e-3
+    cfg = small_config(
+        tmp_path / "run",
+        **{"model.name": "vae", "model.alpha": 0.0, "model.sigma": "fixed", "eval.iwae_k": [2]},
+    )
+    model = model_for(cfg)
+    with torch.no_grad():  # q(z|x) = N(0, I), the prior: KL 0
+        for layer in (model.fc_mu, model.fc_logvar):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    # The decoder's last conv has no bias: make the decoder itself predict 0.5.
+    monkeypatch.setattr(
+        ResNetDecoder, "forward", lambda self, z: torch.full((z.shape[0], 3, 32, 32), 0.5)
+    )
+    ckpt = tmp_path / "final.pt"
+    model_ckpt.atomic_save({"model": model.state_dict(), "config_yaml": to_yaml(cfg)}, ckpt)
+    g = torch.Generator().manual_seed(0)
+    noise = data_lib.ImageSet(
+        "digits", torch.randint(0, 256, (200, 3, 32, 32), generator=g, dtype=torch.uint8),
+        torch.zeros(200, dtype=torch.int64),
+    )  # fmt: skip
+    monkeypatch.setattr(data_lib, "load_split", lambda *a, **k: noise)
+    path = ev.evaluate(cfg, ckpt, ev.ShardSpec("digits", "id", 0, 200, 200))
+    shard = results.read_shard(path)
+    assert shard.attrs["bound_sigma"] == "fitted"
+    sigma = json.loads(shard.attrs["sigma"])[0]
+    assert abs(sigma - math.sqrt(1 / 12)) < 0.01
+    bpd = M.bits_per_dim(float(np.mean(shard.arrays["neg_elbo"], dtype=np.float64)), 3072)
+    assert abs(bpd - hand) < 0.01
+    assert bpd < 8.0 + 0.3  # and no better than uniform (8.0) by more than the Gaussian's cost

@@ -136,9 +136,12 @@ def _bounds(
     eps: torch.Tensor,
     ks: list[int],
     target: torch.Tensor | None,
+    trained_log_sigma: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """For one batch with noise eps [kmax, B, D]: logits (if any), -ELBO [B], -IWAE_k [B] for
-    each k, and the effective sample size [B] of the kmax importance weights.
+    each k, and the effective sample size [B] of the kmax importance weights, under the model's
+    (evaluation) sigma; with ``trained_log_sigma``, also ``trained_neg_elbo`` and
+    ``trained_neg_iwae_k<k>`` under that sigma, from the same decoder outputs.
 
     ``target`` replaces the model's reconstruction target (the dequantized image); -ELBO uses
     beta = 1 and averages the reconstruction term over the kmax samples. The decoder sees
@@ -146,26 +149,33 @@ def _bounds(
     """
     kmax = eps.shape[0]
     per_call = max(1, DECODER_IMAGES.get(x.device.type, DECODER_IMAGES["cuda"]) // kmax)
-    logits, neg_elbo, log_w = [], [], []
+    sigmas = {"": None} if trained_log_sigma is None else {"": None, "trained_": trained_log_sigma}
+    logits, neg_elbo, log_w = [], {p: [] for p in sigmas}, {p: [] for p in sigmas}
     for s in range(0, x.shape[0], per_call):
         out = model(x[s : s + per_call], eps=eps[:, s : s + per_call].to(x.device, x.dtype))
         tgt = out.target if target is None else target[s : s + per_call]
         k, b = out.recon.shape[:2]
-        tgt_k = tgt.unsqueeze(0).expand(k, *tgt.shape)
-        log_px = gaussian_log_likelihood(
-            tgt_k.reshape(k * b, *tgt.shape[1:]),
-            out.recon.reshape(k * b, *out.recon.shape[2:]),
-            out.log_sigma,
-        ).view(k, b)
-        neg_elbo.append(-log_px.mean(0) + gaussian_kl(out.mu, out.logvar))
+        tgt_k = tgt.unsqueeze(0).expand(k, *tgt.shape).reshape(k * b, *tgt.shape[1:])
+        recon = out.recon.reshape(k * b, *out.recon.shape[2:])
+        kl = gaussian_kl(out.mu, out.logvar)
         log_qz = diag_gaussian_log_prob(out.z, out.mu.unsqueeze(0), out.logvar.unsqueeze(0))
-        log_w.append(log_px + standard_normal_log_prob(out.z) - log_qz)
+        log_pz = standard_normal_log_prob(out.z)
+        for prefix, log_sigma in sigmas.items():
+            if log_sigma is None:
+                log_sigma = out.log_sigma
+            log_px = gaussian_log_likelihood(tgt_k, recon, log_sigma).view(k, b)
+            neg_elbo[prefix].append(-log_px.mean(0) + kl)
+            log_w[prefix].append(log_px + log_pz - log_qz)
         if out.logits is not None:
             logits.append(out.logits)
-    lw = torch.cat(log_w, 1)
-    found = {f"neg_iwae_k{k}": -(torch.logsumexp(lw[:k], 0) - math.log(k)) for k in ks}
-    found["neg_elbo"] = torch.cat(neg_elbo)
-    found["iwae_ess"] = effective_sample_size(lw)
+    found = {}
+    for prefix in sigmas:
+        lw = torch.cat(log_w[prefix], 1)
+        for k in ks:
+            found[f"{prefix}neg_iwae_k{k}"] = -(torch.logsumexp(lw[:k], 0) - math.log(k))
+        found[f"{prefix}neg_elbo"] = torch.cat(neg_elbo[prefix])
+        if not prefix:
+            found["iwae_ess"] = effective_sample_size(lw)
     if logits:
         found["logits"] = torch.cat(logits)
     return found
@@ -208,18 +218,24 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[DeepHybrid
     return model.to(device).eval(), cfg, sigma
 
 
-def _set_eval_sigma(model: DeepHybridModel, cfg: Any, train_cfg: Any, stored: dict) -> str:
-    """Give the model the sigma evaluation uses; return where it came from."""
+def _set_eval_sigma(
+    model: DeepHybridModel, cfg: Any, train_cfg: Any, stored: dict
+) -> tuple[str, torch.Tensor | None]:
+    """Give the model the sigma evaluation's headline bounds use: the one fitted in closed form
+    on the validation split (stored in final.pt at the end of training, or fitted now for a
+    checkpoint from before that), for every sigma option. Returns where it came from, and the
+    trained sigma (log, the model's shape) when it was learned and so differs, else None."""
     if not model.has_vae:
-        return ""
-    if model.log_sigma.requires_grad:
-        return "learned"
+        return "", None
+    learned = model.log_sigma.requires_grad
+    trained = model.log_sigma.detach().clone() if learned else None
     if stored.get("eval_log_sigma") is not None:
         log_sigma, source = float(stored["eval_log_sigma"]), stored["eval_sigma_source"]
-    else:  # a checkpoint from before the fit: fit now
+    else:  # a checkpoint from before the fit (or before learned sigmas were fitted): fit now
         val = val_lib.validation_set(train_cfg.copy(), 10000)
         if val is None:
-            return f"fixed at {math.exp(float(model.log_sigma)):.4g} (no validation split)"
+            value = ", ".join(f"{math.exp(v):.4g}" for v in model.log_sigma.flatten().tolist())
+            return f"{'learned' if learned else 'fixed'} at {value} (no validation split)", None
         device = model.log_sigma.device
         stats = val_lib.validation_pass(
             model, val, cfg.eval.batch_size, device, seed=train_cfg.train.seed
@@ -228,7 +244,7 @@ def _set_eval_sigma(model: DeepHybridModel, cfg: Any, train_cfg: Any, stored: di
         source = f"fitted at evaluation on {int(stats.sums['images'])} validation images"
     with torch.no_grad():
         model.log_sigma.fill_(log_sigma)
-    return source
+    return source, trained
 
 
 def evaluate(
@@ -254,11 +270,11 @@ def evaluate(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, train_cfg, stored = load_model(checkpoint, device)
     train_cfg.data.root, train_cfg.data.download = cfg.data.root, cfg.data.download
-    sigma_source = _set_eval_sigma(model, cfg, train_cfg, stored)
+    sigma_source, trained = _set_eval_sigma(model, cfg, train_cfg, stored)
     data = load_eval_set(cfg, shard.set_name, shard.role)
     if len(data) != shard.set_size:
         raise ValueError(f"{shard.set_name} has {len(data)} images, the plan said {shard.set_size}")
-    arrays = _evaluate_arrays(cfg, model, data, shard, device)
+    arrays = _evaluate_arrays(cfg, model, data, shard, device, trained)
     attrs = {
         "role": shard.role,
         "set_size": shard.set_size,
@@ -279,8 +295,15 @@ def evaluate(
             "" if not model.has_vae else "activations" if model.split else "pixels-dequantized"
         ),
         "pixel_levels": PIXEL_LEVELS,
+        # The sigma of the headline bounds (neg_elbo, neg_iwae_k*), where it came from, and
+        # ("fitted" or "trained") which one it is; a learned sigma's own bounds are the
+        # trained_* columns, under trained_sigma.
         "sigma": [math.exp(v) for v in model.log_sigma.flatten().tolist()] if model.has_vae else [],
         "sigma_source": sigma_source,
+        "bound_sigma": _bound_sigma(sigma_source),
+        "trained_sigma": []
+        if trained is None
+        else [math.exp(v) for v in trained.flatten().tolist()],
         "training_likelihood": train_cfg.model.likelihood,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -288,6 +311,12 @@ def evaluate(
         **(extra_attrs or {}),
     }
     return results.write_shard(out_path, shard.set_name, arrays, attrs)
+
+
+def _bound_sigma(source: str) -> str:
+    """ "fitted" when the headline bounds use a sigma fitted on held-out images, "trained" when
+    they use the model's own (no split to fit on), "" without a VAE."""
+    return "fitted" if source.startswith("fitted") else "trained" if source else ""
 
 
 def _likelihood_columns(
@@ -298,6 +327,7 @@ def _likelihood_columns(
     noise: _PerImage,
     dequant: _PerImage | None,
     ks: list[int],
+    trained_log_sigma: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One batch's VAE columns: ``complexity_bits`` [B] (PNG length in bits, pixel-space VAEs
     only), then ``_bounds``' -ELBO [B] and -IWAE_k [B] (nats), ``iwae_ess`` [B] and, with a
@@ -309,7 +339,8 @@ def _likelihood_columns(
         raw = data.images[indices.cpu()].to(x.device, x.dtype)
         target = (raw + dequant(indices).to(x.device, x.dtype) - 0.5) / PIXEL_LEVELS
         found["complexity_bits"] = torch.from_numpy(compressed_bits(data.images[indices.cpu()]))
-    for key, value in _bounds(model, x, noise(indices).transpose(0, 1), ks, target).items():
+    eps = noise(indices).transpose(0, 1)
+    for key, value in _bounds(model, x, eps, ks, target, trained_log_sigma).items():
         found[key] = value.float() if key == "logits" else value
     return found
 
@@ -372,6 +403,7 @@ def _evaluate_arrays(
     data: data_lib.ImageSet,
     shard: ShardSpec,
     device: torch.device,
+    trained_log_sigma: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Every array of one shard (N = shard.stop - shard.start images): ``indices`` and, except
     for OOD sets, ``labels`` [N]; the likelihood columns (``_likelihood_columns``) of a model
@@ -401,7 +433,11 @@ def _evaluate_arrays(
         add({"indices": indices} if shard.role == "ood" else {"indices": indices, "labels": y})
         with torch.no_grad():
             if model.has_vae and shard.role != "val":
-                add(_likelihood_columns(model, data, indices, x, noise, dequant, ks))
+                add(
+                    _likelihood_columns(
+                        model, data, indices, x, noise, dequant, ks, trained_log_sigma
+                    )
+                )
             elif model.has_head:
                 add({"logits": model.classify(x).float()})
         if attack:

@@ -9,6 +9,8 @@ docs/results.md for every dataset, its units and when it is present):
     logits [N, C] float32      models with a classifier
     neg_elbo [N] float32       -ELBO in nats per image (beta = 1), models with a VAE
     neg_iwae_k<K> [N] float32  -IWAE bound with K samples, nats
+    trained_neg_elbo, trained_neg_iwae_k<K> [N]   the same under a learned sigma as trained
+                               (the two above use the sigma fitted on validation: bound_sigma)
     iwae_ess [N] float32       effective sample size of the largest K's importance weights
     complexity_bits [N]        PNG size of the 8-bit image in bits (image likelihoods)
     fgsm/eps, pgd/eps [E]      epsilons in [0, 1] pixel units (in-distribution set)
@@ -52,7 +54,7 @@ from dhm.core.shard_attrs import (  # noqa: F401 - part of this module's API
 
 _PER_SAMPLE_PREFIXES = (
     "indices", "labels", "logits", "neg_elbo", "neg_iwae_k", "iwae_ess", "complexity_bits",
-    "fgsm/pred", "pgd/pred",
+    "trained_neg_", "fgsm/pred", "pgd/pred",
 )  # fmt: skip
 
 REQUIRED_ATTRS = ("schema_version", "set", "role", "set_size", "start", "stop")  # read_shard checks
