@@ -322,3 +322,122 @@ def test_ece_and_auroc_against_torchmetrics():
     target = torch.cat([torch.ones(700), torch.zeros(500)]).long()
     auc = binary_auroc(torch.from_numpy(np.r_[s_in, s_out]), target)
     assert M.ood_metrics(s_in, s_out).auroc == pytest.approx(float(auc), abs=1e-6)
+
+
+# ---------------------------------------------------------------- intervals
+
+
+WILSON_CASES = [(0, 284), (284, 284), (1, 1), (0, 1), (5, 10), (137, 284), (3, 10_000)]
+
+
+@pytest.mark.parametrize(("k", "n"), WILSON_CASES)
+def test_wilson_interval_against_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    lo, hi = M.wilson_interval(k, n)
+    # Both are the same closed form (no iteration), so they agree to rounding: 1e-12 absolute.
+    assert lo == pytest.approx(ci.low, abs=1e-12) and hi == pytest.approx(ci.high, abs=1e-12)
+    assert isinstance(lo, float) and isinstance(hi, float)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert hi - lo > 0  # never zero width, 0/n and n/n included
+
+
+def test_wilson_interval_ends_and_arrays():
+    lo, hi = M.wilson_interval(0, 284)  # the case: every PGD example succeeded
+    assert lo == 0.0 and 0.013 < hi < 0.014
+    lo, hi = M.wilson_interval(284, 284)
+    assert hi == 1.0 and 0.986 < lo < 0.987
+    ks, ns = np.array([k for k, _ in WILSON_CASES]), np.array([n for _, n in WILSON_CASES])
+    los, his = M.wilson_interval(ks, ns)
+    assert los.shape == his.shape == (len(WILSON_CASES),)
+    for (k, n), lo, hi in zip(WILSON_CASES, los, his, strict=True):
+        assert (lo, hi) == M.wilson_interval(k, n)
+    with pytest.raises(ValueError, match="n = 0"):
+        M.wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="n = 0"):
+        M.wilson_interval(np.array([1, 0]), np.array([2, 0]))
+    with pytest.raises(ValueError, match="whole counts"):
+        M.wilson_interval(5, 4)
+    with pytest.raises(ValueError, match="whole counts"):
+        M.wilson_interval(1.5, 4)
+
+
+def test_seed_interval_against_scipy_t_interval():
+    from scipy.stats import sem, t
+
+    values = [0.90, 0.91, 0.92]  # mean 0.91, sample std 0.01
+    want = t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sem(values))
+    lo, hi = M.seed_interval(values)
+    assert lo == pytest.approx(want[0], abs=1e-12) and hi == pytest.approx(want[1], abs=1e-12)
+    # By hand: 0.91 +- t_{0.975, 2} 0.01 / sqrt(3), t_{0.975, 2} = 4.302653 (tables).
+    half = 4.302653 * 0.01 / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((0.91 - half, 0.91 + half), abs=1e-8)
+    assert M.seed_interval([0.90, None, 0.91, float("nan"), 0.92]) == (lo, hi)
+    assert M.seed_interval([0.9]) is None
+    assert M.seed_interval([0.9, float("nan")]) is None
+    assert M.seed_interval([]) is None
+    assert M.seed_interval([0.5, 0.5]) == (0.5, 0.5)  # identical seeds: zero width
+
+
+def test_zero_width():
+    assert M.zero_width(1.0, 1.0) and M.zero_width(0.0, 0.0)
+    assert not M.zero_width(0.0, 0.0133)
+    assert not M.zero_width(float("nan"), float("nan"))
+    assert not M.zero_width(float("inf"), float("inf"))
+    assert not M.zero_width(None, None) and not M.zero_width(1.0, None)
+
+
+def test_results_md_marks_zero_width_intervals(tmp_path):
+    from dhm.summary import tables as T
+
+    columns = ["run_id", "status", "dataset", "accuracy", "auroc_svhn_msp", "problem"]
+    columns += ["accuracy_ci_lo", "accuracy_ci_hi", "auroc_svhn_msp_ci_lo", "auroc_svhn_msp_ci_hi"]
+    headline = ["accuracy", "auroc_svhn_msp"]
+    perfect = {"auroc_svhn_msp": 1.0, "auroc_svhn_msp_ci_lo": 1.0, "auroc_svhn_msp_ci_hi": 1.0}
+    normal = {"auroc_svhn_msp": 0.9, "auroc_svhn_msp_ci_lo": 0.88, "auroc_svhn_msp_ci_hi": 0.92}
+    base = {"status": "ok", "dataset": "digits", "problem": ""}
+    acc = {"accuracy": 0.0, "accuracy_ci_lo": 0.0, "accuracy_ci_hi": 0.01334574538509095}
+    rows = [{"run_id": "a", **base, **acc, **perfect}, {"run_id": "b", **base, **acc, **normal}]
+
+    assert T._with_interval(rows[0], "auroc_svhn_msp") == f"1 [1, 1]{T.ZERO_WIDTH_MARK}"
+    assert T._with_interval(rows[1], "auroc_svhn_msp") == "0.9 [0.88, 0.92]"
+    assert T._with_interval(rows[0], "accuracy") == "0 [0, 0.0133]"  # Wilson: no mark
+    # Bounds that differ never print alike at 3 digits (which would look zero-width).
+    close = {"x": 0.9997, "x_ci_lo": 0.99951, "x_ci_hi": 0.99999}
+    assert T._with_interval(close, "x") == "0.9997 [0.9995, 1]"
+
+    T.write_md(tmp_path / "a.md", columns, rows, headline, [], 0)
+    md = (tmp_path / "a.md").read_text()
+    (line_a,) = [ln for ln in md.splitlines() if ln.startswith("| a |")]
+    assert line_a.endswith(f"| 1 [1, 1]{T.ZERO_WIDTH_MARK} |  |")
+    assert f"{T.ZERO_WIDTH_MARK} zero-width bootstrap interval: every resample" in md
+    assert md.index("| b |") < md.index("zero-width bootstrap interval") < md.index("## Problems")
+
+    T.write_md(tmp_path / "b.md", columns, rows[1:], headline, [], 0)
+    md = (tmp_path / "b.md").read_text()
+    assert T.ZERO_WIDTH_MARK not in md and "zero-width" not in md
+    assert "0.9 [0.88, 0.92]" in md and "Wilson" in md
+
+
+def test_results_md_seed_cells_show_the_t_interval(tmp_path):
+    from dhm.summary import tables as T
+
+    columns = ["run_id", "status", "beta", "dataset", "accuracy", "problem"]
+    rows = [{"run_id": r, "status": "ok", "beta": 0.1, "dataset": "d", "accuracy": 0.9}
+            for r in ("a", "b", "c")]  # fmt: skip
+    lo, hi = M.seed_interval([0.91, 0.90, 0.93])
+    cell = {"beta": 0.1, "dataset": "d", "n": 3, "runs": "a b c", "accuracy_mean": 0.9133}
+    cell |= {"accuracy_std": 0.01528, "accuracy_ci_lo": lo, "accuracy_ci_hi": hi}
+    same = {"beta": 1.0, "dataset": "d", "n": 2, "runs": "d e", "accuracy_mean": 1.0}
+    same |= {"accuracy_std": 0.0, "accuracy_ci_lo": 1.0, "accuracy_ci_hi": 1.0}
+    alone = {"beta": 10.0, "dataset": "d", "n": 1, "runs": "f", "accuracy_mean": 0.5}
+    alone |= {"accuracy_std": None, "accuracy_ci_lo": None, "accuracy_ci_hi": None}
+    T.write_md(tmp_path / "r.md", columns, rows, ["accuracy"], [], 0, [cell, same, alone])
+    md = (tmp_path / "r.md").read_text()
+    seeds = md.split("## Seed cells (mean ± std over seeds)")[1].split("## Problems")[0]
+    assert "| beta | dataset | n | accuracy |" in seeds  # the bounds are not settings columns
+    assert f"| 0.1 | d | 3 | 0.9133 ± 0.015 [{lo:.3g}, {hi:.3g}] |" in seeds
+    assert f"| 1 | d | 2 | 1 ± 0 [1, 1]{T.ZERO_WIDTH_MARK} |" in seeds
+    assert "| 10 | d | 1 | 0.5 |" in seeds
+    assert "Student-t" in seeds and "zero-width interval: every seed gave the same value" in seeds

@@ -16,8 +16,10 @@ Conventions
   confidence of exactly 0 goes to bin 0.
 * OOD detection: in-distribution (ID) is the POSITIVE class and a HIGHER score means "more
   in-distribution" (max softmax probability, ELBO = -neg_elbo, IWAE bound, ...).
-* Uncertainty: ``Bootstrap`` resamples test images (the same resamples for every run of a
-  sweep, so differences between runs are paired) and gives 95% percentile intervals.
+* Uncertainty (95% intervals): proportions of test images (accuracy, FGSM / PGD accuracy) get
+  ``wilson_interval``; the other metrics get ``Bootstrap``, which resamples test images (the
+  same resamples for every run of a sweep, so differences between runs are paired); a seed
+  cell's mean over seeds gets ``seed_interval``; ``zero_width`` tells a collapsed interval.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ __all__ = [
     "placements",
     "reliability",
     "reliability_from_confidence",
+    "seed_interval",
     "softmax",
+    "wilson_interval",
+    "zero_width",
 ]
 
 
@@ -370,7 +375,8 @@ class Bootstrap:
         return float(lo), float(hi)
 
     def mean(self, values: np.ndarray, tag: str) -> tuple[float, float]:
-        """Interval of the mean of per-image ``values [n]`` (accuracy: values = correct)."""
+        """Interval of the mean of per-image ``values [n]``. A proportion (values = correct)
+        collapses to [0, 0] or [1, 1] at 0/n or n/n: use :func:`wilson_interval` for those."""
         v = np.asarray(values, dtype=np.float32)
         return self.interval(self.weights(len(v), tag) @ v / len(v))
 
@@ -395,3 +401,68 @@ class Bootstrap:
         d_in = w_in @ (v10 - auc).astype(np.float32) / len(v10)
         d_out = w_out @ (v01 - auc).astype(np.float32) / len(v01)
         return self.interval(np.clip(auc + d_in + d_out, 0.0, 1.0))
+
+
+def wilson_interval(
+    k: int | np.ndarray, n: int | np.ndarray, z: float = 1.959963984540054
+) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (lo, hi) in [0, 1] of a proportion: ``k`` successes of ``n`` trials.
+
+    For accuracy, FGSM and PGD accuracy: k test images classified correctly of n. The
+    bootstrap of such a proportion has zero width at 0/n and n/n (resampling a set in which
+    no image survives the attack never draws one that does), though a true accuracy above 0
+    can give 0/284; Wilson's interval keeps a positive width there (0/284 -> [0, 0.0133]).
+    ``z`` is the two-sided normal quantile (default: 95%). Closed form (Newcombe 1998), equal
+    to ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``. Counts broadcast:
+    ints give floats, arrays give float64 arrays. Raises ``ValueError`` unless n >= 1 and
+    0 <= k <= n are whole numbers.
+    """
+    k_ = np.asarray(k, dtype=np.float64)
+    n_ = np.asarray(n, dtype=np.float64)
+    if np.any(n_ == 0):
+        raise ValueError("wilson_interval: n = 0 trials (no test images), no proportion to bound")
+    if not np.all((n_ >= 1) & (k_ >= 0) & (k_ <= n_) & (k_ == np.round(k_)) & (n_ == np.round(n_))):
+        raise ValueError(f"wilson_interval needs whole counts 0 <= k <= n, n >= 1; got {k=}, {n=}")
+    p = k_ / n_
+    denom = 2 * (n_ + z * z)
+    center = (2 * n_ * p + z * z) / denom
+    delta = z / denom * np.sqrt(4 * n_ * p * (1 - p) + z * z)
+    lo = np.where(k_ == 0, 0.0, center - delta)  # exact bounds at the ends, no rounding residue
+    hi = np.where(k_ == n_, 1.0, center + delta)
+    if lo.ndim == 0:
+        return float(lo), float(hi)
+    return lo, hi
+
+
+def seed_interval(values: np.ndarray | list[float]) -> tuple[float, float] | None:
+    """95% Student-t interval of the mean over seeds: ``mean +- t_{0.975, n-1} std / sqrt(n)``.
+
+    ``values [n]``: one metric of a seed cell's runs, in the metric's units; non-finite entries
+    (None, NaN) are dropped, and fewer than 2 finite values give None. ``std`` is the sample
+    std (ddof = 1). The spread over seeds is training randomness, which the test-image
+    intervals do not cover; with 3 seeds t = 4.30 (not 1.96), so few seeds give wide
+    intervals. Not clipped: for a fraction, a bound beyond [0, 1] says the seeds are too few
+    to pin the mean down. Equals ``scipy.stats.t.interval(0.95, n - 1, mean, sem)``.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return None
+    from scipy.stats import t  # only the summary needs it; keeps `import metrics` numpy-only
+
+    mean = float(v.mean())
+    half = float(t.ppf(0.975, v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return mean - half, mean + half
+
+
+def zero_width(lo: float | None, hi: float | None) -> bool:
+    """Whether an interval is one point: ``lo == hi``, both finite (None or NaN: False).
+
+    A percentile bootstrap interval collapses when every resample gives the same value, e.g.
+    AUROC = 1 when ID and OOD scores are perfectly separated (any resample stays separated).
+    That is a property of resampling, not certainty about the metric, so the tables mark it.
+    """
+    if lo is None or hi is None:
+        return False
+    lo, hi = float(lo), float(hi)
+    return math.isfinite(lo) and math.isfinite(hi) and lo == hi
