@@ -38,7 +38,9 @@ def test_metrics_match_independent_computation(sweep):
     report = aggregate(root, plots=False)
     assert report.problems == []
     df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
-    assert list(df.columns[:6]) == ["status", "model", "alpha", "beta", "dataset", "accuracy"]
+    assert list(df.columns[:7]) == [
+        "status", "model", "alpha", "beta", "dataset", "bound_sigma", "accuracy",
+    ]  # fmt: skip
     assert (df["status"] == "ok").all()
     a = arrays["dhm0001"]
     ident, ood = a["digits"], a["digits_ood"]
@@ -80,6 +82,13 @@ def test_metrics_match_independent_computation(sweep):
         assert row[f"neg_elbo_nats{suffix}"] == pytest.approx(mean, rel=1e-12)
         bpd = mean / (NUM_DIMS * math.log(2)) + math.log2(255)  # dequantized on the 1/255 grid
         assert row[f"bits_per_dim{suffix}"] == pytest.approx(bpd, rel=1e-12)
+        iwae = np.mean(a[set_name]["neg_iwae_k4"], dtype=np.float64)
+        iwae_bpd = iwae / (NUM_DIMS * math.log(2)) + math.log2(255)
+        assert row[f"iwae_bits_per_dim{suffix}"] == pytest.approx(iwae_bpd, rel=1e-12)
+        png = np.mean(a[set_name]["complexity_bits"], dtype=np.float64) / NUM_DIMS
+        assert row[f"png_bits_per_dim{suffix}"] == pytest.approx(png, rel=1e-12)
+    # Shards without bound_sigma or sigma_source (written before 2026-12-07) read as trained.
+    assert row["bound_sigma"] == "trained" and "trained_bits_per_dim" not in df.columns
     for e, pred in zip(EPS, ident["fgsm/pred"], strict=True):
         assert row[f"fgsm_acc_eps{format_eps(e)}"] == np.mean(pred == labels)
     assert [c for c in df.columns if c.startswith("fgsm") and "_ci_" not in c] == [
@@ -482,3 +491,16 @@ def test_a_summary_is_done_only_when_complete_and_newer_than_every_shard(sweep):
     assert (root / "summary" / "results.csv").read_text() == before
     aggregate(root, plots=False, allow_partial=True, replace_fewer=True)
     assert "missing" in (root / "summary" / "results.csv").read_text()
+
+
+def test_the_summary_says_which_sigma_each_runs_bounds_use():
+    from dhm.summary.aggregate import bound_sigma
+
+    assert bound_sigma({"bound_sigma": "fitted", "sigma_source": "fitted on 8000 ..."}) == "fitted"
+    # Shards from before 2026-12-07: only sigma_source; a learned sigma was used as trained.
+    assert bound_sigma({"sigma_source": "learned"}) == "trained"
+    assert bound_sigma({"sigma_source": "fitted on 8000 validation images"}) == "fitted"
+    assert bound_sigma({"sigma_source": "fitted at evaluation on 10 validation images"}) == (
+        "fitted"
+    )
+    assert bound_sigma({}) == "trained"

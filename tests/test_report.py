@@ -74,6 +74,39 @@ def demo(tmp_path_factory) -> Demo:
     return Demo(sweep, plan, failed, page, headline)
 
 
+# Run in the page with every run's section open: what is clipped, overlaps or does not load.
+CLIPPED = """(() => {
+  const inside = (r, box) => r.left >= box.left - 0.5 && r.right <= box.right + 0.5 &&
+    r.top >= box.top - 0.5 && r.bottom <= box.bottom + 0.5;
+  const meet = (a, b) =>
+    a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  const out = {svgs: 0, outside: [], overlap: [], partial: [], yticks: [], cells: [], images: []};
+  document.querySelectorAll("details.run svg").forEach(svg => {
+    out.svgs++;
+    const box = svg.getBoundingClientRect();
+    svg.querySelectorAll("text").forEach(t => {
+      if (!inside(t.getBoundingClientRect(), box)) out.outside.push(t.textContent); });
+    ["xtick", "ytick", "legend"].forEach(cls => {
+      const ts = Array.from(svg.querySelectorAll("text." + cls));
+      ts.forEach((a, i) => ts.slice(i + 1).forEach(b => {
+        if (meet(a.getBoundingClientRect(), b.getBoundingClientRect()))
+          out.overlap.push([a.textContent, b.textContent]); })); });
+    svg.querySelectorAll("text.xtick:not(.cat), text.ytick").forEach(t => {
+      if (!/^-?\\d+(\\.\\d+)?(e-?\\d+)?$/.test(t.textContent)) out.partial.push(t.textContent); });
+    svg.querySelectorAll("text.ytick").forEach(t => out.yticks.push(t.textContent));
+  });
+  document.querySelectorAll("th, td").forEach(c => {
+    if (c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1)
+      out.cells.push(c.textContent); });
+  out.images = Array.from(document.images).map(i => [i.complete, i.naturalWidth]);
+  out.na = Array.from(document.querySelectorAll("td.na")).map(td => [td.textContent, td.title]);
+  out.masked = Array.from(document.querySelectorAll("#headline td.masked")).map(
+    td => td.parentElement.cells[0].textContent);
+  out.heat_masked = Array.from(document.querySelectorAll("table.hm td.masked")).map(td => td.title);
+  return out;
+})()"""
+
+
 @dataclass
 class Rendered:
     """What a headless browser saw of the demo's report, every run's section opened."""
@@ -84,6 +117,7 @@ class Rendered:
     figures: int  # SVG charts drawn in the runs' sections
     failure_rows: list[str]
     masked_titles: list[str]
+    clipped: dict[str, Any]  # what CLIPPED found
     screenshot: Path
 
 
@@ -112,6 +146,7 @@ def rendered(demo: Demo, tmp_path_factory) -> Rendered:
             masked_titles=b.evaluate(
                 "Array.from(document.querySelectorAll('table.hm td.masked')).map(td => td.title)"
             ),
+            clipped=b.evaluate(CLIPPED),
             screenshot=b.screenshot(folder / "report.png"),
         )
 
@@ -145,6 +180,15 @@ def test_the_report_renders_in_a_browser_without_errors(demo, rendered):
     row = next((t for t in rendered.failure_rows if demo.failed in t), None)
     assert row and "non-finite loss at step 2" in row
     assert any(demo.failed in title for title in rendered.masked_titles)
+    # Real -ELBO densities (about 1e-4 per nat): every chart label whole and inside its chart.
+    seen = rendered.clipped
+    assert seen["outside"] == [] and seen["overlap"] == [] and seen["partial"] == []
+    assert seen["cells"] == []
+    assert {title for _, title in seen["na"]} == {
+        "does not apply to model=vae",
+        "does not apply to model=resnet",
+    }
+    assert set(seen["masked"]) <= {demo.failed}
 
 
 @pytest.mark.slow
@@ -309,3 +353,82 @@ def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
         assert b.evaluate("document.querySelectorAll('details.run[open]').length") == 1
         b.evaluate("document.querySelectorAll('#pager button')[2].click(); true")
         assert b.evaluate("document.querySelectorAll('details.run').length") == 60 - 2 * PAGE_RUNS
+
+
+def test_report_data_has_an_elbo_panel_per_ood_set_and_marks_what_does_not_apply(small, tmp_path):
+    from dhm.report.data import report_data
+
+    data = json.loads((small / "summary" / DATA_NAME).read_text())
+    runs = {r["id"]: r for r in data["runs"]}
+    for rid in ("dhm0001", "vae00000"):
+        (panel,) = runs[rid]["hists"]  # one OOD set: one panel, the ID set and it alone
+        assert panel["ood"] == "digits_ood" and len(panel["edges"]) == 51
+        assert {k: sum(v) for k, v in panel["sets"].items()} == {"digits": 120, "digits_ood": 90}
+        assert list(runs[rid]["bits"]) == ["digits", "digits_ood"]  # [model, PNG] per set
+    assert "hists" not in runs["resnet00"] and "bits" not in runs["resnet00"]
+    groups = {g["ids"][0]: g["values"] for g in data["groups"]}
+    headline = [h["col"] for h in data["headline"]]
+    values = dict(zip(headline, groups["vae00000"], strict=True))
+    assert values["accuracy"] == {"na": "vae"} and "value" in values["auroc_digits_ood_elbo"]
+    values = dict(zip(headline, groups["resnet00"], strict=True))
+    assert values["auroc_digits_ood_elbo"] == {"na": "resnet"} and "value" in values["accuracy"]
+    assert groups["failed01"][0] is None  # failed: no value, not "does not apply"
+    # A results.h5 written before the per-OOD-set panels: the shared grid, every set on it.
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small, sweep)
+    with h5py.File(sweep / "summary" / "results.h5", "r+") as f:
+        del f["runs/elbo_hist/by_ood"]
+    old = {r["id"]: r for r in report_data(sweep, sweep / "summary")["runs"]}
+    (panel,) = old["dhm0001"]["hists"]
+    assert panel["ood"] is None and set(panel["sets"]) == {"digits", "digits_ood"}
+
+
+@pytest.fixture(scope="module")
+def far(tmp_path_factory) -> Path:
+    """GRID's runs with -ELBO as the demo's hybrid gives it (ID around 2,700 nats, some below
+    zero; the OOD set spread over 5,000-70,000 nats, so densities are near 1e-4 per nat), image
+    grids in every run, and FAILED."""
+    sweep = tmp_path_factory.mktemp("far")
+    for i, r in enumerate(GRID):
+        sets = add_images(make_arrays(i, r[1]), i)
+        rng = np.random.default_rng(i)
+        for name, values in (("digits", rng.normal(2700, 1500, 120)), ("digits_ood", None)):
+            a = sets[name]
+            if "neg_elbo" not in a:
+                continue
+            n = len(a["indices"])
+            a["neg_elbo"] = (rng.uniform(5e3, 7e4, n) if values is None else values).astype(
+                np.float32
+            )
+            a["neg_iwae_k4"] = a["neg_elbo"] - rng.uniform(0, 5, n).astype(np.float32)
+        write_run(sweep, *r[:4], seed=i, sets=sets)
+    write_plan(sweep, [*GRID, FAILED])
+    aggregate(sweep, plots=False, tensorboard=False, allow_partial=True, bootstrap=100)
+    return sweep
+
+
+@pytest.mark.browser
+def test_charts_and_table_cells_are_not_clipped_and_na_is_not_a_failure(far):
+    _need_browser()
+    with Browser() as b:
+        b.open((far / "summary" / "report.html").as_uri())
+        b.evaluate(
+            "document.querySelectorAll('details.run').forEach(d => { d.open = true; "
+            "d.dispatchEvent(new Event('toggle')); }); true"
+        )
+        seen = b.evaluate(CLIPPED)
+        errors = b.errors()
+    assert errors == []
+    # attacks, reliability and counts for 3 runs with a classifier; -ELBO panel and bits/dim for
+    # the 3 with a likelihood
+    assert seen["svgs"] == 3 * 3 + 3 * 2
+    assert seen["outside"] == [] and seen["overlap"] == []
+    assert seen["partial"] == []  # no tick label cut to "0000764"
+    assert any("e-" in t for t in seen["yticks"])  # densities near 1e-4 per nat, as exponents
+    assert seen["cells"] == []
+    assert len(seen["images"]) == 3 * 4 and all(done and w > 0 for done, w in seen["images"])
+    titles = {title for text, title in seen["na"] if text == "n/a"}
+    assert titles == {"does not apply to model=vae", "does not apply to model=resnet"}
+    assert all(text == "n/a" for text, _ in seen["na"])
+    assert set(seen["masked"]) == {FAILED[0]}  # red cells: the failed run's only
+    assert seen["heat_masked"] and all(t.startswith(FAILED[0]) for t in seen["heat_masked"])

@@ -5,9 +5,11 @@ cells and the stacked per-run curves that ``dhm.summary.aggregate`` has just wri
 the first ``max_image_runs`` runs, the image grids in their first test shard, and writes what
 ``dhm.report.page.write_report`` draws as plain JSON: the headline table's values per seed cell
 (mean and std over seeds, or the value and its 95% bootstrap interval), each headline metric's
-heatmap over the grid, and per run its attack curves, reliability bins, -ELBO histograms and
-image grids (PNG data URIs). The page is then rendered from this file and the runs' live states
-alone, with neither h5py nor numpy, so ``mode=status`` can rewrite it for runs in flight.
+heatmap over the grid, and per run its attack curves, reliability bins, -ELBO histograms (one
+panel per OOD set), bits/dim per set and image grids (PNG data URIs). Cells whose metric does
+not apply to the run's model (``dhm.summary.tables.metric_applies``) are marked ``na``. The
+page is then rendered from this file and the runs' live states alone, with neither h5py nor
+numpy, so ``mode=status`` can rewrite it for runs in flight.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from PIL import Image
 
 from dhm.core.fsutil import atomic_write_text
 from dhm.report.page import DATA_FORMAT, DATA_NAME, fmt
-from dhm.summary.tables import axis_values, column_meta, grid_layout
+from dhm.summary.tables import (
+    axis_values,
+    bits_by_set,
+    column_meta,
+    grid_layout,
+    metric_applies,
+)
 
 MAX_IMAGE_RUNS = 48  # runs whose image grids are embedded (the page stays a few MB)
 HEATMAP_PREFIXES = ("accuracy", "ece", "auroc", "fgsm", "pgd")  # headline metrics drawn as grids
@@ -64,6 +72,10 @@ def _curves(g: h5py.Group) -> dict[str, Any]:
     for key in _CURVES:
         out[key] = g[key][()] if key in g else None
     out["hists"] = {k: g[f"elbo_hist/counts/{k}"][()] for k in g.get("elbo_hist/counts", {})}
+    out["by_ood"] = {  # absent from a results.h5 written before the per-OOD-set panels
+        ood: {k: panel[k][()] for k in ("edges", "id_counts", "ood_counts")}
+        for ood, panel in g.get("elbo_hist/by_ood", {}).items()
+    }
     return out
 
 
@@ -72,8 +84,31 @@ def _round(values: Any) -> list[float | None]:
     return [None if not math.isfinite(v) else float(f"{v:.4g}") for v in a.ravel()]
 
 
+def _hist(ood: str | None, edges: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "ood": ood,
+        "edges": _round(edges),
+        "sets": {k: [int(v) for v in h] for k, h in sets.items() if h.sum() > 0},
+    }
+
+
+def _hists(i: int, c: dict[str, Any], id_set: str | None) -> list[dict[str, Any]]:
+    """Run i's -ELBO panels: the ID set and each OOD set on a grid of their own, else (a run
+    without OOD sets, a results.h5 from before the panels) every set on the shared grid."""
+    panels = [
+        _hist(ood, p["edges"][i], {id_set or "ID": p["id_counts"][i], ood: p["ood_counts"][i]})
+        for ood, p in sorted(c["by_ood"].items())
+        if np.isfinite(p["edges"][i]).all()
+    ]
+    edges = c["elbo_hist/edges"]
+    if not panels and edges is not None and np.isfinite(edges[i]).all():
+        panels = [_hist(None, edges[i], {k: h[i] for k, h in c["hists"].items()})]
+    return panels
+
+
 def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
-    """Run i's figures as the page's script draws them (attacks, reliability, histograms)."""
+    """Run i's figures as the page's script draws them (attacks, reliability, histograms,
+    bits/dim)."""
     d: dict[str, Any] = {"id": rid, "id_set": row.get("dataset")}
     for kind in ("fgsm", "pgd"):
         if c[f"{kind}/eps"] is not None and not np.isnan(c[f"{kind}/accuracy"][i]).all():
@@ -81,11 +116,12 @@ def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
     if c["reliability/counts"] is not None and c["reliability/counts"][i].sum() > 0:
         d["rel"] = {k: _round(c[f"reliability/{k}"][i]) for k in ("accuracy", "confidence")}
         d["rel"]["counts"] = [int(v) for v in c["reliability/counts"][i]]
-    if c["elbo_hist/edges"] is not None and np.isfinite(c["elbo_hist/edges"][i]).all():
-        d["hist"] = {
-            "edges": _round(c["elbo_hist/edges"][i]),
-            "sets": {k: [int(v) for v in h[i]] for k, h in c["hists"].items() if h[i].sum() > 0},
-        }
+    hists = _hists(i, c, row.get("dataset"))
+    if hists:
+        d["hists"] = hists
+    bits = bits_by_set(row, row.get("dataset"))
+    if bits:
+        d["bits"] = {k: _round(v) for k, v in bits.items()}
     return d
 
 
@@ -121,9 +157,12 @@ def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
         return {}
 
 
-def _value(ok: list[dict], metric: str) -> dict[str, Any] | None:
-    """A headline cell: mean and std (ddof 1) over the cell's ok runs when several have the
-    metric, else the value with its bootstrap interval (lo, hi: None when not computed)."""
+def _value(ok: list[dict], metric: str, model: Any) -> dict[str, Any] | None:
+    """A headline cell: ``{"na": model}`` when the metric does not apply to the model, the mean
+    and std (ddof 1) over the cell's ok runs when several have the metric, else the value with
+    its bootstrap interval (lo, hi: None when not computed); None: no value."""
+    if not metric_applies(metric, model):
+        return {"na": str(model)}
     vals = [r[metric] for r in ok if r.get(metric) is not None]
     if not vals:
         return None
@@ -148,7 +187,7 @@ def _groups(
                 "ids": ids,
                 "members": [r["run_id"] for r in members],
                 "settings": [members[0].get(c) for c in shown],
-                "values": [_value(ok, m) for m in headline],
+                "values": [_value(ok, m, members[0].get("model")) for m in headline],
             }
         )
     return out
@@ -169,6 +208,8 @@ def _heatmap(metric: str, grid: list[dict], base: list[dict], axes: list[str]) -
         out: dict[str, Any] = {"ids": [r["run_id"] for r in rs]}
         if ok:
             out.update(mean=float(np.mean(ok)), n=len(ok))
+        elif rs and not any(metric_applies(metric, r.get("model")) for r in rs):
+            out["na"] = str(rs[0].get("model"))
         return out
 
     lines = [

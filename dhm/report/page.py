@@ -43,7 +43,7 @@ VIRIDIS = [
 PAGE_RUNS = 25
 TEMPLATE = "page.html.j2"  # next to this file: the page's markup, style and charts' script
 DATA_NAME = "report_data.json"  # in the summary folder, written by dhm.report.data
-DATA_FORMAT = 1  # report_data.json's layout; a file of another format is re-made by aggregate
+DATA_FORMAT = 2  # report_data.json's layout; a file of another format is re-made by aggregate
 _STATE_KEYS = ("stage", "slurm", "step", "loss", "reason")  # the "Runs now" table's columns
 
 
@@ -133,9 +133,12 @@ def _table(data: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]
 
 
 def _heat_cell(cell: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]) -> dict:
-    """A heatmap cell: its ok runs' mean in colour, empty, not applicable (every run ok but
-    none has the metric), or masked with its first run's state and reason."""
+    """A heatmap cell: its ok runs' mean in colour, empty, not applicable (the metric does not
+    apply to the model: a resnet's ELBO), or masked with its first run's state and reason (a
+    failed run, or an ok run that lacks the metric)."""
     ids = cell["ids"]
+    if "na" in cell:
+        return {"kind": "na", "title": f"does not apply to model={cell['na']}"}
     if "mean" in cell:
         v = cell["mean"]
         fg = "#000" if v > 0.6 else "#fff"
@@ -151,11 +154,12 @@ def _heat_cell(cell: dict[str, Any], by_id: dict[str, dict], states: dict[str, d
     if not ids:
         return {"kind": "empty"}
     rows = [by_id.get(i, {}) for i in ids]
-    if all(r.get("status") == "ok" for r in rows):  # the metric does not apply (a resnet's ELBO)
-        return {"kind": "na"}
     st = states.get(ids[0], {})
-    label = st.get("slurm") or st.get("stage") or rows[0].get("status") or "missing"
-    why = rows[0].get("problem") or st.get("reason") or ""
+    if all(r.get("status") == "ok" for r in rows):
+        label, why = "no value", "ok, but the metric is missing"
+    else:
+        label = st.get("slurm") or st.get("stage") or rows[0].get("status") or "missing"
+        why = rows[0].get("problem") or st.get("reason") or ""
     return {"kind": "masked", "title": f"{ids[0]}: {why}", "label": str(label)}
 
 

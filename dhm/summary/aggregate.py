@@ -61,6 +61,20 @@ _NO_PLAN = ("name", "alpha", "beta", "vae_split_layer", "importance_num", "kl_co
 NO_PLAN_KEYS = tuple(f"model.{k}" for k in _NO_PLAN)  # setting columns when there is no plan
 SEED_KEY = "train.seed"
 _SPECIAL_NAMES = {"model.name": "model", "data.name": "dataset"}
+# Per set (the ID set bare, others suffixed _<set>): -ELBO under the fitted sigma, its bits (or
+# nats) per dim beside the PNG codec's, the largest-k IWAE's, the trained sigma's.
+_LIKELIHOOD_COLUMNS = (
+    "neg_elbo_nats",
+    "bits_per_dim",
+    "png_bits_per_dim",
+    "nats_per_dim",
+    "iwae_bits_per_dim",
+    "iwae_nats_per_dim",
+    "trained_bits_per_dim",
+    "trained_nats_per_dim",
+    "iwae_ess",
+    "elbo_iwae_gap",
+)
 _FIXED = (
     "accuracy",
     "nll",
@@ -70,18 +84,21 @@ _FIXED = (
     "temperature",
     "nll_ts",
     "ece_ts",
-    "neg_elbo_nats",
-    "bits_per_dim",
-    "nats_per_dim",
-    "iwae_ess",
-    "elbo_iwae_gap",
+    *_LIKELIHOOD_COLUMNS,
 )
-_PER_SET = ("neg_elbo_nats", "bits_per_dim", "nats_per_dim", "iwae_ess", "elbo_iwae_gap")
+_PER_SET = _LIKELIHOOD_COLUMNS
 _OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built with it
-_SHARD_ATTRS = ("num_dims", "model", "likelihood_space", "pixel_levels")
+_SHARD_ATTRS = (
+    "num_dims",
+    "model",
+    "likelihood_space",
+    "pixel_levels",
+    "sigma_source",
+    "bound_sigma",
+)
 
 
 @dataclass
@@ -106,8 +123,10 @@ class RunSummary:
     fgsm: tuple[np.ndarray, np.ndarray] | None = None  # eps [E] (pixel units), accuracy [E]
     pgd: tuple[np.ndarray, np.ndarray] | None = None
     reliability: M.Reliability | None = None
-    hist_edges: np.ndarray | None = None  # [HIST_BINS + 1] nats, shared by the sets
-    hists: dict[str, np.ndarray] = field(default_factory=dict)  # set -> counts [HIST_BINS]
+    # -ELBO histograms per panel: an OOD set's name (bins over the ID set and that set) or None
+    # (every set on one grid); edges [HIST_BINS + 1] in nats, counts [HIST_BINS] per set
+    hist_edges: dict[str | None, np.ndarray] = field(default_factory=dict)
+    hists: dict[str | None, dict[str, np.ndarray]] = field(default_factory=dict)
     sets: set[str] = field(default_factory=set)  # every set with a shard file, readable or not
     images: dict[str, np.ndarray] = field(default_factory=dict)  # inputs, recon, samples
     cell: str = ""  # the settings other than train.seed, as text
@@ -256,25 +275,46 @@ def _likelihood_metrics(
     space = ident.attrs.get("likelihood_space", "pixels-dequantized")
     levels = int(ident.attrs.get("pixel_levels", 255))
     elbo = {n: s.arrays["neg_elbo"] for n, s in sets.items() if "neg_elbo" in s.arrays}
+    if elbo:
+        run.values["bound_sigma"] = bound_sigma(ident.attrs)
     for name, values in elbo.items():
         suffix = "" if name == ident.name else f"_{name}"
-        mean = float(np.mean(values, dtype=np.float64))
-        if not math.isfinite(mean):
-            run.fail("corrupt", f"{name}/neg_elbo: non-finite values")
-            continue
-        run.metrics[f"neg_elbo_nats{suffix}"] = mean
-        if num_dims > 0 and space == "activations":
-            run.metrics[f"nats_per_dim{suffix}"] = mean / num_dims
-        elif num_dims > 0:
-            run.metrics[f"bits_per_dim{suffix}"] = M.bits_per_dim(mean, num_dims, levels)
         a = sets[name].arrays
+        iwae = sorted((k for k in a if k.startswith("neg_iwae_k")), key=lambda k: int(k[10:]))
+        bounds = {"": "neg_elbo", "iwae_": iwae[-1] if iwae else None}
+        bounds["trained_"] = "trained_neg_elbo"
+        for prefix, key in bounds.items():
+            if key not in a:
+                continue
+            mean = float(np.mean(a[key], dtype=np.float64))
+            if not math.isfinite(mean):
+                run.fail("corrupt", f"{name}/{key}: non-finite values")
+                continue
+            if not prefix:
+                run.metrics[f"neg_elbo_nats{suffix}"] = mean
+            if num_dims > 0 and space == "activations":
+                run.metrics[f"{prefix}nats_per_dim{suffix}"] = mean / num_dims
+            elif num_dims > 0:
+                bpd = M.bits_per_dim(mean, num_dims, levels)
+                run.metrics[f"{prefix}bits_per_dim{suffix}"] = bpd
+        if "complexity_bits" in a and num_dims > 0:  # the PNG codec, the compressor baseline
+            png = float(np.mean(a["complexity_bits"], dtype=np.float64)) / num_dims
+            run.metrics[f"png_bits_per_dim{suffix}"] = png
         if "iwae_ess" in a:
             run.metrics[f"iwae_ess{suffix}"] = float(np.mean(a["iwae_ess"], dtype=np.float64))
-        iwae = sorted((k for k in a if k.startswith("neg_iwae_k")), key=lambda k: int(k[10:]))
         if iwae:
             gap = np.mean(values.astype(np.float64) - a[iwae[-1]].astype(np.float64))
             run.metrics[f"elbo_iwae_gap{suffix}"] = float(gap)
     _elbo_hists(run, elbo)
+
+
+def bound_sigma(attrs: dict[str, Any]) -> str:
+    """Which sigma a run's headline bounds use: "fitted" (closed form on held-out validation
+    images) or "trained" (the model's own: shards from before 2026-12-07 of a learned sigma,
+    or a run without a validation split to fit on), from the ID shard's attributes."""
+    if attrs.get("bound_sigma"):
+        return str(attrs["bound_sigma"])
+    return "fitted" if str(attrs.get("sigma_source", "")).startswith("fitted") else "trained"
 
 
 def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
@@ -315,22 +355,25 @@ def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
 
 
 def _intervals(run: RunSummary, boot: M.Bootstrap, headline: list[str]) -> None:
-    """95% bootstrap intervals of the run's headline metrics (one-seed cells only)."""
+    """95% intervals of the run's headline metrics (one-seed cells only): Wilson for the
+    proportions of test images (accuracy, FGSM and PGD accuracy), else the bootstrap."""
     if run.extra is None:
         return
     ident, msp, score_in, oods = run.extra
     a, tag = ident.arrays, ident.name
     out: dict[str, tuple[float, float]] = {}
+    n = len(a["labels"]) if "labels" in a else 0
     if msp is not None:
         correct = a["logits"].argmax(1) == a["labels"]
-        out["accuracy"] = boot.mean(correct, tag)
+        out["accuracy"] = M.wilson_interval(int(correct.sum()), n)  # a proportion: Wilson
         out["ece"] = boot.ece(np.exp(msp), correct, tag, N_BINS)
     for kind in ("fgsm", "pgd"):
         col = f"{kind}_acc_eps{format_eps(HEADLINE_EPS)}"
         if col in headline and col in run.metrics and getattr(run, kind) is not None:
             eps = getattr(run, kind)[0]
             e = int(np.argmin(np.abs(eps - HEADLINE_EPS)))
-            out[col] = boot.mean(a[f"{kind}/pred"][e] == a["labels"], tag)
+            k = int((a[f"{kind}/pred"][e] == a["labels"]).sum())
+            out[col] = M.wilson_interval(k, n)
     for name, s in oods.items():
         scores_out = _ood_scores(s, num_dims=int(ident.attrs.get("num_dims", 0)))
         for score in HEADLINE_SCORES:
@@ -344,17 +387,27 @@ def _intervals(run: RunSummary, boot: M.Bootstrap, headline: list[str]) -> None:
 
 
 def _elbo_hists(run: RunSummary, elbo: dict[str, np.ndarray]) -> None:
-    """-ELBO histograms of every set on one shared grid (nats), so ID and OOD compare."""
-    finite = {n: v[np.isfinite(v)] for n, v in elbo.items()}
-    pooled = np.concatenate([v for v in finite.values()]) if finite else np.empty(0)
-    if pooled.size == 0:
-        return
-    lo, hi = np.quantile(pooled.astype(np.float64), HIST_QUANTILES)
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    run.hist_edges = np.linspace(lo, hi, HIST_BINS + 1)
-    for name, v in finite.items():
-        run.hists[name] = np.histogram(np.clip(v, lo, hi), run.hist_edges)[0]
+    """-ELBO histograms (nats) in panels: one per OOD set, binned over the ID set and that set
+    alone (a far-OOD set spread over 10^4 nats would leave the ID and near-OOD sets a few of the
+    bins), and panel None, every set on one shared grid (results.h5's ``elbo_hist/edges``).
+
+    ``elbo``: set name -> -ELBO per image; the sets other than ``run.id_set`` are the OOD sets
+    (validation sets carry no -ELBO).
+    """
+    finite = {n: v[np.isfinite(v)].astype(np.float64) for n, v in elbo.items()}
+    panels: dict[str | None, list[str]] = {None: sorted(finite)}
+    if run.id_set in finite:
+        panels.update({n: [run.id_set, n] for n in sorted(finite) if n != run.id_set})
+    for panel, names in panels.items():
+        pooled = np.concatenate([finite[n] for n in names]) if names else np.empty(0)
+        if pooled.size == 0:
+            continue
+        lo, hi = np.quantile(pooled, HIST_QUANTILES)
+        if not hi > lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, HIST_BINS + 1)
+        run.hist_edges[panel] = edges
+        run.hists[panel] = {n: np.histogram(np.clip(finite[n], lo, hi), edges)[0] for n in names}
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
@@ -502,6 +555,8 @@ def _columns(
     """
     head = ["run_id", "status", *(col for _, col in setting_cols)]
     head += [c for c in ("model", "dataset") if c not in head]
+    if any("bound_sigma" in run.values for run in runs):
+        head.append("bound_sigma")  # after dataset: not a setting, not a metric
     present = {c for run in runs for c in run.metrics}
     ood_sets = sorted({n for r in runs for n in r.sets})  # absent columns are dropped below
     scores = sorted({sc for run in runs for sc in run.scores}, key=_score_key)
@@ -583,8 +638,9 @@ def seed_cells(
     runs: list[RunSummary], rows: list[dict], setting_cols: list[str], metrics: list[str]
 ) -> list[dict]:
     """Per cell (runs whose settings other than train.seed agree, in plan order): the cell's
-    settings, ``n`` (ok runs), ``runs`` (their ids) and per metric ``<m>_mean`` and ``<m>_std``
-    (sample std, ddof = 1; empty for n < 2) over the ok runs that have it."""
+    settings, ``n`` (ok runs), ``runs`` (their ids) and per metric ``<m>_mean``, ``<m>_std``
+    (sample std, ddof = 1) and the 95% Student-t interval of the mean over seeds
+    ``<m>_ci_lo``/``<m>_ci_hi`` (both empty for n < 2) over the ok runs that have it."""
     order: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
         order.setdefault(run.cell, []).append(i)
@@ -598,6 +654,8 @@ def seed_cells(
             vals = np.array([rows[i][m] for i in ok if rows[i].get(m) is not None], np.float64)
             cell[f"{m}_mean"] = float(vals.mean()) if vals.size else None
             cell[f"{m}_std"] = float(vals.std(ddof=1)) if vals.size >= 2 else None
+            ci = M.seed_interval(vals)
+            cell[f"{m}_ci_lo"], cell[f"{m}_ci_hi"] = ci if ci is not None else (None, None)
         cells.append(cell)
     return cells
 
@@ -650,7 +708,7 @@ def _measure(
     metric_cols = [
         c
         for c in columns[columns.index("dataset") + 1 : -1]
-        if "_ci_" not in c and not c.endswith("_hours_estimated")
+        if "_ci_" not in c and not c.endswith("_hours_estimated") and c != "bound_sigma"
     ]
     setting_cols = [col for _, col in setting_keys]
     cells = seed_cells(runs, rows, setting_cols, metric_cols)

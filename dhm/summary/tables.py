@@ -21,6 +21,15 @@ import h5py
 import numpy as np
 
 from dhm.core.fsutil import atomic_path
+from dhm.summary.metrics import zero_width
+
+ZERO_WIDTH_MARK = "‡"  # after an interval with lo == hi, explained under its table
+_RUNS_FOOTNOTE = (
+    f"{ZERO_WIDTH_MARK} zero-width bootstrap interval: every resample of the test images gives "
+    "the same value (for AUROC: perfect separation in every resample). It reflects the "
+    "resampling, not certainty about the metric."
+)
+_CELLS_FOOTNOTE = f"{ZERO_WIDTH_MARK} zero-width interval: every seed gave the same value."
 
 
 class RunCurves(Protocol):
@@ -45,10 +54,13 @@ class RunCurves(Protocol):
     def reliability(self) -> Any: ...  # dhm.summary.metrics.Reliability or None
 
     @property
-    def hist_edges(self) -> np.ndarray | None: ...  # -ELBO bin edges [B + 1], nats
+    def id_set(self) -> str | None: ...  # the in-distribution set's name
 
     @property
-    def hists(self) -> dict[str, np.ndarray]: ...  # set name -> counts [B]
+    def hist_edges(self) -> dict[str | None, np.ndarray]: ...  # panel -> -ELBO edges [B + 1], nats
+
+    @property
+    def hists(self) -> dict[str | None, dict[str, np.ndarray]]: ...  # panel -> set -> counts [B]
 
 
 def plain(value: Any) -> Any:
@@ -81,17 +93,42 @@ def _md_columns(columns: list[str], headline: list[str]) -> list[str]:
     """A readable subset when the table is wide: identity, settings and the headline metrics."""
     if len(columns) <= 14:
         return [c for c in columns if "_ci_" not in c]
-    keep = {*headline, "bits_per_dim", "nats_per_dim"}
+    keep = {*headline, "bound_sigma", "bits_per_dim", "png_bits_per_dim", "nats_per_dim"}
     head = columns[: columns.index("dataset") + 1]
-    return head + [c for c in columns if c in keep] + ["problem"]
+    return head + [c for c in columns[len(head) :] if c in keep] + ["problem"]
+
+
+def _bounds(lo: float, hi: float) -> str:
+    """``[lo, hi]`` to 3 significant digits, more where 3 would print two different bounds
+    alike: only a zero-width interval (marked) may read as a single point."""
+    for digits in range(3, 18):
+        a, b = f"{lo:.{digits}g}", f"{hi:.{digits}g}"
+        if a != b or lo == hi:
+            break
+    return f"[{a}, {b}]"
+
+
+def _interval(value: Any, lo: Any, hi: Any) -> str:
+    """`` [lo, hi]`` (with ``ZERO_WIDTH_MARK`` when lo == hi) after a shown value, else ``""``."""
+    if _cell(value) == "" or _cell(lo) == "" or _cell(hi) == "":
+        return ""
+    return f" {_bounds(lo, hi)}" + (ZERO_WIDTH_MARK if zero_width(lo, hi) else "")
 
 
 def _with_interval(row: dict, col: str) -> str:
-    text = _cell(row.get(col), 4)
-    lo, hi = row.get(f"{col}_ci_lo"), row.get(f"{col}_ci_hi")
-    if text and lo is not None and hi is not None:
-        text += f" [{lo:.3g}, {hi:.3g}]"
-    return text
+    """A run's cell: ``value [lo, hi]`` when the row has ``<col>_ci_lo`` and ``<col>_ci_hi``."""
+    value = row.get(col)
+    return _cell(value, 4) + _interval(value, row.get(f"{col}_ci_lo"), row.get(f"{col}_ci_hi"))
+
+
+def _seed_value(cell: dict, m: str) -> str:
+    """A seed cell's cell: ``mean ± std [lo, hi]``, the brackets from ``<m>_ci_lo``/``_ci_hi``
+    (the t interval over seeds) when the cell has them."""
+    mean, std = cell.get(f"{m}_mean"), cell.get(f"{m}_std")
+    if _cell(mean) == "":
+        return ""
+    text = f"{mean:.4g}" + (f" ± {std:.2g}" if _cell(std) else "")
+    return text + _interval(mean, cell.get(f"{m}_ci_lo"), cell.get(f"{m}_ci_hi"))
 
 
 def write_md(
@@ -107,41 +144,49 @@ def write_md(
     several runs, then every problem and the ignored folders."""
     shown = _md_columns(columns, headline)
     lines = [f"# Sweep summary ({len(rows)} runs, {sum(r['status'] == 'ok' for r in rows)} ok)", ""]
+    about = []
     if shown != columns:
-        lines += [
+        about.append(
             f"Showing {len(shown)} of {len(columns)} columns; all of them are in "
-            "results.csv and results.h5 (see docs/results.md). Brackets: 95% bootstrap "
-            "interval over test images (runs without other seeds).",
-            "",
-        ]
-    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for row in rows:
-        cells_md = [_with_interval(row, c).replace("|", "\\|") for c in shown]
-        lines.append("| " + " | ".join(cells_md) + " |")
+            "results.csv and results.h5 (see docs/results.md)."
+        )
+    table = [[_with_interval(row, c) for c in shown] for row in rows]
+    if any(_cell(row.get(f"{c}_ci_lo")) for row in rows for c in shown):
+        about.append(
+            "Brackets: 95% interval over test images (runs without other seeds): Wilson for "
+            "accuracy, FGSM and PGD accuracy, percentile bootstrap for the others."
+        )
+    lines += [" ".join(about), ""] if about else []
+    lines += _md_table(shown, table, _RUNS_FOOTNOTE)
     if cells and any(c["n"] >= 2 for c in cells):
-        settings = [c for c in cells[0] if not c.endswith(("_mean", "_std")) and c != "runs"]
+        bounds = ("_mean", "_std", "_ci_lo", "_ci_hi")
+        settings = [c for c in cells[0] if not c.endswith(bounds) and c != "runs"]
         metrics = [c for c in headline if f"{c}_mean" in cells[0]]
         lines += ["", "## Seed cells (mean ± std over seeds)", ""]
         lines += [
-            "| " + " | ".join(settings + metrics) + " |",
-            "|" + "---|" * (len(settings) + len(metrics)),
+            "Brackets: 95% Student-t interval of the mean over the cell's n seeds, "
+            "mean ± t(0.975, n - 1) std / sqrt(n).",
+            "",
         ]
-        for c in cells:
-            vals = [_cell(c[k], 4) for k in settings]
-            for m in metrics:
-                mean, std = c[f"{m}_mean"], c[f"{m}_std"]
-                vals.append(
-                    ""
-                    if mean is None
-                    else f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else "")
-                )
-            lines.append("| " + " | ".join(vals) + " |")
+        table = [
+            [_cell(c[k], 4) for k in settings] + [_seed_value(c, m) for m in metrics] for c in cells
+        ]
+        lines += _md_table(settings + metrics, table, _CELLS_FOOTNOTE)
     lines += ["", "## Problems", ""]
     lines += [f"- `{rid}`: {reason}" for rid, reason in problems] or ["None."]
     if ignored:
         lines += ["", f"{ignored} run folder(s) under runs/ are not in plan.json and were ignored."]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def _md_table(header: list[str], table: list[list[str]], footnote: str) -> list[str]:
+    """A markdown table's lines, with ``footnote`` under it when a cell carries the mark."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(t.replace("|", "\\|") for t in row) + " |" for row in table]
+    if any(t.endswith(ZERO_WIDTH_MARK) for row in table for t in row):
+        lines += ["", footnote]
+    return lines
 
 
 def _table(group: h5py.Group, columns: list[str], rows: list[dict]) -> None:
@@ -216,19 +261,44 @@ def _write_runs(g: h5py.Group, runs: Sequence[RunCurves]) -> None:
         g["reliability/bin_edges"] = edges
         for key, array in stacked.items():
             g[f"reliability/{key}"] = array
-    sets = sorted({name for r in runs for name in r.hists})
-    if sets:
-        bins = next(r.hist_edges.size for r in runs if r.hist_edges is not None) - 1
-        hist_edges = np.full((n, bins + 1), np.nan)
-        counts = {name: np.zeros((n, bins), np.int64) for name in sets}
+    _write_hists(g, runs)
+
+
+def _write_hists(g: h5py.Group, runs: Sequence[RunCurves]) -> None:
+    """The -ELBO histograms, stacked over runs (NaN edges and zero counts where a run lacks one).
+
+    ``elbo_hist/edges`` [R, B + 1] and ``elbo_hist/counts/<set>`` [R, B]: every set of a run on
+    one grid (panel None). ``elbo_hist/by_ood/<ood>/edges`` [R, B + 1], ``.../id_counts`` and
+    ``.../ood_counts`` [R, B]: the run's ID set and OOD set ``<ood>`` on a grid of their own.
+    """
+    n = len(runs)
+    bins = next((e.size - 1 for r in runs for e in r.hist_edges.values()), 0)
+    if not bins:
+        return
+
+    def edges(panel: str | None) -> np.ndarray:
+        out = np.full((n, bins + 1), np.nan)
         for i, r in enumerate(runs):
-            if r.hist_edges is not None:
-                hist_edges[i] = r.hist_edges
-            for name, c in r.hists.items():
-                counts[name][i] = c
-        g["elbo_hist/edges"] = hist_edges
-        for name in sets:
-            g[f"elbo_hist/counts/{name}"] = counts[name]
+            if panel in r.hist_edges:
+                out[i] = r.hist_edges[panel]
+        return out
+
+    def counts(panel: str | None, names: list[str | None]) -> np.ndarray:
+        """Row i: run i's counts of set ``names[i]`` in ``panel``."""
+        out = np.zeros((n, bins), np.int64)
+        for i, (r, name) in enumerate(zip(runs, names, strict=True)):
+            c = r.hists.get(panel, {}).get(name) if name is not None else None
+            if c is not None:
+                out[i] = c
+        return out
+
+    g["elbo_hist/edges"] = edges(None)
+    for name in sorted({s for r in runs for s in r.hists.get(None, {})}):
+        g[f"elbo_hist/counts/{name}"] = counts(None, [name] * n)
+    for ood in sorted({p for r in runs for p in r.hist_edges if p is not None}):
+        g[f"elbo_hist/by_ood/{ood}/edges"] = edges(ood)
+        g[f"elbo_hist/by_ood/{ood}/id_counts"] = counts(ood, [r.id_set for r in runs])
+        g[f"elbo_hist/by_ood/{ood}/ood_counts"] = counts(ood, [ood] * n)
 
 
 def read_table(path: str | Path) -> Any:
@@ -266,6 +336,11 @@ _META = [
     ("neg_elbo_nats", "-ELBO", "nats/image", -1),
     ("bits_per_dim", "bits per dim", "bits", -1),
     ("nats_per_dim", "nats per dim", "nats", -1),
+    ("iwae_bits_per_dim", "bits per dim (IWAE, largest k)", "bits", -1),
+    ("iwae_nats_per_dim", "nats per dim (IWAE, largest k)", "nats", -1),
+    ("trained_bits_per_dim", "bits per dim (trained sigma)", "bits", -1),
+    ("trained_nats_per_dim", "nats per dim (trained sigma)", "nats", -1),
+    ("png_bits_per_dim", "PNG codec bits per dim", "bits", -1),
     ("iwae_ess", "IWAE effective sample size", "samples", 1),
     ("elbo_iwae_gap", "ELBO - IWAE gap", "nats", 0),
     ("auroc", "AUROC", "[0, 1]", 1),
@@ -294,6 +369,62 @@ def column_meta(col: str) -> tuple[str, str, int]:
                 words = f"{words} on {rest}"
             return words, unit, better
     return col, "", 0
+
+
+_CLASSIFIER_METRICS = ("accuracy", "nll", "brier", "ece", "mce", "temperature", "fgsm", "pgd")
+_LIKELIHOOD_METRICS = (
+    "neg_elbo_nats", "bits_per_dim", "nats_per_dim", "iwae_bits_per_dim", "iwae_nats_per_dim",
+    "trained_bits_per_dim", "trained_nats_per_dim", "png_bits_per_dim", "iwae_ess",
+    "elbo_iwae_gap",
+)  # fmt: skip
+_MODEL_LACKS = {"vae": "classifier", "resnet": "likelihood"}  # model kind -> the part it has not
+
+
+def metric_applies(col: str, model: Any) -> bool:
+    """Whether metric column ``col`` can have a value for a run of model kind ``model``.
+
+    A ``vae`` has no classifier: no accuracy, NLL, Brier, calibration, temperature, attack
+    accuracy or max-p(y|x) OOD scores. A ``resnet`` has no likelihood: no -ELBO, bits or nats per
+    dim (of any bound, or of the PNG codec: computed beside a VAE only), IWAE or ELBO-based OOD
+    scores (elbo, complexity, iwae_k*). Every other column (settings, costs) and every other
+    model (dhm, zmodel) applies. Interval and seed-cell
+    suffixes (``_ci_lo``, ``_mean``, ...) follow their metric.
+    """
+    lacks = _MODEL_LACKS.get(str(model))
+    if lacks is None:
+        return True
+    for suffix in ("_ci_lo", "_ci_hi", "_mean", "_std"):
+        col = col.removesuffix(suffix)
+    if col.startswith(("auroc_", "aupr_in_", "aupr_out_", "fpr95_")):
+        if col.endswith("_msp"):
+            needs = "classifier"
+        elif col.endswith(("_elbo", "_complexity")) or "_iwae_k" in col:
+            needs = "likelihood"
+        else:
+            return True
+    elif any(col == p or col.startswith(p + "_") for p in _CLASSIFIER_METRICS):
+        needs = "classifier"
+    elif any(col == p or col.startswith(p + "_") for p in _LIKELIHOOD_METRICS):
+        needs = "likelihood"
+    else:
+        return True
+    return needs != lacks
+
+
+def bits_by_set(row: dict, id_set: str | None) -> dict[str, list[float | None]]:
+    """set -> [model, PNG codec] bits/dim (None where absent) from a row's ``bits_per_dim``,
+    ``bits_per_dim_<set>``, ``png_bits_per_dim`` and ``png_bits_per_dim_<set>`` columns (the bare
+    name is the ID set's); the ID set first, then the others by name."""
+    out: dict[str, list[float | None]] = {}
+    for k, prefix in enumerate(("bits_per_dim", "png_bits_per_dim")):
+        for col, v in row.items():
+            number = isinstance(v, int | float | np.number) and not isinstance(v, bool)
+            if not number or math.isnan(v) or "_ci_" in col:
+                continue
+            name = id_set if col == prefix else col[len(prefix) + 1 :]
+            if name and (col == prefix or col.startswith(prefix + "_")):
+                out.setdefault(name, [None, None])[k] = float(v)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != id_set, kv[0])))
 
 
 def grid_layout(settings: list[str], rows: list[dict]) -> tuple[list[dict], list[dict], list[str]]:
