@@ -432,3 +432,24 @@ def test_charts_and_table_cells_are_not_clipped_and_na_is_not_a_failure(far):
     assert all(text == "n/a" for text, _ in seen["na"])
     assert set(seen["masked"]) == {FAILED[0]}  # red cells: the failed run's only
     assert seen["heat_masked"] and all(t.startswith(FAILED[0]) for t in seen["heat_masked"])
+
+
+def test_headline_cells_carry_wilson_t_and_zero_width_intervals():
+    # One run: the interval aggregation stored (Wilson or bootstrap), flagged when it has zero
+    # width (the page marks those cells with a ‡); several seeds: the Student-t interval of
+    # the mean, against scipy's.
+    from scipy import stats
+
+    from dhm.report.data import _value
+
+    perfect = {"auroc_x_elbo": 1.0, "auroc_x_elbo_ci_lo": 1.0, "auroc_x_elbo_ci_hi": 1.0}
+    v = _value([perfect], "auroc_x_elbo", "vae")
+    assert v == {"value": 1.0, "lo": 1.0, "hi": 1.0, "zero": True}
+    pgd = {"pgd_acc_eps0.0314": 0.0, "pgd_acc_eps0.0314_ci_lo": 0.0}
+    pgd["pgd_acc_eps0.0314_ci_hi"] = 0.0133
+    assert _value([pgd], "pgd_acc_eps0.0314", "dhm")["zero"] is False
+    seeds = [{"accuracy": a} for a in (0.90, 0.91, 0.93)]
+    v = _value(seeds, "accuracy", "dhm")
+    sem = stats.sem([0.90, 0.91, 0.93])
+    lo, hi = stats.t.interval(0.95, 2, loc=np.mean([0.90, 0.91, 0.93]), scale=sem)
+    assert (v["lo"], v["hi"]) == pytest.approx((lo, hi), rel=1e-12) and not v["zero"]

@@ -27,6 +27,7 @@ from PIL import Image
 
 from dhm.core.fsutil import atomic_write_text
 from dhm.report.page import DATA_FORMAT, DATA_NAME, fmt
+from dhm.summary.metrics import seed_interval, zero_width
 from dhm.summary.tables import (
     axis_values,
     bits_by_set,
@@ -159,17 +160,20 @@ def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
 
 def _value(ok: list[dict], metric: str, model: Any) -> dict[str, Any] | None:
     """A headline cell: ``{"na": model}`` when the metric does not apply to the model, the mean
-    and std (ddof 1) over the cell's ok runs when several have the metric, else the value with
-    its bootstrap interval (lo, hi: None when not computed); None: no value."""
+    and std (ddof 1) over the cell's ok runs with the Student-t interval over seeds when several
+    have the metric, else the value with its interval (Wilson or bootstrap; lo, hi: None when
+    not computed); ``zero``: the interval has zero width. None: no value."""
     if not metric_applies(metric, model):
         return {"na": str(model)}
     vals = [r[metric] for r in ok if r.get(metric) is not None]
     if not vals:
         return None
     if len(vals) > 1:
-        return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1))}
+        lo, hi = seed_interval(vals)
+        mean, std = float(np.mean(vals)), float(np.std(vals, ddof=1))
+        return {"mean": mean, "std": std, "lo": lo, "hi": hi, "zero": zero_width(lo, hi)}
     lo, hi = ok[0].get(f"{metric}_ci_lo"), ok[0].get(f"{metric}_ci_hi")
-    return {"value": vals[0], "lo": lo, "hi": hi}
+    return {"value": vals[0], "lo": lo, "hi": hi, "zero": zero_width(lo, hi)}
 
 
 def _groups(

@@ -43,7 +43,7 @@ VIRIDIS = [
 PAGE_RUNS = 25
 TEMPLATE = "page.html.j2"  # next to this file: the page's markup, style and charts' script
 DATA_NAME = "report_data.json"  # in the summary folder, written by dhm.report.data
-DATA_FORMAT = 2  # report_data.json's layout; a file of another format is re-made by aggregate
+DATA_FORMAT = 3  # report_data.json's layout; a file of another format is re-made by aggregate
 _STATE_KEYS = ("stage", "slurm", "step", "loss", "reason")  # the "Runs now" table's columns
 
 
