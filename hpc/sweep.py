@@ -34,6 +34,7 @@ from dhm.core.config import (
     RunConfig,
     check_run,
     copy_data,
+    learns_sigma,
     to_yaml,
     training_identity,
 )
@@ -186,6 +187,8 @@ def expand(cfg: Any) -> list[Run]:
                     node = node[part]
                 node[leaf] = coerce(key, value, point)
         run_cfg["run_dir"] = "unset"
+        if not learns_sigma(run_cfg["model"]):  # its rate trains nothing: one run, not one a rate
+            run_cfg["train"]["sigma_lr"] = RUN_DEFAULTS["train"]["sigma_lr"]
         try:
             if slow:  # an interpolation may reach across sections: every check, every run
                 check_run(run_cfg)

@@ -504,3 +504,41 @@ def test_the_summary_says_which_sigma_each_runs_bounds_use():
         "fitted"
     )
     assert bound_sigma({}) == "trained"
+
+
+def test_bounds_under_different_sigmas_in_one_run_are_named_not_compared(sweep):
+    # ID bounds under the trained sigma and OOD ones under a fitted sigma (a run evaluated
+    # partly before 2026-12-07 and partly after) do not compare: the run is not ok, and says so.
+    import h5py
+
+    root, _ = sweep
+    eval_dir = root / "runs" / "dhm0001" / "eval"
+    for path in eval_dir.glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            f.attrs["bound_sigma"] = "fitted" if path.name.startswith("digits_ood") else "trained"
+    aggregate(root, plots=False, allow_partial=True)
+    df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
+    assert df.loc["dhm0001", "status"] == "corrupt"
+    assert (
+        "bounds under different sigmas (digits trained, digits_ood fitted)"
+        in (df.loc["dhm0001", "problem"])
+    )
+    assert (df.drop(index="dhm0001")["status"] == "ok").all()
+
+
+def test_a_swept_dataset_puts_model_after_it_and_neither_is_a_metric(tmp_path):
+    # With data.name swept and model.name not, the head is ..., dataset, model: seed cells and
+    # the report must take both as settings, not model as a metric (it crashed the cells).
+    for i, (rid, beta) in enumerate((("dhm0001", 0.01), ("dhm0010", 0.1))):
+        write_run(tmp_path, rid, "dhm", 1.0, beta, seed=i)
+    write_plan(
+        tmp_path,
+        [("dhm0001", "digits", 1.0, 0.01), ("dhm0010", "digits", 1.0, 0.1)],
+        keys=("data.name", "model.alpha", "model.beta"),
+    )
+    report = aggregate(tmp_path, plots=False)
+    head = list(report.rows[0])[:7]
+    assert head == ["run_id", "status", "dataset", "alpha", "beta", "model", "bound_sigma"]
+    assert all("model_mean" not in cell for cell in report.cells)
+    data = json.loads((tmp_path / "summary" / "report_data.json").read_text())
+    assert data["shown"] == ["dataset", "alpha", "beta", "model"]

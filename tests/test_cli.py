@@ -250,3 +250,12 @@ def test_the_launcher_receives_what_hydra_composes(tmp_path, monkeypatch):
     assert cli([*line[:-1], "mode=status", "mode=report"]) == 0  # a file changed; last mode wins
     assert seen[-1].root == "second" and seen[-1].mode == "report"
     assert cli([*line[:-1], "model.beta=oops"]) == 2
+
+
+def test_a_sigma_rate_swept_beside_runs_that_learn_no_sigma_trains_those_once():
+    # train.sigma_lr trains nothing in a resnet (or a fixed or optimal sigma): crossing the
+    # demo's resnet point with two rates is one resnet run, not a refused duplicate.
+    cfg = compose_config(["sweep=demo", "model.sigma=global", "train.sigma_lr=0.02,0.1"], True)
+    runs = expand(cfg)
+    names = [r.cfg.model.name for r in runs]
+    assert names.count("resnet") == 1 and names.count("vae") == 2 and names.count("dhm") == 4

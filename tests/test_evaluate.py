@@ -18,7 +18,7 @@ import torch
 from dhm.core.config import to_yaml
 from dhm.evaluation import results
 from dhm.evaluation.attacks import fgsm_predictions
-from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, plan_shards
+from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, evaluate_set, plan_shards
 from dhm.training.train import train
 from tests.helpers.configs import small_config
 
@@ -474,3 +474,55 @@ def test_a_constant_decoder_scores_the_hand_computed_bits_per_dim_on_uniform_noi
     bpd = M.bits_per_dim(float(np.mean(shard.arrays["neg_elbo"], dtype=np.float64)), 3072)
     assert abs(bpd - hand) < 0.01
     assert bpd < 8.0 + 0.3  # and no better than uniform (8.0) by more than the Gaussian's cost
+
+
+@pytest.mark.slow
+def test_a_channel_sigma_evaluates_with_its_trained_bound_beside(tmp_path):
+    # A per-channel learned sigma ([C] -> [C, 1, 1] against [k*B, C, H, W]): evaluation writes
+    # both bounds, and with the trained sigma set equal to the fitted one they agree exactly.
+    from dhm.data import loaders as data_lib
+    from dhm.evaluation.evaluate import _bounds, _set_eval_sigma, load_model
+
+    cfg = small_config(
+        tmp_path / "run",
+        **{"train.epochs": 1, "model.sigma": "channel", "eval.max_images": 60,
+           "eval.fgsm_eps": [0.0], "eval.pgd_steps": 0},
+    )  # fmt: skip
+    ckpt = train(cfg)
+    paths = evaluate_all(cfg, ckpt)
+    digits = results.load_run(Path(cfg.run_dir) / "eval")["digits"]
+    assert np.isfinite(digits.arrays["trained_neg_elbo"]).all()
+    with h5py.File(paths[0]) as f:
+        assert len(json.loads(f.attrs["trained_sigma"])) == 3 and f.attrs["bound_sigma"] == "fitted"
+    model, train_cfg, stored = load_model(ckpt, torch.device("cpu"))
+    _set_eval_sigma(model, cfg, train_cfg, stored)
+    x = data_lib.load_split("digits", None, "test").images[:20].float() / 255
+    eps = torch.randn(2, 20, model.fc_mu.out_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        found = _bounds(model, x, eps, [2], None, model.observation_log_sigma().clone())
+    assert torch.equal(found["neg_elbo"], found["trained_neg_elbo"])
+    assert torch.equal(found["neg_iwae_k2"], found["trained_neg_iwae_k2"])
+
+
+@pytest.mark.slow
+def test_a_learned_sigma_checkpoint_from_before_the_fit_evaluates_as_it_did(trained, tmp_path):
+    # final.pt from before 2026-12-07: a learned sigma, no eval_log_sigma. Its shards already
+    # on disk used the trained sigma; new ones must agree with them (no mixed bounds in a run).
+    from dhm.model import checkpoint as model_ckpt
+
+    cfg, ckpt = trained
+    state = model_ckpt.load(ckpt)
+    state.pop("eval_log_sigma")
+    state["eval_sigma_source"] = "learned"
+    old = tmp_path / "old.pt"
+    model_ckpt.atomic_save(state, old)
+    local = cfg.copy()
+    local.run_dir = str(tmp_path / "old-run")
+    path = evaluate_set(local, old, "digits_ood", "ood")[0]
+    shard = results.read_shard(path)
+    assert (
+        shard.attrs["bound_sigma"] == "trained" and json.loads(shard.attrs["trained_sigma"]) == []
+    )
+    assert "trained_neg_elbo" not in shard.arrays
+    sigma = json.loads(shard.attrs["sigma"])[0]
+    assert sigma == pytest.approx(float(torch.exp(state["model"]["log_sigma"])), rel=1e-6)

@@ -394,12 +394,14 @@ def training_identity(cfg: Any, *, full: bool = False) -> dict[str, Any]:
     return {"identity": IDENTITY_VERSION if "sigma_lr" in train else 2, **delta}
 
 
-def learns_sigma(model: dict[str, Any]) -> bool:
-    """Whether a run trains its decoder sigma by gradient (model.sigma global | channel)."""
+def learns_sigma(model: Any) -> bool:
+    """Whether a run trains its decoder sigma by gradient: model.sigma global | channel, with
+    the Gaussian likelihood, a VAE and a VAE loss (beta != 0) to train it."""
     return (
         model["name"] != "resnet"
         and model["likelihood"] == "gaussian"
         and model["sigma"] in ("global", "channel")
+        and model["beta"] != 0
     )
 
 

@@ -220,31 +220,39 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[DeepHybrid
 
 def _set_eval_sigma(
     model: DeepHybridModel, cfg: Any, train_cfg: Any, stored: dict
-) -> tuple[str, torch.Tensor | None]:
-    """Give the model the sigma evaluation's headline bounds use: the one fitted in closed form
-    on the validation split (stored in final.pt at the end of training, or fitted now for a
-    checkpoint from before that), for every sigma option. Returns where it came from, and the
-    trained sigma (log, the model's shape) when it was learned and so differs, else None."""
+) -> tuple[str, str, torch.Tensor | None]:
+    """Give the model the sigma evaluation's headline bounds use; return where it came from,
+    which it is (``bound_sigma``: "fitted", "trained" or "fixed"; "" without a VAE) and, when
+    the headline sigma is fitted and the model's own was learned, the trained log sigma shaped
+    like ``observation_log_sigma`` (its bounds go beside), else None.
+
+    The fitted sigma is the closed form on the validation split, stored in final.pt at the end
+    of training (``eval_log_sigma``) for every sigma option. A checkpoint from before that:
+    a learned sigma is used as trained, as it was then, so every shard of the run agrees with
+    those already written; a fixed or thesis one is fitted now, as it was then.
+    """
     if not model.has_vae:
-        return "", None
+        return "", "", None
     learned = model.log_sigma.requires_grad
-    trained = model.log_sigma.detach().clone() if learned else None
     if stored.get("eval_log_sigma") is not None:
+        trained = model.observation_log_sigma().detach().clone() if learned else None
         log_sigma, source = float(stored["eval_log_sigma"]), stored["eval_sigma_source"]
-    else:  # a checkpoint from before the fit (or before learned sigmas were fitted): fit now
+    elif learned:  # final.pt from before 2026-12-07
+        return "learned (a checkpoint from before fitted sigmas)", "trained", None
+    else:
         val = val_lib.validation_set(train_cfg.copy(), 10000)
         if val is None:
-            value = ", ".join(f"{math.exp(v):.4g}" for v in model.log_sigma.flatten().tolist())
-            return f"{'learned' if learned else 'fixed'} at {value} (no validation split)", None
+            value = math.exp(float(model.log_sigma))
+            return f"fixed at {value:.4g} (no validation split)", "fixed", None
         device = model.log_sigma.device
         stats = val_lib.validation_pass(
             model, val, cfg.eval.batch_size, device, seed=train_cfg.train.seed
         )
-        log_sigma = stats.fitted_log_sigma()
+        log_sigma, trained = stats.fitted_log_sigma(), None
         source = f"fitted at evaluation on {int(stats.sums['images'])} validation images"
     with torch.no_grad():
         model.log_sigma.fill_(log_sigma)
-    return source, trained
+    return source, "fitted", trained
 
 
 def evaluate(
@@ -270,7 +278,7 @@ def evaluate(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, train_cfg, stored = load_model(checkpoint, device)
     train_cfg.data.root, train_cfg.data.download = cfg.data.root, cfg.data.download
-    sigma_source, trained = _set_eval_sigma(model, cfg, train_cfg, stored)
+    sigma_source, bound, trained = _set_eval_sigma(model, cfg, train_cfg, stored)
     data = load_eval_set(cfg, shard.set_name, shard.role)
     if len(data) != shard.set_size:
         raise ValueError(f"{shard.set_name} has {len(data)} images, the plan said {shard.set_size}")
@@ -300,7 +308,7 @@ def evaluate(
         # trained_* columns, under trained_sigma.
         "sigma": [math.exp(v) for v in model.log_sigma.flatten().tolist()] if model.has_vae else [],
         "sigma_source": sigma_source,
-        "bound_sigma": _bound_sigma(sigma_source),
+        "bound_sigma": bound,
         "trained_sigma": []
         if trained is None
         else [math.exp(v) for v in trained.flatten().tolist()],
@@ -311,12 +319,6 @@ def evaluate(
         **(extra_attrs or {}),
     }
     return results.write_shard(out_path, shard.set_name, arrays, attrs)
-
-
-def _bound_sigma(source: str) -> str:
-    """ "fitted" when the headline bounds use a sigma fitted on held-out images, "trained" when
-    they use the model's own (no split to fit on), "" without a VAE."""
-    return "fitted" if source.startswith("fitted") else "trained" if source else ""
 
 
 def _likelihood_columns(

@@ -256,8 +256,9 @@ def report_data(
         cells = _read_table(f["cells"])[1] if "cells" in f else None
         curves = _curves(f["runs"])
         attrs = dict(f.attrs)
-    dataset_at = cols.index("dataset") if "dataset" in cols else 1
-    settings = cols[2 : dataset_at + 1]
+    # The head is run_id, status, the swept settings, then model and dataset where not swept.
+    head_end = max((cols.index(c) for c in ("model", "dataset") if c in cols), default=1)
+    settings = cols[2 : head_end + 1]
     shown = [c for c in settings if c not in ("seed", "train.seed")]
     headline = json.loads(attrs.get("headline", "[]"))
     runs = []

@@ -277,6 +277,14 @@ def _likelihood_metrics(
     elbo = {n: s.arrays["neg_elbo"] for n, s in sets.items() if "neg_elbo" in s.arrays}
     if elbo:
         run.values["bound_sigma"] = bound_sigma(ident.attrs)
+        mixed = {n: bound_sigma(sets[n].attrs) for n in elbo}
+        if len(set(mixed.values())) > 1:  # ID and OOD bounds under different sigmas
+            which = ", ".join(f"{n} {b}" for n, b in sorted(mixed.items()))
+            run.fail(
+                "corrupt",
+                f"bounds under different sigmas ({which}): they do not compare; move the run's "
+                "eval/ folder aside and relaunch to evaluate every set again",
+            )
     for name, values in elbo.items():
         suffix = "" if name == ident.name else f"_{name}"
         a = sets[name].arrays
@@ -309,12 +317,13 @@ def _likelihood_metrics(
 
 
 def bound_sigma(attrs: dict[str, Any]) -> str:
-    """Which sigma a run's headline bounds use: "fitted" (closed form on held-out validation
-    images) or "trained" (the model's own: shards from before 2026-12-07 of a learned sigma,
-    or a run without a validation split to fit on), from the ID shard's attributes."""
+    """Which sigma a shard's headline bounds use: "fitted" (closed form on images other than
+    the test images), "trained" (a learned sigma as trained: shards from before 2026-12-07, or
+    of a checkpoint from before) or "fixed" (model.obs_sigma, no split to fit on)."""
     if attrs.get("bound_sigma"):
         return str(attrs["bound_sigma"])
-    return "fitted" if str(attrs.get("sigma_source", "")).startswith("fitted") else "trained"
+    source = str(attrs.get("sigma_source", ""))
+    return "fitted" if source.startswith("fitted") else "fixed" if source else "trained"
 
 
 def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
@@ -705,9 +714,10 @@ def _measure(
     columns, headline = _columns(runs, setting_keys)  # again: with the intervals' columns
     columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
     rows = [_row(run, columns) for run in runs]
+    head_end = max(columns.index(c) for c in ("model", "dataset"))  # _columns' head ends so
     metric_cols = [
         c
-        for c in columns[columns.index("dataset") + 1 : -1]
+        for c in columns[head_end + 1 : -1]
         if "_ci_" not in c and not c.endswith("_hours_estimated") and c != "bound_sigma"
     ]
     setting_cols = [col for _, col in setting_keys]
