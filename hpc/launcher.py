@@ -34,7 +34,7 @@ from dhm.core.layout import IncompleteSweepError, eval_sets
 from hpc import costs, slurm, stages
 from hpc.arrays import arrays_for
 from hpc.plan import Plan, make_plan, move_aside
-from hpc.schema import check_batch_split, check_launch
+from hpc.schema import check_batch_split, check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.sweep import (
     Run,
@@ -263,7 +263,7 @@ def aggregate_mode(cfg: DictConfig, argv: list[str]) -> int:
     cfg, all_runs, _ = stored_sweep(cfg, argv)
     runs = select(cfg, all_runs)
     whole = len(runs) == len(all_runs)
-    reasons, states = run_reports(cfg, runs, cfg.cluster.name == "slurm")
+    reasons, states = run_reports(cfg, runs, on_slurm(cfg))
     return _aggregate(cfg, reasons, states, None if whole else runs,
                       None if whole else _selection_dir(cfg, runs))  # fmt: skip
 
@@ -299,8 +299,8 @@ def _expanded(cfg: Any) -> tuple[list[Run], list[Run]]:
 def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
     """Plan the launch and submit it (Slurm) or store it (local); (exit status, or None when
     the plan is to run here; the config; the plan)."""
-    on_slurm = cfg.cluster.name == "slurm"
-    asked = slurm.AskedCluster() if on_slurm else None  # answering while the grid expands
+    slurm_stages = on_slurm(cfg)
+    asked = slurm.AskedCluster() if slurm_stages else None  # answering while the grid expands
     try:
         runs, selected = _expanded(cfg)
         info = asked.info() if asked is not None else None
@@ -308,7 +308,7 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         if asked is not None:
             asked.close()
     preflight(cfg, selected, info)
-    plan = make_plan(cfg, selected, query_slurm=on_slurm, all_runs=runs)
+    plan = make_plan(cfg, selected, query_slurm=slurm_stages, all_runs=runs)
     _check_resume_points(plan)
     if cfg.cluster.runs_per_task == "auto":
         n, why = costs.auto_runs_per_task(cfg)
@@ -317,12 +317,12 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         cfg.cluster.runs_per_task = n
     print_plan(cfg, plan, len(runs))
     estimates: dict[str, float] = {}
-    if on_slurm or cfg.cluster.budget_gpu_hours is not None:
+    if slurm_stages or cfg.cluster.budget_gpu_hours is not None:
         est = costs.estimate(cfg, plan)
         print("\n".join(costs.describe(est)))
         costs.check_budget(cfg, est)
         estimates = est["per_run"]
-    if on_slurm:
+    if slurm_stages:
         return _submit(cfg, plan, runs, info, estimates), cfg, plan
     plan.facts.save()
     if cfg.mode == "dry_run":

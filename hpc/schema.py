@@ -47,9 +47,11 @@ class SweepConfig:
 
 @dataclass
 class ClusterConfig:
-    """Where and how stages run. ``local``: in this process; ``slurm``: submitit arrays."""
+    """Where and how stages run: ``kind`` local (in this process) or slurm (submitit arrays);
+    ``name`` is the profile's own (a site's copy of slurm.yaml names itself)."""
 
     name: str = "local"
+    kind: str | None = None  # local | slurm; null: the name's, for the shipped local and slurm
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -173,10 +175,31 @@ def _check_text(key: str, value: Any, pattern: re.Pattern, allowed: str) -> None
         _fail(key, value, allowed)
 
 
+def cluster_kind(c: Any) -> str:
+    """local or slurm: the profile's ``kind``, or for a profile without one its name's (the
+    shipped ``local`` and ``slurm``; a site profile must say). ConfigError otherwise."""
+    kind = c.kind if c.kind is not None else c.name
+    if kind not in CLUSTERS:
+        if c.kind is None:
+            raise ConfigError(
+                f"cluster.kind is missing in profile {c.name!r}: a site profile says what kind "
+                f"of cluster it is (kind: slurm or kind: local), as configs/cluster/slurm.yaml does"
+            )
+        _fail("cluster.kind", c.kind, " or ".join(CLUSTERS))
+    return kind
+
+
+def on_slurm(cfg: Any) -> bool:
+    """Whether this launch's stages go to Slurm (cluster.kind slurm)."""
+    return cluster_kind(cfg.cluster) == "slurm"
+
+
 def check_cluster(c: Any) -> None:
     """Value checks of a cluster profile (no Slurm query); ConfigError names the key."""
-    if c.name not in CLUSTERS:
-        _fail("cluster.name", c.name, " or ".join(CLUSTERS))
+    cluster_kind(c)
+    _check_text(
+        "cluster.name", c.name, _SAFE_NAME, "a profile name: letters, digits and _ . - only"
+    )
     for key in ("nodes", "cpus_per_task", "eval_cpus", "array_parallelism"):
         if c[key] < 1:
             _fail(f"cluster.{key}", c[key], "an integer >= 1")

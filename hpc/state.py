@@ -25,6 +25,7 @@ from dhm.core.layout import ATTEMPTS_LOG, METRICS_LOG
 from hpc import ledger
 from hpc.file_facts import FileFacts
 from hpc.ledger import Attempt
+from hpc.schema import on_slurm
 from hpc.sweep import Run, plan_path, read_plan, stored_runs, sweep_dir
 
 
@@ -81,7 +82,7 @@ def read_states(
     finally:
         if asked is not None:
             asked.close()
-    attach(states, everything if query_slurm or cfg.cluster.name == "slurm" else [])
+    attach(states, everything if query_slurm or on_slurm(cfg) else [])
     return states, everything
 
 
@@ -323,7 +324,7 @@ def run_reports(cfg: Any, runs: list[Run] | None = None, query: bool = True):
         cfg = OmegaConf.create(cfg)
     if runs is None:
         runs = stored_sweep_runs(cfg)
-    states = run_states(cfg, runs, query_slurm=query and cfg.cluster.name == "slurm")
+    states = run_states(cfg, runs, query_slurm=query and on_slurm(cfg))
     infos = {st.run.run_id: describe(st) for st in states}
     reasons = {
         rid: f"{i['stage']} ({i['slurm']}): {i['reason']}"

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from dhm.core.layout import estimates_of
 from dhm.report.page import write_report
 from hpc import ledger
-from hpc.schema import check_launch
+from hpc.schema import check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.status import detail_lines, status_lines
 from hpc.sweep import Run, select, stored_sweep, sweep_dir
@@ -48,7 +48,7 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     cfg, all_runs, stored = stored_sweep(cfg, argv)
     runs = select(cfg, all_runs)
     whole = len(runs) == len(all_runs)
-    query = cfg.cluster.name == "slurm"
+    query = on_slurm(cfg)
     if cfg.mode == "cancel":
         return cancel(cfg, runs, whole)
     if cfg.mode == "report":

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dhm.core.config import ConfigError
 from hpc.cli import cli, compose_config
 from hpc.sweep import expand, run_id_of
 
@@ -259,3 +262,27 @@ def test_a_sigma_rate_swept_beside_runs_that_learn_no_sigma_trains_those_once():
     runs = expand(cfg)
     names = [r.cfg.model.name for r in runs]
     assert names.count("resnet") == 1 and names.count("vae") == 2 and names.count("dhm") == 4
+
+
+def test_a_site_profile_under_its_own_name_through_config_dir(tmp_path):
+    # README: copy slurm.yaml to <site>.yaml and run with cluster=<site>. The copy names itself
+    # and keeps kind: slurm; without a kind, a profile named other than local or slurm is
+    # refused (it must not run locally by mistake), naming the key.
+    from hpc.schema import check_cluster, on_slurm
+
+    site = tmp_path / "site" / "cluster"
+    site.mkdir(parents=True)
+    text = (REPO / "configs" / "cluster" / "slurm.yaml").read_text()
+    (site / "mysite.yaml").write_text(text.replace("name: slurm ", "name: mysite ", 1))
+    out = launch("-cd", str(tmp_path / "site"), "cluster=mysite", "--cfg", "job")
+    assert out.returncode == 0 and "name: mysite" in out.stdout and "kind: slurm" in out.stdout
+    cfg = compose_config(["cluster=slurm", "cluster.name=mysite"])
+    check_cluster(cfg.cluster)
+    assert on_slurm(cfg)
+    cfg.cluster.kind = None
+    with pytest.raises(ConfigError, match="cluster.kind is missing in profile 'mysite'"):
+        check_cluster(cfg.cluster)
+    for key, value, word in (("kind", "pbs", "cluster.kind"), ("name", "my site", "cluster.name")):
+        cfg = compose_config(["cluster=slurm", f"cluster.{key}={value!r}"])
+        with pytest.raises(ConfigError, match=word):
+            check_cluster(cfg.cluster)
