@@ -152,12 +152,28 @@ write_config() {
     chown "$SLURM_USER:$SLURM_USER" "$LOG" "$RUN" "$SPOOL/slurmctld"
     render "$HERE/slurm.conf.in" "$ETC/slurm.conf"
     chmod 644 "$ETC/slurm.conf"
+    render "$HERE/gres.conf.in" "$ETC/gres.conf"
+    chmod 644 "$ETC/gres.conf"
+    make_gpu_devices
     render "$HERE/slurmdbd.conf.in" "$ETC/slurmdbd.conf"
     # slurmdbd refuses a config (it holds the DB password) that is not
     # private to SlurmUser.
     chown "$SLURM_USER:$SLURM_USER" "$ETC/slurmdbd.conf"
     chmod 600 "$ETC/slurmdbd.conf"
     # No cgroup.conf: proctrack/linuxproc + task/none load no cgroup plugin.
+}
+
+# The fake GPUs of gres.conf: character devices with /dev/null's numbers, so slurmd finds a
+# device file where it looks and nothing can use it as a GPU.
+make_gpu_devices() {
+    local n i dev
+    for n in "${NODES[@]}"; do
+        mkdir -p "$STATE/dev/$n"
+        for i in 0 1; do
+            dev=$STATE/dev/$n/gpu$i
+            [[ -c $dev ]] || mknod -m 666 "$dev" c 1 3 || fail "mknod $dev failed"
+        done
+    done
 }
 
 start_munge() {

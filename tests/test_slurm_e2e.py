@@ -118,6 +118,47 @@ def wait_for_jobs(env: dict[str, str], job_ids: list[str], timeout: float = 900)
     return states
 
 
+def test_the_fake_gpus_are_scheduled_bound_per_style_and_accounted(slurm_env, tmp_path):
+    # slurm/cluster.sh gives each node two GPUs through GRES (dummy devices): sinfo shows them,
+    # requests beyond them are refused, and the two binding styles sites use reach each task
+    # as CUDA_VISIBLE_DEVICES under TaskPlugin=task/none: --gpus-per-node (every task sees the
+    # node's GPUs) and --gpus-per-task=1 / --gpu-bind (each task sees its own). sacct records
+    # gres/gpu in AllocTRES, which the GPU-hours read (hpc.state._units).
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=slurm_env, capture_output=True, text=True, cwd=tmp_path)
+
+    sinfo = run("sinfo", "-h", "-N", "-o", "%N %G").stdout.split("\n")
+    assert {line.strip() for line in sinfo if line.strip()} == {"node1 gpu:2", "node2 gpu:2"}
+    refused = run("sbatch", "--gpus-per-node=3", "--wrap", "true")
+    assert refused.returncode != 0 and "configuration is not available" in refused.stderr
+    task = "srun bash -c 'echo $SLURMD_NODENAME $SLURM_LOCALID $CUDA_VISIBLE_DEVICES'"
+    styles = {
+        "node": ["--gpus-per-node=2"],
+        "task": ["--gpus-per-task=1"],
+        "bind": ["--gpus-per-node=2", "--gpu-bind=single:1"],
+    }
+    jobs = {}
+    for style, flags in styles.items():
+        out = run("sbatch", "--parsable", "-N2", "--ntasks-per-node=2", *flags, "-o",
+                  f"{style}.out", "--wrap", task)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        jobs[style] = out.stdout.strip().split(";")[0]
+    states = wait_for_jobs(slurm_env, list(jobs.values()), timeout=300)
+    assert set(states.values()) == {"COMPLETED"}, states
+    for style in styles:
+        seen = sorted(
+            tuple(line.split()) for line in (tmp_path / f"{style}.out").read_text().splitlines()
+        )
+        if style == "node":
+            assert seen == [(n, r, "0,1") for n in ("node1", "node2") for r in "01"]
+        else:  # rank r of a node alone with GPU r: distinct physical GPUs per node
+            assert seen == [(n, r, r) for n in ("node1", "node2") for r in "01"]
+    tres = run("sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", ",".join(jobs.values()))
+    assert [line for line in tres.stdout.split() if line] and all(
+        "gres/gpu=4" in line for line in tres.stdout.split() if line
+    ), tres.stdout
+
+
 def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(slurm_env, tmp_path):
     args = ["sweep=demo", f"root={tmp_path}", *PROFILE, "cluster.nodes=2"]
     first = launch(slurm_env, *args)
