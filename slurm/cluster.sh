@@ -80,6 +80,11 @@ nodes_ok() {
     done
 }
 
+# Both nodes offer the two fake GPUs of gres.conf.
+gpus_ok() {
+    [[ $(sinfo -h -N -p debug -o '%N %G' 2>/dev/null | sort -u) == $'node1 gpu:2\nnode2 gpu:2' ]]
+}
+
 # Fully up: every daemon alive and Slurm answering, including accounting.
 is_up() {
     [[ -r $SLURM_CONF ]] || return 1
@@ -303,8 +308,13 @@ wait_nodes() {
 cmd_up() {
     ((EUID == 0)) || fail "'up' must run as root"
     if is_up; then
-        log "cluster already up"
-        return 0
+        if gpus_ok; then
+            log "cluster already up"
+            return 0
+        fi
+        # Started from a slurm.conf without the fake GPUs: GRES needs a restart, not a reconfigure.
+        log "cluster up without its GPUs (an older config): restarting"
+        cmd_down
     fi
     mkdir -p "$LOG" "$RUN"
     install_packages
