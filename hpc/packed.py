@@ -37,6 +37,7 @@ def main(argv: list[str]) -> int:
             cfg.data.root, stage_to, int(os.environ.get("LOCAL_RANK", 0))
         )
     try:
+        stages.require_cuda("the train", "train.device", cfg.train.device)
         train(cfg, stop)
     except TrainingStopped as err:
         stages.record_attempt(run_dir, outcome="stopped", step=err.step, packed=True)

@@ -235,6 +235,34 @@ class _Stop:
         raise RequeueLimitError("the requeue did not arrive within 5 minutes")
 
 
+class NoGPUError(RuntimeError):
+    """A task that Slurm gave GPUs found no usable CUDA device (and was not told to use the CPU)."""
+
+
+def require_cuda(stage: str, cpu_key: str, device: str) -> None:
+    """Fail at once when Slurm gave this task GPUs (SLURM_GPUS_ON_NODE) and CUDA cannot use
+    any, unless ``device`` (the value of ``cpu_key``: train.device, eval.device) is "cpu": a
+    GPU job must never train on the CPU for days by accident. The message names the host,
+    CUDA_VISIBLE_DEVICES and CUDA's own error."""
+    if device == "cpu" or not int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0):
+        return
+    import torch
+
+    try:
+        torch.cuda.init()  # raises CUDA's reason (no driver, no device, ...)
+        count = torch.cuda.device_count()
+        error = "" if count else "torch.cuda.device_count() is 0"
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}".splitlines()[0]
+    if error:
+        raise NoGPUError(
+            f"{stage} task was given GPUs but CUDA finds none usable on {socket.gethostname()} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, "
+            f"SLURM_JOB_GPUS={os.environ.get('SLURM_JOB_GPUS', '')!r}): {error}. "
+            f"To run on the CPU on purpose, set {cpu_key}=cpu"
+        )
+
+
 def train_one_run(
     run_yaml: str, stage_to: str | None, limits: dict[str, Any], threads_share: int = 1
 ) -> str:
@@ -255,6 +283,7 @@ def train_one_run(
     try:
         with handler if slurm else _NoContext():
             try:
+                require_cuda("the train", "train.device", cfg.train.device)
                 final = train(cfg, stop)
             except TrainingStopped as err:
                 record_attempt(run_dir, outcome="stopped", step=err.step, seconds=_elapsed())
@@ -382,6 +411,7 @@ class EvalStage:
             if len(yamls) > 1 and not final.exists():
                 errors.append(f"{run_dir.name}: not trained")  # its training failed: skip it
                 continue
+            require_cuda("the eval", "eval.device", cfg.eval.get("device", "auto"))
             env = record_environment(run_dir, f"eval-{set_name}")
             extra = {
                 k: env[k]

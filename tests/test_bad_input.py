@@ -144,9 +144,9 @@ CASES = [
     ),
     (
         "GPUs the nodes lack",
-        [*TINY, *SLURM, "cluster.gpus_per_node=1"],
+        [*TINY, *SLURM, "cluster.eval_gpus=4"],
         2,
-        "cluster.gpus_per_node=1 is not allowed: nodes of partition debug have at most 0 GPU",
+        "cluster.eval_gpus=4 is not allowed: nodes of partition debug have at most 2 GPU",
     ),
     ("more memory than a node", [*TINY, *SLURM, "cluster.mem=64G"], 2, "at most 8000 MB"),
     (

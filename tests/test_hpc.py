@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -913,3 +914,42 @@ def test_progress_reads_the_last_row_with_a_loss_from_the_end_of_metrics_csv(tmp
     rows += [f"5000,49,,,,{pad}{i:04d}\n" for i in range(30)]
     (logs / "metrics.csv").write_text(header + "".join(rows))
     assert progress(tmp_path) == ("50/5000", "2.5")
+
+
+def test_a_task_given_gpus_without_cuda_fails_at_once_unless_told_cpu(monkeypatch):
+    # Slurm gave the task GPUs (SLURM_GPUS_ON_NODE); CUDA cannot use them (its init raises, as
+    # on a node without a driver). Training or evaluating on the CPU by accident for days is
+    # what this prevents; train.device=cpu / eval.device=cpu is the explicit fallback.
+    import torch
+
+    from hpc.stages import NoGPUError, require_cuda
+
+    def no_driver():
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    require_cuda("the train", "train.device", "auto")  # no GPUs asked: nothing to check
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    for key in ("train.device", "eval.device"):
+        with pytest.raises(NoGPUError) as err:
+            require_cuda("the eval", key, "auto")
+        text = str(err.value)
+        assert "CUDA_VISIBLE_DEVICES='0,1'" in text and "Found no NVIDIA driver" in text
+        assert f"set {key}=cpu" in text and socket.gethostname() in text
+        require_cuda("the eval", key, "cpu")  # the explicit fallback
+
+
+def test_eval_device_is_checked_and_not_part_of_the_eval_id():
+    from dhm.core.config import ConfigError, check_eval, run_config
+    from dhm.core.layout import eval_id
+
+    cfg = run_config(**{"run_dir": "x"})
+    before = eval_id(cfg)
+    cfg.eval.device = "cpu"
+    check_eval(cfg.eval)
+    assert eval_id(cfg) == before  # where shards are computed does not change what they hold
+    cfg.eval.device = "gpu"
+    with pytest.raises(ConfigError, match="eval.device"):
+        check_eval(cfg.eval)

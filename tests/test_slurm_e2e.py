@@ -159,6 +159,39 @@ def test_the_fake_gpus_are_scheduled_bound_per_style_and_accounted(slurm_env, tm
     ), tres.stdout
 
 
+def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_sacct(
+    slurm_env, tmp_path
+):
+    # On the fake-GPU cluster a task gets GPUs that CUDA cannot use. The run left at
+    # train.device=auto must fail at once, naming the host and CUDA_VISIBLE_DEVICES (never
+    # train on the CPU for days); the run with train.device=cpu (and the evals, eval.device=cpu)
+    # is the explicit fallback and completes. Status counts GPU-hours from sacct's gres/gpu.
+    base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=gpus",
+            "cluster.gpus_per_node=1", "cluster.eval_gpus=1", "eval.device=cpu",
+            "sweep.points=[{model.beta:1.0,train.device:cpu},{model.beta:2.0}]"]  # fmt: skip
+    first = launch(slurm_env, *base)
+    assert first.returncode == 0, first.stderr
+    sweep_dir = tmp_path / "gpus"
+    jobs = ledger(sweep_dir)
+    states = wait_for_jobs(slurm_env, [j["job_id"] for j in jobs])
+    train = jobs[0]["job_id"]
+    assert states[f"{train}_0"] == "COMPLETED" and states[f"{train}_1"] == "FAILED", states
+    bad = jobs[0]["tasks"][1]["runs"][0]
+    out = launch(slurm_env, "sweep.name=gpus", f"root={tmp_path}", "mode=status").stdout
+    (bad_row,) = [ln for ln in out.splitlines() if ln.startswith(bad)]
+    assert "train failed" in bad_row and "NoGPUError" in bad_row, bad_row
+    detail = launch(
+        slurm_env, "sweep.name=gpus", f"root={tmp_path}", "mode=status", f"runs=[{bad}]"
+    ).stdout
+    assert re.search(r"on \S+ \(CUDA_VISIBLE_DEVICES='[01]'", detail), detail  # host, its GPU
+    assert "RuntimeError: " in detail and "set train.device=cpu" in detail, detail  # CUDA says why
+    used = re.search(r"([0-9.]+) (GPU|CPU)-hours used", out)
+    assert used and used.group(2) == "GPU" and float(used.group(1)) > 0, out
+    tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train],
+                          env=slurm_env, capture_output=True, text=True).stdout  # fmt: skip
+    assert "gres/gpu=1" in tres, tres
+
+
 def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(slurm_env, tmp_path):
     args = ["sweep=demo", f"root={tmp_path}", *PROFILE, "cluster.nodes=2"]
     first = launch(slurm_env, *args)

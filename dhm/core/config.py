@@ -116,6 +116,9 @@ class EvalConfig:
     ood_sets: list[str] | None = None
     max_images: int | None = None  # cap on every evaluated set (quick looks); None = full sets
     images: int = 16  # test images kept with their reconstructions and prior samples (report)
+    # auto (CUDA if there is one) | cpu | cuda. An eval task given GPUs by Slurm that finds
+    # none fails unless this says cpu (hpc.stages.require_cuda). Not part of eval_id.
+    device: str = "auto"
 
 
 @dataclass
@@ -238,6 +241,8 @@ def check_eval(e: Any) -> None:
         _fail("eval.fgsm_eps", list(e.fgsm_eps), "values in [0, 1] (pixel units)")
     if e.pgd_step_size is not None and not 0 < e.pgd_step_size <= 1:
         _fail("eval.pgd_step_size", e.pgd_step_size, "a step in (0, 1] pixel units, or null")
+    if e.device not in ("auto", "cpu", "cuda"):
+        _fail("eval.device", e.device, "auto, cpu or cuda")
     if e.max_images is not None and e.max_images < 1:
         _fail("eval.max_images", e.max_images, "an integer >= 1 or null (full sets)")
 

@@ -201,6 +201,14 @@ def compressed_bits(images: torch.Tensor) -> np.ndarray:
     return out
 
 
+def eval_device(choice: str) -> torch.device:
+    """The device of eval.device: cpu, cuda (ValueError when there is none), auto (either)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("eval.device='cuda' is not allowed: no CUDA device is visible")
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[DeepHybridModel, Any, dict]:
     """The model of a checkpoint in eval mode on ``device``, its resolved config, and its
     stored evaluation sigma (``eval_log_sigma``, ``eval_sigma_source``) if any."""
@@ -275,7 +283,7 @@ def evaluate(
             f"{out_path} was written with other eval settings (eval_id "
             f"{shard_eval_id(out_path)}, now {eval_id(cfg)}); relaunching moves it to eval-stale/"
         )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = eval_device(cfg.eval.get("device", "auto"))
     model, train_cfg, stored = load_model(checkpoint, device)
     train_cfg.data.root, train_cfg.data.download = cfg.data.root, cfg.data.download
     sigma_source, bound, trained = _set_eval_sigma(model, cfg, train_cfg, stored)

@@ -63,7 +63,7 @@ def main(name: str | None = None) -> int:
         fmt = args[args.index("-o") + 1] if "-o" in args else ""
         if "-N" in args:
             for node, cpus, mem in NODES:
-                print(f"{node}|debug*|{cpus}|{mem}|(null)")
+                print(f"{node}|debug*|{cpus}|{mem}|gpu:2")  # as slurm/cluster.sh's fake GPUs
         elif fmt.startswith("%P|%l"):
             print("debug*|infinite")
         else:
