@@ -72,6 +72,9 @@ class ClusterConfig:
     eval_cpus: int = 2
     aggregate_time: str = "00:30:00"
     setup: list[str] = field(default_factory=list)  # shell lines run before each task
+    # Environment of every task, exported (quoted) before it starts: NCCL_SOCKET_IFNAME,
+    # NCCL_DEBUG, ... Names are shell variable names; values any text on one line.
+    env: dict[str, str] = field(default_factory=dict)
     extra_sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options
     stage_data: bool = False  # copy data.root to node-local scratch before training
     scratch: str = "$TMPDIR"  # expanded on the compute node; /tmp if it names nothing
@@ -257,6 +260,11 @@ def _check_cluster_text(c: Any) -> None:
     for i, line in enumerate(c.setup or []):
         if any(ch in str(line) for ch in "\n\r\0"):
             raise ConfigError(f"cluster.setup[{i}] contains a newline: give one command per entry")
+    for key, value in (c.env or {}).items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
+            _fail(f"cluster.env.{key}", value, "a variable name: letters, digits and _ only")
+        if value is None or any(ch in str(value) for ch in "\n\r\0"):
+            _fail(f"cluster.env.{key}", value, "text on one line")
     _check_text(
         "cluster.python",
         c.python,

@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -301,7 +302,8 @@ def base_params(cfg: Any, name: str) -> dict[str, Any]:
         "job_name": f"dhm-{cfg.sweep.name}-{name}",
         "array_parallelism": c.array_parallelism,
         "signal_delay_s": c.signal_delay_s,
-        "setup": list(c.setup or []),
+        "setup": [f"export {k}={shlex.quote(str(v))}" for k, v in (c.env or {}).items()]
+        + list(c.setup or []),
         "additional_parameters": dict(OmegaConf.to_container(c.extra_sbatch) or {})
         if not isinstance(c.extra_sbatch, dict)
         else dict(c.extra_sbatch),

@@ -108,6 +108,8 @@ def record_environment(run_dir: Path, stage: str) -> dict[str, Any]:
         "rank": int(os.environ.get("RANK", 0)),
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "torch_threads": torch.get_num_threads(),
+        # cluster.env's NCCL settings, as this rank saw them
+        "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
         **provenance.record(),
     }
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")

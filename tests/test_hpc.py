@@ -87,6 +87,7 @@ def test_axes_and_points_expand_to_a_product_plus_points():
         (["cluster=slurm", "cluster.nodes=3", "train.batch_size=400"], "does not split over 3"),
         (["cluster=slurm", "+cluster.extra_sbatch={mail-user:'a b'}"], "extra_sbatch.mail-user"),
         (["cluster=slurm", "cluster.setup=['module load x\necho']"], "cluster.setup[0]"),
+        (["cluster=slurm", "+cluster.env={NCCL_DEBUG:'a\nb'}"], "cluster.env.NCCL_DEBUG"),
     ],
 )
 def test_bad_launch_values_name_the_key(overrides, message):
@@ -331,6 +332,7 @@ def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
         "cluster.partition=debug",
         "cluster.time=1-00:00:00",
         "cluster.setup=['module load cuda']",
+        "+cluster.env={NCCL_SOCKET_IFNAME:ib0,NCCL_DEBUG:WARN,ODD:'a b;c'}",
         "train.batch_size=64",
     )
     specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
@@ -338,6 +340,13 @@ def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "#SBATCH --nodes=2" in out and "#SBATCH --partition=debug" in out
     assert "#SBATCH --time=1440" in out and "module load cuda" in out
+    # cluster.env: exported, quoted, before the setup lines and the task
+    lines = [ln.strip() for ln in out.splitlines()]
+    i = lines.index("export NCCL_SOCKET_IFNAME=ib0")
+    assert lines[i : i + 4] == [
+        "export NCCL_SOCKET_IFNAME=ib0", "export NCCL_DEBUG=WARN", "export ODD='a b;c'",
+        "module load cuda",
+    ]  # fmt: skip
     assert "#SBATCH --array=0-3%4" in out and "--requeue" in out
     assert (
         "train: 4 task(s)" in out and "eval:digits: 4 task(s), aftercorr on train array #1" in out
@@ -953,3 +962,10 @@ def test_eval_device_is_checked_and_not_part_of_the_eval_id():
     cfg.eval.device = "gpu"
     with pytest.raises(ConfigError, match="eval.device"):
         check_eval(cfg.eval)
+
+
+def test_cluster_env_names_must_be_shell_variables():
+    cfg = _cfg("cluster=slurm")
+    cfg.cluster.env = {"NCCL-DEBUG": "INFO"}
+    with pytest.raises(ConfigError, match="cluster.env.NCCL-DEBUG"):
+        schema.check_launch(cfg)

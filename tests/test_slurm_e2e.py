@@ -168,6 +168,7 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     # is the explicit fallback and completes. Status counts GPU-hours from sacct's gres/gpu.
     base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=gpus",
             "cluster.gpus_per_node=1", "cluster.eval_gpus=1", "eval.device=cpu",
+            "+cluster.env={NCCL_DEBUG:WARN}",
             "sweep.points=[{model.beta:1.0,train.device:cpu},{model.beta:2.0}]"]  # fmt: skip
     first = launch(slurm_env, *base)
     assert first.returncode == 0, first.stderr
@@ -190,6 +191,9 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train],
                           env=slurm_env, capture_output=True, text=True).stdout  # fmt: skip
     assert "gres/gpu=1" in tres, tres
+    good = jobs[0]["tasks"][0]["runs"][0]
+    (record,) = (sweep_dir / "runs" / good / "logs").glob("train_*_rank0.json")
+    assert json.loads(record.read_text())["nccl_env"] == {"NCCL_DEBUG": "WARN"}  # cluster.env
 
 
 def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(slurm_env, tmp_path):
