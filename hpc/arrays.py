@@ -45,6 +45,7 @@ def _limits(cfg: Any) -> dict[str, Any]:
         "time_min": parse_time_minutes(c.time, "cluster.time"),
         "signal_delay_s": c.signal_delay_s,
         "max_requeues": c.max_requeues,
+        "gpu_bind": c.gpu_bind,
     }
 
 

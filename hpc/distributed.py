@@ -71,8 +71,26 @@ def torch_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def export_torch_env() -> dict[str, str]:
-    """Set the torch.distributed variables in os.environ from Slurm's; return what was set."""
-    values = torch_env_from_slurm(os.environ)
+def bind_device(env: Mapping[str, str], gpu_bind: str) -> dict[str, str]:
+    """What the science reads to pick this rank's CUDA device, for ``cluster.gpu_bind``.
+
+    Accelerate (training) takes ``cuda:LOCAL_RANK``; evaluation, one process, takes device 0.
+    ``node``: every task sees the node's GPUs (CUDA_VISIBLE_DEVICES lists them all), so
+    LOCAL_RANK = the task's local id picks its own. ``task``: each task sees only its own GPU
+    (--gpus-per-task=1, --gpu-bind, or a device cgroup), which is device 0 of what it sees, so
+    LOCAL_RANK = 0 (rank r would otherwise ask for cuda:r of one visible device).
+    DHM_NODE_RANK keeps the task's local id for what is per node (staging data). Empty
+    outside a Slurm step."""
+    if "SLURM_PROCID" not in env:
+        return {}
+    local = env.get("SLURM_LOCALID", "0")
+    device = "0" if gpu_bind == "task" else local
+    return {"LOCAL_RANK": device, "DHM_NODE_RANK": local, "DHM_GPU_BIND": gpu_bind}
+
+
+def export_torch_env(gpu_bind: str = "node") -> dict[str, str]:
+    """Set the torch.distributed variables in os.environ from Slurm's, and this rank's device
+    (``bind_device``); return what was set."""
+    values = {**torch_env_from_slurm(os.environ), **bind_device(os.environ, gpu_bind)}
     os.environ.update(values)
     return values

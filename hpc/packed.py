@@ -33,9 +33,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGUSR2, lambda *_: setattr(stop, "requested", True))
     stages.record_environment(run_dir, "train")
     if stage_to:
-        cfg.data.root = stages.stage_data(
-            cfg.data.root, stage_to, int(os.environ.get("LOCAL_RANK", 0))
-        )
+        cfg.data.root = stages.stage_data(cfg.data.root, stage_to, stages.node_rank())
     try:
         stages.require_cuda("the train", "train.device", cfg.train.device)
         train(cfg, stop)

@@ -23,6 +23,7 @@ MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate
 # Modes that read a stored sweep without planning or submitting (hpc.stored).
 STORED_MODES = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm")
+GPU_BINDS = ("node", "task")  # cluster.gpu_bind
 # A value that goes into an #SBATCH line: no whitespace, quotes or shell syntax.
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]*$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9_./~+@%,:=\-]+$")  # root: no spaces, quotes or shell syntax
@@ -58,6 +59,10 @@ class ClusterConfig:
     time: str = "04:00:00"  # train task limit: [D-]HH:MM:SS, MM, MM:SS, D-HH, D-HH:MM
     nodes: int = 1
     gpus_per_node: int = 0
+    # How a train task's ranks find their GPU: node (--gpus-per-node: every task sees the node's
+    # GPUs, rank r uses local index r) or task (--gpus-per-task=1: each task sees only its own
+    # and uses device 0). hpc.distributed.bind_device sets what the science reads.
+    gpu_bind: str = "node"
     tasks_per_node: int | None = None  # None: gpus_per_node (one rank per GPU), or 1 on CPU
     cpus_per_task: int = 2
     mem: str | None = None  # per node, e.g. 32G
@@ -218,6 +223,8 @@ def check_cluster(c: Any) -> None:
             f"cluster.tasks_per_node={c.tasks_per_node} with cluster.gpus_per_node="
             f"{c.gpus_per_node}: one DDP rank per GPU, so tasks_per_node must equal gpus_per_node"
         )
+    if c.gpu_bind not in GPU_BINDS:
+        _fail("cluster.gpu_bind", c.gpu_bind, " or ".join(GPU_BINDS))
     runs_per_task(c)
     if not c.oom_mem_factor > 1:
         _fail("cluster.oom_mem_factor", c.oom_mem_factor, "a factor > 1")

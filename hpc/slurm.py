@@ -318,7 +318,9 @@ def stage_params(cfg: Any, stage: str, r: Resources, name: str) -> dict[str, Any
     """submitit parameters of one stage with resources ``r``."""
     params = base_params(cfg, name)
     params.update(time=r.time, nodes=r.nodes, ntasks_per_node=r.ntasks, cpus_per_task=r.cpus)
-    if r.gpus:
+    if r.gpus and stage == "train" and cfg.cluster.gpu_bind == "task":
+        params["gpus_per_task"] = r.gpus // r.ntasks  # one a rank (r.ntasks == r.gpus)
+    elif r.gpus:
         params["gpus_per_node"] = r.gpus
     if r.mem is not None:
         params["mem"] = r.mem

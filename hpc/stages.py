@@ -108,6 +108,11 @@ def record_environment(run_dir: Path, stage: str) -> dict[str, Any]:
         "rank": int(os.environ.get("RANK", 0)),
         "world_size": int(os.environ.get("WORLD_SIZE", 1)),
         "torch_threads": torch.get_num_threads(),
+        # The binding (cluster.gpu_bind), what this rank sees and the CUDA device index it asks
+        # for (Accelerate: cuda:LOCAL_RANK), recorded even when it runs on the CPU.
+        "gpu_bind": os.environ.get("DHM_GPU_BIND", ""),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_device_index": int(os.environ.get("LOCAL_RANK", 0)),
         # cluster.env's NCCL settings, as this rank saw them
         "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
         **provenance.record(),
@@ -133,6 +138,12 @@ def record_attempt(run_dir: Path, **fields: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def node_rank() -> int:
+    """This task's index among the tasks of its node (Slurm's local id): whatever LOCAL_RANK
+    the GPU binding set, staging data is once per node."""
+    return int(os.environ.get("DHM_NODE_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
 def stage_data(root: str, scratch: str, local_rank: int) -> str:
@@ -276,10 +287,10 @@ def train_one_run(
     slurm = in_slurm_job()
     if slurm:
         use_allocated_cpus(threads_share)
-        export_torch_env()
+        export_torch_env(limits.get("gpu_bind", "node"))
     record_environment(run_dir, "train")
     if stage_to:
-        cfg.data.root = stage_data(cfg.data.root, stage_to, int(os.environ.get("LOCAL_RANK", 0)))
+        cfg.data.root = stage_data(cfg.data.root, stage_to, node_rank())
     stop = StopRequest()
     handler = _Stop(stop)
     try:
@@ -354,7 +365,7 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
     cpus = int(env.get("SLURM_CPUS_PER_TASK", 0) or os.cpu_count() or n)
     env["OMP_NUM_THREADS"] = str(max(1, cpus // n))
     if in_slurm_job():
-        env.update(export_torch_env())
+        env.update(export_torch_env(limits.get("gpu_bind", "node")))
     job_id = env.get("SLURM_JOB_ID")
     children: list[subprocess.Popen] = []
     files = []

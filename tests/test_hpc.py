@@ -88,6 +88,7 @@ def test_axes_and_points_expand_to_a_product_plus_points():
         (["cluster=slurm", "+cluster.extra_sbatch={mail-user:'a b'}"], "extra_sbatch.mail-user"),
         (["cluster=slurm", "cluster.setup=['module load x\necho']"], "cluster.setup[0]"),
         (["cluster=slurm", "+cluster.env={NCCL_DEBUG:'a\nb'}"], "cluster.env.NCCL_DEBUG"),
+        (["cluster=slurm", "cluster.gpu_bind=socket"], "cluster.gpu_bind='socket' is not allowed"),
     ],
 )
 def test_bad_launch_values_name_the_key(overrides, message):
@@ -188,6 +189,24 @@ def test_hostlists_and_torch_env():
         "MASTER_ADDR": "node1", "MASTER_PORT": str(master_port(777)),
     }  # fmt: skip
     assert master_port(777) != master_port(778)
+
+
+def test_each_binding_style_points_every_rank_at_its_own_physical_gpu():
+    # What Slurm gives local task r of a node under each style (measured on the fake-GPU
+    # cluster, slurm/README.md), and the device the science then asks for (Accelerate:
+    # cuda:LOCAL_RANK): the GPU that CUDA_VISIBLE_DEVICES names at that index is task r's own.
+    from hpc.distributed import bind_device
+
+    seen = {"node": ("0,1", "0,1"), "task": ("0", "1")}
+    for style, visible in seen.items():
+        physical = []
+        for local, cvd in enumerate(visible):
+            env = {"SLURM_PROCID": str(local), "SLURM_LOCALID": str(local)}
+            got = bind_device(env, style)
+            assert got["DHM_NODE_RANK"] == str(local) and got["DHM_GPU_BIND"] == style
+            physical.append(cvd.split(",")[int(got["LOCAL_RANK"])])
+        assert physical == ["0", "1"], style
+    assert bind_device({}, "task") == {}  # outside a Slurm step: nothing to bind
 
 
 def test_packed_runs_of_neighbouring_array_tasks_never_share_a_port():
@@ -969,3 +988,17 @@ def test_cluster_env_names_must_be_shell_variables():
     cfg.cluster.env = {"NCCL-DEBUG": "INFO"}
     with pytest.raises(ConfigError, match="cluster.env.NCCL-DEBUG"):
         schema.check_launch(cfg)
+
+
+def test_the_binding_style_picks_the_gpu_request(tmp_path, capsys):
+    from hpc.launcher import print_arrays
+
+    for style, request in (("node", "--gpus-per-node=2"), ("task", "--gpus-per-task=1")):
+        cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=single", "cluster.nodes=2",
+                   "cluster.gpus_per_node=2", f"cluster.gpu_bind={style}",
+                   "cluster.eval_gpus=1", "train.batch_size=64")  # fmt: skip
+        specs = arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))
+        print_arrays(cfg, specs[:2], scripts=True)
+        train, evaluation = capsys.readouterr().out.split("eval:", 1)
+        assert f"#SBATCH {request}" in train and "#SBATCH --ntasks-per-node=2" in train
+        assert "#SBATCH --gpus-per-node=1" in evaluation  # one eval process: its device 0

@@ -196,6 +196,36 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     assert json.loads(record.read_text())["nccl_env"] == {"NCCL_DEBUG": "WARN"}  # cluster.env
 
 
+@pytest.mark.parametrize("style", ["node", "task"])
+def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
+    slurm_env, tmp_path, style
+):
+    # A 2-node x 2-GPU training task through launch.py (gloo on the CPU: the GPUs are fake).
+    # Each of the 4 ranks records CUDA_VISIBLE_DEVICES and the CUDA device index it asks for;
+    # the GPU that the pair names must be a different physical GPU for each rank of a node.
+    base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", f"sweep.name=bind_{style}",
+            "cluster.nodes=2", "cluster.gpus_per_node=2", f"cluster.gpu_bind={style}",
+            "train.device=cpu", "eval.device=cpu", "train.batch_size=100"]  # fmt: skip
+    out = launch(slurm_env, *base)
+    assert out.returncode == 0, out.stderr
+    sweep_dir = tmp_path / f"bind_{style}"
+    jobs = ledger(sweep_dir)
+    states = wait_for_jobs(slurm_env, [jobs[0]["job_id"]])
+    assert set(states.values()) == {"COMPLETED"}, states
+    run = jobs[0]["tasks"][0]["runs"][0]
+    records = [
+        json.loads(p.read_text())
+        for p in (sweep_dir / "runs" / run / "logs").glob("train_*_rank*.json")
+    ]
+    assert sorted(r["rank"] for r in records) == [0, 1, 2, 3]
+    by_node: dict[str, list[str]] = {}
+    for r in records:
+        assert r["gpu_bind"] == style and r["world_size"] == 4
+        visible = r["cuda_visible_devices"].split(",")
+        by_node.setdefault(r["slurmd_nodename"], []).append(visible[r["cuda_device_index"]])
+    assert {n: sorted(g) for n, g in by_node.items()} == {"node1": ["0", "1"], "node2": ["0", "1"]}
+
+
 def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(slurm_env, tmp_path):
     args = ["sweep=demo", f"root={tmp_path}", *PROFILE, "cluster.nodes=2"]
     first = launch(slurm_env, *args)
