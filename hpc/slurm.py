@@ -486,7 +486,15 @@ def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[s
             dependency,
             {
                 k: spec.params.get(k)
-                for k in ("mem", "exclude", "nodes")
+                for k in (
+                    "mem",
+                    "exclude",
+                    "nodes",
+                    "ntasks_per_node",
+                    "cpus_per_task",
+                    "gpus_per_node",
+                    "gpus_per_task",
+                )  # fmt: skip
                 if spec.params.get(k) is not None
             },
         )

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from dhm.core.layout import estimates_of
 from dhm.report.page import write_report
-from hpc import ledger
+from hpc import efficiency, ledger
 from hpc.schema import check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.status import detail_lines, status_lines
@@ -58,7 +58,17 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     if cfg.runs and len(runs) == 1:
         print("\n".join(detail_lines(cfg, runs[0], query)))
         return 0
+    subs = ledger.submissions(cfg) if query and whole else []
+    steps = efficiency.ask(subs) if subs else None  # answers while status reads the disk
     lines, states = status_lines(cfg, runs, query, estimates_of(stored))
+    if steps is not None:
+        try:
+            uses = efficiency.stage_uses(subs, efficiency.parse_steps(steps.answer()))
+        except ledger.SlurmError as err:
+            lines.append(f"efficiency: not known ({err})")
+        else:
+            lines += efficiency.lines(uses)
+            efficiency.write(sweep_dir(cfg), uses)
     print("\n".join(lines))
     if whole and sweep_dir(cfg).exists():
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")

@@ -503,6 +503,7 @@ def test_the_summary_says_which_sigma_each_runs_bounds_use():
     assert bound_sigma({"sigma_source": "fitted at evaluation on 10 validation images"}) == (
         "fitted"
     )
+    assert bound_sigma({"sigma_source": "fixed at 0.1 (no validation split)"}) == "fixed"
     assert bound_sigma({}) == "trained"
 
 

@@ -1002,3 +1002,44 @@ def test_the_binding_style_picks_the_gpu_request(tmp_path, capsys):
         train, evaluation = capsys.readouterr().out.split("eval:", 1)
         assert f"#SBATCH {request}" in train and "#SBATCH --ntasks-per-node=2" in train
         assert "#SBATCH --gpus-per-node=1" in evaluation  # one eval process: its device 0
+
+
+# sacct -n -P -o hpc.efficiency.FIELDS of a job that kept 1 of its 2 CPUs busy for 20 s (the
+# local cluster, 22.05.8): the job line's TotalCPU is its steps' sum; MaxRSS is per step.
+SACCT_BUSY = """82|COMPLETED|21|00:19.888|2||1000M|billing=2,cpu=2,mem=1000M,node=1
+82.batch|COMPLETED|21|00:00.013|2|10492K||cpu=2,mem=1000M,node=1
+82.0|COMPLETED|20|00:19.874|2|13336K||cpu=2,mem=1000M,node=1
+83_0|COMPLETED|100|01:50.000|8||16G|billing=8,cpu=8,gres/gpu=1,mem=16G,node=1
+83_0.batch|COMPLETED|100|01:50.000|8|900M||cpu=8,mem=16G,node=1
+83_1|RUNNING|50|00:00:00|8||16G|billing=8,cpu=8,mem=16G,node=1
+"""
+
+
+def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
+    from hpc import efficiency as E
+
+    assert E.cpu_seconds("00:19.888") == pytest.approx(19.888)
+    assert E.cpu_seconds("1:02:03") == 3723 and E.cpu_seconds("1-00:00:01") == 86401
+    assert E.memory_mb("13336K") == pytest.approx(13.02, abs=0.01)
+    assert E.memory_mb("2000Mn") == 2000 and E.memory_mb("1.5G") == 1536 and E.memory_mb("") == 0
+    tasks = E.parse_steps(SACCT_BUSY)
+    assert set(tasks) == {"82", "83_0"}  # the running task is left out
+    busy = tasks["82"]
+    assert (busy.elapsed_s, busy.alloc_cpus, busy.max_rss_mb) == (21, 2, pytest.approx(13.02, 0.01))
+    subs = [
+        {"stage": "train", "job_id": "82", "tasks": [{"runs": ["a"]}],
+         "params": {"cpus_per_task": 2, "ntasks_per_node": 1}},
+        {"stage": "eval:digits", "job_id": "83", "tasks": [{"runs": ["a"]}, {"runs": ["b"]}],
+         "params": {"cpus_per_task": 8}},
+    ]  # fmt: skip
+    train, ev = E.stage_uses(subs, tasks)
+    # 19.888 CPU-s over 21 s x 2 CPUs: 47%, about half, as the workload was.
+    assert train.cpu_efficiency == pytest.approx(19.888 / 42) and train.advice == []
+    assert (ev.stage, ev.tasks, ev.gpus) == ("eval", 1, 1)
+    assert ev.cpus_used == pytest.approx(110 / 100)  # 110 CPU-s in 100 s of 8 CPUs
+    assert ev.advice == [
+        "eval asks 8 CPUs and uses 1.1: set cluster.eval_cpus=2",
+        "eval asks 16.0 GB and uses 0.88 GB: set cluster.eval_mem=2G",
+    ]
+    text = "\n".join(E.lines([train, ev]))
+    assert "train: 1 task(s), CPU 47% of 2 a task (0.9 used), memory 13 MB of 1000 MB" in text

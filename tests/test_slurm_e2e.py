@@ -186,6 +186,8 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     ).stdout
     assert re.search(r"on \S+ \(CUDA_VISIBLE_DEVICES='[01]'", detail), detail  # host, its GPU
     assert "RuntimeError: " in detail and "set train.device=cpu" in detail, detail  # CUDA says why
+    assert "efficiency of finished tasks (sacct)" in out and "  train: 2 task(s)" in out, out
+    assert "Efficiency" in (sweep_dir / "summary" / "report.html").read_text()
     used = re.search(r"([0-9.]+) (GPU|CPU)-hours used", out)
     assert used and used.group(2) == "GPU" and float(used.group(1)) > 0, out
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train],
@@ -224,6 +226,31 @@ def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
         visible = r["cuda_visible_devices"].split(",")
         by_node.setdefault(r["slurmd_nodename"], []).append(visible[r["cuda_device_index"]])
     assert {n: sorted(g) for n, g in by_node.items()} == {"node1": ["0", "1"], "node2": ["0", "1"]}
+
+
+def test_a_known_workload_gets_its_efficiency_right(slurm_env, tmp_path):
+    # A task that keeps 1 of its 2 allocated CPUs busy for 30 s is about 50% efficient, read
+    # from sacct's job and step lines the way mode=status reads them (hpc.efficiency).
+    from hpc import efficiency as E
+
+    busy = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
+    (tmp_path / "busy.py").write_text(busy)
+    out = subprocess.run(
+        ["sbatch", "--parsable", "-c", "2", "--mem=1000M", "-o", str(tmp_path / "busy.out"),
+         "--wrap", f"srun {sys.executable} {tmp_path / 'busy.py'}"],
+        env=slurm_env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    job = out.stdout.strip().split(";")[0]
+    assert wait_for_jobs(slurm_env, [job], timeout=300) == {job: "COMPLETED"}
+    subs = [{"stage": "eval:x", "job_id": job, "tasks": [{}], "params": {"cpus_per_task": 2}}]
+    for _ in range(10):  # the step lines reach the database a moment after the job line
+        (use,) = E.stage_uses(subs, E.parse_steps(E.ask(subs).answer()))
+        if use.mem_used_mb:
+            break
+        time.sleep(1)
+    assert 0.42 < use.cpu_efficiency < 0.55, use  # 30 s of work in ~31-35 s of 2 CPUs
+    assert use.cpus_used == pytest.approx(use.cpu_efficiency * 2) and use.mem_asked_mb == 1000
+    assert 5 < use.mem_used_mb < 200, use  # a Python interpreter's RSS
 
 
 def test_demo_sweep_trains_with_ddp_across_two_nodes_evaluates_and_aggregates(slurm_env, tmp_path):

@@ -230,6 +230,7 @@ def _context(
         "table": _table(data, by_id, states) if rows else None,
         "heatmaps": _heatmaps(data, by_id, states) if rows else None,
         "states": _in_flight(plan_runs, states),
+        "efficiency": _efficiency(sweep_dir),
         "runs": data["runs"] if data else [],
         "max_image_runs": data["max_image_runs"] if data else 0,
         "page_runs": PAGE_RUNS,
@@ -237,6 +238,16 @@ def _context(
         "data_name": DATA_NAME,
         "stale": stale,
     }
+
+
+def _efficiency(sweep_dir: Path) -> list[dict[str, Any]]:
+    """``<sweep>/efficiency.json`` as status last wrote it (asked against used per stage,
+    hpc.efficiency); [] when there is none or it cannot be read."""
+    try:
+        rows = json.loads((sweep_dir / "efficiency.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 def write_report(

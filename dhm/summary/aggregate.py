@@ -323,7 +323,9 @@ def bound_sigma(attrs: dict[str, Any]) -> str:
     if attrs.get("bound_sigma"):
         return str(attrs["bound_sigma"])
     source = str(attrs.get("sigma_source", ""))
-    return "fitted" if source.startswith("fitted") else "fixed" if source else "trained"
+    if source.startswith(("fitted", "fixed")):
+        return source.split()[0]
+    return "trained"  # "learned", or no source (before sigma_source existed)
 
 
 def _set_metrics(run: RunSummary, sets: dict[str, results.SetResults]) -> None:
