@@ -63,6 +63,7 @@ class ClusterConfig:
     # GPUs, rank r uses local index r) or task (--gpus-per-task=1: each task sees only its own
     # and uses device 0). hpc.distributed.bind_device sets what the science reads.
     gpu_bind: str = "node"
+    gpu_type: str | None = None  # a GRES type (a100, h100, ...): --gpus-per-node=<type>:<n>
     tasks_per_node: int | None = None  # None: gpus_per_node (one rank per GPU), or 1 on CPU
     cpus_per_task: int = 2
     mem: str | None = None  # per node, e.g. 32G
@@ -253,6 +254,7 @@ def _check_cluster_text(c: Any) -> None:
         "constraint",
         "exclude",
         "max_mem",
+        "gpu_type",
     ):
         _check_text(f"cluster.{key}", c[key], SAFE_VALUE, sbatch_chars)
     for key in ("mem", "eval_mem", "max_mem"):

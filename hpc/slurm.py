@@ -11,6 +11,7 @@ arrays this launch already submitted are cancelled and the ledger says so.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import os
 import re
@@ -44,6 +45,7 @@ class Partition:
     cpus: dict[str, int] = field(default_factory=dict)  # node -> CPUs
     mem_mb: dict[str, int] = field(default_factory=dict)
     gpus: dict[str, int] = field(default_factory=dict)
+    gpu_types: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> type -> count
 
 
 @dataclass
@@ -62,12 +64,17 @@ class ClusterInfo:
 
 
 def _gpus(gres: str) -> int:
-    total = 0
+    return sum(_gpu_types(gres).values())
+
+
+def _gpu_types(gres: str) -> dict[str, int]:
+    """sinfo's Gres ('gpu:a100:4(S:0-1),gpu:2') -> {type: count}; '' for untyped GPUs."""
+    out: dict[str, int] = {}
     for item in gres.split(","):
-        m = re.match(r"^gpu(?::[^:(]+)?:(\d+)", item.strip())
+        m = re.match(r"^gpu(?::([^:(]+))?:(\d+)", item.strip())
         if m:
-            total += int(m.group(1))
-    return total
+            out[m.group(1) or ""] = out.get(m.group(1) or "", 0) + int(m.group(2))
+    return out
 
 
 def _time(text: str) -> int | None:
@@ -126,6 +133,7 @@ class AskedCluster:
             p.cpus[node] = int(cpus) if cpus.isdigit() else 0
             p.mem_mb[node] = int(mem) if mem.isdigit() else 0
             p.gpus[node] = _gpus(gres)
+            p.gpu_types[node] = _gpu_types(gres)
         m = re.search(r"^MaxArraySize\s*=\s*(\d+)", self.config.answer(), re.M)
         max_array = int(m.group(1)) if m else 1001
         return ClusterInfo(parts, max_array, self._max_submit())
@@ -237,6 +245,15 @@ def check_resources(cfg: Any, info: ClusterInfo, stages: dict[str, Resources]) -
                     f"not allowed for the {stage} stage: the largest node of {where} has "
                     f"{cpus[-1]} CPUs"
                 )
+            if r.gpus and c.gpu_type is not None:
+                have = {n: t.get(c.gpu_type, 0) for n, t in p.gpu_types.items()}
+                if not any(have.values()):
+                    offered = sorted({t or "(untyped)" for ts in p.gpu_types.values() for t in ts})
+                    raise ConfigError(
+                        f"cluster.gpu_type={c.gpu_type!r} is not allowed: no node of {where} has "
+                        f"GPUs of that type; its GPUs: {', '.join(offered) or 'none'}"
+                    )
+                p = dataclasses.replace(p, gpus=have)  # only that type counts below
             gpus = max(p.gpus.values(), default=0)
             if r.gpus > gpus:
                 raise ConfigError(
@@ -318,10 +335,11 @@ def stage_params(cfg: Any, stage: str, r: Resources, name: str) -> dict[str, Any
     """submitit parameters of one stage with resources ``r``."""
     params = base_params(cfg, name)
     params.update(time=r.time, nodes=r.nodes, ntasks_per_node=r.ntasks, cpus_per_task=r.cpus)
+    kind = f"{cfg.cluster.gpu_type}:" if cfg.cluster.gpu_type else ""
     if r.gpus and stage == "train" and cfg.cluster.gpu_bind == "task":
-        params["gpus_per_task"] = r.gpus // r.ntasks  # one a rank (r.ntasks == r.gpus)
+        params["gpus_per_task"] = f"{kind}{r.gpus // r.ntasks}"  # one a rank (ntasks == gpus)
     elif r.gpus:
-        params["gpus_per_node"] = r.gpus
+        params["gpus_per_node"] = f"{kind}{r.gpus}" if kind else r.gpus
     if r.mem is not None:
         params["mem"] = r.mem
     if r.exclude:

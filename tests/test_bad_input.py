@@ -148,6 +148,19 @@ CASES = [
         2,
         "cluster.eval_gpus=4 is not allowed: nodes of partition debug have at most 2 GPU",
     ),
+    (
+        "a GRES type no node has",
+        [*TINY, *SLURM, "cluster.eval_gpus=1", "cluster.gpu_type=h100"],
+        2,
+        "cluster.gpu_type='h100' is not allowed: no node of partition debug has GPUs of that "
+        "type; its GPUs: (untyped)",
+    ),
+    (
+        "an unknown gpu_bind",
+        [*TINY, *SLURM, "cluster.gpu_bind=socket"],
+        2,
+        "cluster.gpu_bind='socket' is not allowed: node or task",
+    ),
     ("more memory than a node", [*TINY, *SLURM, "cluster.mem=64G"], 2, "at most 8000 MB"),
     (
         "unknown partition",

@@ -1043,3 +1043,16 @@ def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
     ]
     text = "\n".join(E.lines([train, ev]))
     assert "train: 1 task(s), CPU 47% of 2 a task (0.9 used), memory 13 MB of 1000 MB" in text
+
+
+def test_gpu_types_from_sinfo_and_a_typed_request(tmp_path, capsys):
+    from hpc.launcher import print_arrays
+    from hpc.slurm import _gpu_types, _gpus
+
+    assert _gpu_types("gpu:a100:4(S:0-1),gpu:2,shard:8") == {"a100": 4, "": 2}
+    assert _gpus("gpu:a100:4(S:0-1),gpu:2") == 6 and _gpu_types("(null)") == {}
+    for style, request in (("node", "--gpus-per-node=a100:2"), ("task", "--gpus-per-task=a100:1")):
+        args = ["cluster=slurm", f"root={tmp_path}", "sweep=single", "cluster.gpus_per_node=2"]
+        cfg = _cfg(*args, f"cluster.gpu_bind={style}", "cluster.gpu_type=a100")
+        print_arrays(cfg, arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))[:1], True)
+        assert f"#SBATCH {request}" in capsys.readouterr().out
