@@ -31,7 +31,9 @@ run)
     tee "$out/gpu.txt"
   $py -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate",
 accelerate.__version__, torch.cuda.get_device_name())' | tee -a "$out/gpu.txt"
-  # Correctness first (a fast path that is wrong is not worth timing), ~2-3 min.
+  # Correctness first (a fast path that is wrong is not worth timing), ~2-3 min. On a box
+  # with two GPUs tests/test_gpu.py also runs two-rank DDP under both cluster.gpu_bind styles
+  # (NCCL, each rank on its own GPU); with one it says it skipped them.
   timeout 240 $py -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     tests/test_gpu.py tests/test_data.py tests/test_objectives.py 2>&1 | tee "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}

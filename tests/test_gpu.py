@@ -23,6 +23,8 @@ from dhm.model import checkpoint as model_ckpt
 from dhm.training.train import train
 from tests.helpers.configs import small_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -104,3 +106,44 @@ def test_bf16_channels_last_training_and_evaluation_on_the_gpu(tmp_path, compile
     assert loss[-1] < loss[0], loss
     shards = evaluate_all(cfg, final)
     assert shards and all(Path(p).exists() for p in shards)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("style", ["node", "task"])
+def test_two_gpu_ddp_uses_nccl_and_each_rank_its_own_gpu(tmp_path, style):
+    # Two ranks on one box under each binding style, with the environment
+    # hpc.distributed.bind_device gives them: node, both see every GPU and LOCAL_RANK = r;
+    # task, each sees only GPU r and LOCAL_RANK = 0. NCCL is the backend on CUDA, the collective
+    # timeout is train.dist_timeout_s, the ranks end with the same weights on distinct GPUs.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hpc.distributed import bind_device
+    from tests.helpers.configs import free_port
+
+    out = tmp_path / "weights"
+    out.mkdir()
+    port, procs = free_port(), []
+    overrides = {"train.device": "cuda", "train.epochs": 1, "train.batch_size": 100,
+                 "model.width": 8, "train.dist_timeout_s": 321}  # fmt: skip
+    for rank in range(2):
+        slurm = {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
+               **bind_device(slurm, style)}  # fmt: skip
+        env["CUDA_VISIBLE_DEVICES"] = "0,1" if style == "node" else str(rank)
+        cmd = [sys.executable, "-m", "tests._ddp_worker", str(tmp_path / "run"),
+               json.dumps(overrides), str(out)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert {(r["backend"], r["timeout_s"]) for r in records} == {("nccl", 321)}
+    physical = [
+        r["cuda_visible_devices"].split(",")[int(r["device"].split(":")[1])] for r in records
+    ]
+    assert physical == ["0", "1"], records
+    w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(w0[k].cpu(), w1[k].cpu()) for k in w0)

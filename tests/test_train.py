@@ -388,8 +388,13 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_stay_identical_with_batchnorm_and_dropout(tmp_path):
-    overrides = {"model.name": "dhm", "train.epochs": 1, "train.batch_size": 50, "model.beta": 1e-3}
+    overrides = {"model.name": "dhm", "train.epochs": 1, "train.batch_size": 50, "model.beta": 1e-3,
+                 "train.dist_timeout_s": 123}  # fmt: skip
     rank0, rank1 = _run_ddp(tmp_path, "ddp", overrides, world_size=2)
+    # On the CPU the process group is gloo, and train.dist_timeout_s is its collective timeout.
+    for r in (0, 1):
+        record = json.loads((tmp_path / "ddp-weights" / f"rank{r}.json").read_text())
+        assert (record["backend"], record["timeout_s"], record["device"]) == ("gloo", 123, "cpu")
     for key in rank0:
         if "running_" in key or "num_batches_tracked" in key:
             continue  # BatchNorm running statistics are per process on the CPU
