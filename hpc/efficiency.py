@@ -135,13 +135,18 @@ def _advice(u: StageUse) -> list[str]:
     return out
 
 
-def stage_uses(subs: list[dict[str, Any]], tasks: dict[str, TaskUse]) -> list[StageUse]:
-    """Per stage (train, eval, aggregate, in that order) over the ledger's submissions."""
+def stage_uses(
+    subs: list[dict[str, Any]], tasks: dict[str, TaskUse], run_id: str | None = None
+) -> list[StageUse]:
+    """Per stage (train, eval, aggregate, in that order) over the ledger's submissions; with
+    ``run_id``, over the tasks that held that run alone (a packed task's use is not one run's)."""
     grouped: dict[str, list[tuple[dict[str, Any], TaskUse]]] = {}
     for sub in subs:
         stage = sub["stage"].split(":")[0]
         n = len(sub.get("tasks") or [None])
         for i in range(n):
+            if run_id is not None and (sub.get("tasks") or [{}])[i].get("runs") != [run_id]:
+                continue
             key = f"{sub['job_id']}_{i}" if n > 1 or f"{sub['job_id']}_{i}" in tasks else None
             use = tasks.get(key) if key else tasks.get(sub["job_id"])
             if use is not None:

@@ -55,21 +55,25 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
         _, states = run_reports(cfg, runs, query)
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
         return 0
-    if cfg.runs and len(runs) == 1:
-        print("\n".join(detail_lines(cfg, runs[0], query)))
-        return 0
-    subs = ledger.submissions(cfg) if query and whole else []
+    one = runs[0].run_id if cfg.runs and len(runs) == 1 else None
+    subs = ledger.submissions(cfg) if query and (whole or one) else []
     steps = efficiency.ask(subs) if subs else None  # answers while status reads the disk
-    lines, states = status_lines(cfg, runs, query, estimates_of(stored))
+    if one is not None:
+        lines = detail_lines(cfg, runs[0], query)
+    else:
+        lines, states = status_lines(cfg, runs, query, estimates_of(stored))
     if steps is not None:
         try:
-            uses = efficiency.stage_uses(subs, efficiency.parse_steps(steps.answer()))
+            uses = efficiency.stage_uses(subs, efficiency.parse_steps(steps.answer()), one)
         except ledger.SlurmError as err:
             lines.append(f"efficiency: not known ({err})")
         else:
             lines += efficiency.lines(uses)
-            efficiency.write(sweep_dir(cfg), uses)
+            if one is None:
+                efficiency.write(sweep_dir(cfg), uses)
     print("\n".join(lines))
+    if one is not None:
+        return 0
     if whole and sweep_dir(cfg).exists():
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
     return 0

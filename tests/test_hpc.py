@@ -1041,6 +1041,9 @@ def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
         "eval asks 8 CPUs and uses 1.1: set cluster.eval_cpus=2",
         "eval asks 16.0 GB and uses 0.88 GB: set cluster.eval_mem=2G",
     ]
+    # One run's view: only the tasks that held it alone (eval task 1, run b, has not finished).
+    assert [u.stage for u in E.stage_uses(subs, tasks, "a")] == ["train", "eval"]
+    assert E.stage_uses(subs, tasks, "b") == []
     text = "\n".join(E.lines([train, ev]))
     assert "train: 1 task(s), CPU 47% of 2 a task (0.9 used), memory 13 MB of 1000 MB" in text
 

@@ -185,6 +185,7 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
         slurm_env, "sweep.name=gpus", f"root={tmp_path}", "mode=status", f"runs=[{bad}]"
     ).stdout
     assert re.search(r"on \S+ \(CUDA_VISIBLE_DEVICES='[01]'", detail), detail  # host, its GPU
+    assert "  train: 1 task(s), CPU " in detail, detail  # its own task's efficiency
     assert "RuntimeError: " in detail and "set train.device=cpu" in detail, detail  # CUDA says why
     assert "efficiency of finished tasks (sacct)" in out and "  train: 2 task(s)" in out, out
     assert "Efficiency" in (sweep_dir / "summary" / "report.html").read_text()
