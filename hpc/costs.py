@@ -99,7 +99,8 @@ def calibration_path(cfg: Any) -> Path:
 
 def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
     """{stage: (runs or tasks, Estimate)} for the plan's new work, the total, the unit, and
-    ``per_run`` {run id: device-hours of its new work} (stored in plan.json for the summary)."""
+    ``per_run`` {run id: {piece: device-hours}} of its new work, a piece being ``train`` or
+    ``eval:<set>`` (plan.json keeps each piece's first estimate: ``hpc.sweep.write_plan``)."""
     hist_train, hist_eval = _history(plan.states)
     calib = {}
     if calibration_path(cfg).exists():
@@ -110,7 +111,7 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
     eval_devices = float(cfg.cluster.eval_gpus or cfg.cluster.eval_cpus)
     resume = {st.run.run_id: st.resume_step for st in plan.states}
     packed = cfg.cluster.runs_per_task if isinstance(cfg.cluster.runs_per_task, int) else 1
-    per_run: dict[str, float] = {}
+    per_run: dict[str, dict[str, float]] = {}
     train_total, sources, bound = 0.0, set(), False
     for run, _ in plan.train:
         before = train_total
@@ -132,7 +133,7 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
             train_total += limit_h * devices / max(1, packed)  # a packed task shares its limit
             sources.add("time limit")
             bound = True
-        per_run[run.run_id] = train_total - before
+        per_run.setdefault(run.run_id, {})["train"] = train_total - before
     ev_total, ev_tasks, ev_bound = 0.0, 0, False
     groups = [(k, [r for r in runs]) for k, runs in plan.eval_after_train.items()]
     groups += [(k, [r for r, _ in runs]) for k, runs in plan.eval_now.items()]
@@ -146,7 +147,7 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
             cost = sum(seen) / len(seen) / 3600 if seen else eval_h * eval_devices
             ev_bound = ev_bound or not seen
             ev_total += cost
-            per_run[run.run_id] = per_run.get(run.run_id, 0.0) + cost
+            per_run.setdefault(run.run_id, {})[f"eval:{set_name}"] = cost
     return {
         "unit": unit,
         "train": (len(plan.train), Estimate(train_total, ", ".join(sorted(sources)) or "-", bound)),

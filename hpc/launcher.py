@@ -217,7 +217,7 @@ def _aggregate(cfg: Any, reasons: dict[str, str], states: dict[str, dict],
 
 
 def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
-            estimates: dict[str, float]) -> int:  # fmt: skip
+            estimates: dict[str, dict[str, float]]) -> int:  # fmt: skip
     specs = arrays_for(cfg, plan, info.max_array_size)
     tasks = sum(len(s.tasks) for s in specs)
     costs.refuse_if_over_limits(cfg, info, tasks)
@@ -316,7 +316,7 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         cfg = cfg.copy()
         cfg.cluster.runs_per_task = n
     print_plan(cfg, plan, len(runs))
-    estimates: dict[str, float] = {}
+    estimates: dict[str, dict[str, float]] = {}
     if slurm_stages or cfg.cluster.budget_gpu_hours is not None:
         est = costs.estimate(cfg, plan)
         print("\n".join(costs.describe(est)))

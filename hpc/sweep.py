@@ -335,18 +335,29 @@ def check_plan_unchanged(cfg: Any, runs: list[Run]) -> dict[str, Any] | None:
     )
 
 
-def write_plan(cfg: Any, runs: list[Run], estimates: dict[str, float] | None = None) -> Path:
+def write_plan(
+    cfg: Any, runs: list[Run], estimates: dict[str, dict[str, float]] | None = None
+) -> Path:
     """``<sweep_dir>/plan.json``: the runs, their swept settings and resolved configs, the
     launch settings status and cancel need (cluster profile, root), and per run the device-hours
-    its work was estimated to cost when it was submitted (``estimated_hours``, summed)."""
+    its work was estimated to cost: ``estimated`` {piece: hours} (train, eval:<set>), each
+    piece's first estimate only, so a relaunch that plans a piece again (it was never
+    submitted, or it resumes) does not count it twice; ``estimated_hours`` their sum."""
     path = plan_path(cfg)
     old = read_plan(path)
     if old is not None and [str(r["run_id"]) for r in old["runs"]] != [r.run_id for r in runs]:
         path.rename(path.with_name(f"plan-{time.strftime('%Y%m%dT%H%M%S')}.json"))
     launch = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    known = {}
-    if old is not None:
-        known = {str(r["run_id"]): float(r.get("estimated_hours") or 0.0) for r in old["runs"]}
+    known: dict[str, dict[str, float]] = {}
+    if old is not None:  # a plan from before pieces holds one sum: kept as a piece of its own
+        for r in old["runs"]:
+            pieces = r.get("estimated")
+            if not isinstance(pieces, dict):
+                pieces = {"earlier": float(r.get("estimated_hours") or 0.0)}
+            known[str(r["run_id"])] = {k: float(v) for k, v in pieces.items() if v}
+    for run_id, pieces in (estimates or {}).items():
+        for piece, hours in pieces.items():
+            known.setdefault(run_id, {}).setdefault(piece, round(hours, 4))
     plan = {
         "version": PLAN_VERSION,
         "sweep": cfg.sweep.name,
@@ -359,9 +370,8 @@ def write_plan(cfg: Any, runs: list[Run], estimates: dict[str, float] | None = N
                 "run_id": r.run_id,
                 "overrides": r.overrides,
                 "config": r.cfg.plain(),
-                "estimated_hours": round(
-                    known.get(r.run_id, 0.0) + (estimates or {}).get(r.run_id, 0.0), 4
-                ),
+                "estimated": known.get(r.run_id, {}),
+                "estimated_hours": round(sum(known.get(r.run_id, {}).values()), 4),
             }
             for r in runs
         ],

@@ -669,7 +669,9 @@ def test_the_plan_costs_the_time_limit_bound_or_the_sweeps_own_history(tmp_path,
     # No history, no calibration: 2 h x 4 CPUs per run, an upper bound, and it says so.
     assert est["unit"] == "CPU" and est["total"].bound
     assert est["train"][1].hours == pytest.approx(4 * 2 * 4)
-    assert sum(est["per_run"].values()) == pytest.approx(est["total"].hours)
+    assert sum(sum(p.values()) for p in est["per_run"].values()) == pytest.approx(
+        est["total"].hours
+    )
     assert "<= " in costs.describe(est)[0] and "mode=calibrate" in costs.describe(est)[0]
     over = _cfg(
         "cluster=slurm",
@@ -1059,3 +1061,20 @@ def test_gpu_types_from_sinfo_and_a_typed_request(tmp_path, capsys):
         cfg = _cfg(*args, f"cluster.gpu_bind={style}", "cluster.gpu_type=a100")
         print_arrays(cfg, arrays_for(cfg, make_plan(cfg, expand(cfg), query_slurm=False))[:1], True)
         assert f"#SBATCH {request}" in capsys.readouterr().out
+
+
+def test_the_plan_counts_each_piece_of_work_once_across_launches(tmp_path):
+    # A launch estimates train and every eval set of a run and writes the plan before its
+    # sbatch calls; when those fail or are cancelled, the relaunch plans the same pieces again.
+    # They are counted once (the first estimate of each), new pieces are added.
+    from hpc.sweep import read_plan, write_plan
+
+    cfg = _cfg(f"root={tmp_path}", "sweep=single")
+    runs = expand(cfg)
+    rid = runs[0].run_id
+    write_plan(cfg, runs, {rid: {"train": 8.0, "eval:digits": 1.0}})
+    write_plan(cfg, runs, {rid: {"train": 6.0, "eval:digits": 1.0}})  # the same work, again
+    write_plan(cfg, runs, {rid: {"eval:svhn": 0.5}})  # a new piece
+    (row,) = read_plan(tmp_path / "single" / "plan.json")["runs"]
+    assert row["estimated"] == {"train": 8.0, "eval:digits": 1.0, "eval:svhn": 0.5}
+    assert row["estimated_hours"] == 9.5

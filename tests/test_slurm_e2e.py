@@ -400,6 +400,15 @@ def test_an_sbatch_failure_cancels_what_the_launch_submitted(slurm_env, tmp_path
     assert len(submitted) == 2 and cancel and cancel[0]["job_ids"] == submitted
     states = wait_for_jobs(slurm_env, submitted, timeout=120)
     assert states and set(states.values()) == {"CANCELLED"}, states
+    # The relaunch plans the same work again: plan.json counts each piece of it once (it had
+    # grown by the whole estimate with every relaunch).
+    plan = tmp_path / "half" / "plan.json"
+    before = {r["run_id"]: r["estimated_hours"] for r in json.loads(plan.read_text())["runs"]}
+    again = launch(slurm_env, "sweep=demo", f"root={tmp_path}", *PROFILE, *TINY, "sweep.name=half")
+    assert again.returncode == 0, again.stderr
+    launch(slurm_env, "sweep.name=half", f"root={tmp_path}", "mode=cancel")
+    after = {r["run_id"]: r["estimated_hours"] for r in json.loads(plan.read_text())["runs"]}
+    assert after == before and all(h > 0 for h in after.values()), (before, after)
 
 
 def _train_job(sweep_dir: Path) -> str:
