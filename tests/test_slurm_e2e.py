@@ -194,6 +194,16 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train],
                           env=slurm_env, capture_output=True, text=True).stdout  # fmt: skip
     assert "gres/gpu=1" in tres, tres
+    # The next plan costs its new run from this history (sacct's elapsed x gres/gpu), in
+    # GPU-hours, and the budget refuses it on that figure.
+    points = "sweep.points=[{model.beta:1.0,train.device:cpu},{model.beta:3.0,train.device:cpu}]"
+    more = [*base[:-1], points, "replan=true", "mode=dry_run", "cluster.budget_gpu_hours=1e-9"]
+    refused = launch(slurm_env, *more)
+    assert refused.returncode == 2, refused.stdout
+    assert re.search(
+        r"estimated cost: train 1 run\(s\) [0-9.]+ GPU-hours \(history\)", refused.stdout
+    )
+    assert "cluster.budget_gpu_hours=1e-09: this plan costs" in refused.stderr, refused.stderr
     good = jobs[0]["tasks"][0]["runs"][0]
     (record,) = (sweep_dir / "runs" / good / "logs").glob("train_*_rank0.json")
     assert json.loads(record.read_text())["nccl_env"] == {"NCCL_DEBUG": "WARN"}  # cluster.env
