@@ -216,12 +216,22 @@ def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
     # A 2-node x 2-GPU training task through launch.py (gloo on the CPU: the GPUs are fake).
     # Each of the 4 ranks records CUDA_VISIBLE_DEVICES and the CUDA device index it asks for;
     # the GPU that the pair names must be a different physical GPU for each rank of a node.
-    base = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", f"sweep.name=bind_{style}",
-            "cluster.nodes=2", "cluster.gpus_per_node=2", f"cluster.gpu_bind={style}",
+    # The cluster profile is a site's copy of slurm.yaml under its own name, outside the
+    # checkout, given with -cd (README: Cluster profiles).
+    site = tmp_path / "site" / "cluster"
+    site.mkdir(parents=True)
+    text = (REPO / "configs" / "cluster" / "slurm.yaml").read_text()
+    text = text.replace("name: slurm ", "name: fakegpu ", 1)
+    (site / "fakegpu.yaml").write_text(text.replace("gpus_per_node: 0 ", "gpus_per_node: 2 ", 1))
+    profile = ["-cd", str(tmp_path / "site"), "cluster=fakegpu", *PROFILE[1:]]
+    base = [f"root={tmp_path}", *profile, *TINY, "sweep=single", f"sweep.name=bind_{style}",
+            "cluster.nodes=2", f"cluster.gpu_bind={style}",
             "train.device=cpu", "eval.device=cpu", "train.batch_size=100"]  # fmt: skip
     out = launch(slurm_env, *base)
     assert out.returncode == 0, out.stderr
     sweep_dir = tmp_path / f"bind_{style}"
+    cluster = json.loads((sweep_dir / "plan.json").read_text())["cluster"]
+    assert (cluster["name"], cluster["kind"], cluster["gpus_per_node"]) == ("fakegpu", "slurm", 2)
     jobs = ledger(sweep_dir)
     states = wait_for_jobs(slurm_env, [jobs[0]["job_id"]])
     assert set(states.values()) == {"COMPLETED"}, states
