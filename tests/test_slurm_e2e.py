@@ -224,7 +224,7 @@ def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
     text = text.replace("name: slurm ", "name: fakegpu ", 1)
     (site / "fakegpu.yaml").write_text(text.replace("gpus_per_node: 0 ", "gpus_per_node: 2 ", 1))
     profile = ["-cd", str(tmp_path / "site"), "cluster=fakegpu", *PROFILE[1:]]
-    base = [f"root={tmp_path}", *profile, *TINY, "sweep=single", f"sweep.name=bind_{style}",
+    base = [*profile, f"root={tmp_path}", *TINY, "sweep=single", f"sweep.name=bind_{style}",
             "cluster.nodes=2", f"cluster.gpu_bind={style}",
             "train.device=cpu", "eval.device=cpu", "train.batch_size=100"]  # fmt: skip
     out = launch(slurm_env, *base)
@@ -249,11 +249,12 @@ def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
     assert {n: sorted(g) for n, g in by_node.items()} == {"node1": ["0", "1"], "node2": ["0", "1"]}
 
 
-def test_a_known_workload_gets_its_efficiency_right(slurm_env, tmp_path):
+def test_a_known_workload_gets_its_efficiency_right(slurm_env, tmp_path, monkeypatch):
     # A task that keeps 1 of its 2 allocated CPUs busy for 30 s is about 50% efficient, read
     # from sacct's job and step lines the way mode=status reads them (hpc.efficiency).
     from hpc import efficiency as E
 
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])  # sacct runs from this process
     busy = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"
     (tmp_path / "busy.py").write_text(busy)
     out = subprocess.run(
