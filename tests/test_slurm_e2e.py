@@ -188,7 +188,8 @@ def test_a_gpu_task_without_cuda_fails_unless_told_cpu_and_gpu_hours_come_from_s
     assert "  train: 1 task(s), CPU " in detail, detail  # its own task's efficiency
     assert "RuntimeError: " in detail and "set train.device=cpu" in detail, detail  # CUDA says why
     assert "efficiency of finished tasks (sacct)" in out and "  train: 2 task(s)" in out, out
-    assert "Efficiency" in (sweep_dir / "summary" / "report.html").read_text()
+    page = (sweep_dir / "summary" / "report.html").read_text()
+    assert "Efficiency" in page and "NoGPUError: the train task was given GPUs" in page
     used = re.search(r"([0-9.]+) (GPU|CPU)-hours used", out)
     assert used and used.group(2) == "GPU" and float(used.group(1)) > 0, out
     tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train],
