@@ -14,7 +14,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from dhm.core.config import run_config, to_yaml
 from dhm.summary import metrics as M
-from dhm.summary.aggregate import IncompleteSweepError, aggregate, format_eps, read_table
+from dhm.summary.aggregate import (
+    IncompleteSweepError,
+    aggregate,
+    bound_sigma,
+    format_eps,
+    read_table,
+)
 from tests.helpers.sweeps import EPS, GRID, NUM_DIMS, ROLE, make_arrays, write_plan, write_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -494,7 +500,6 @@ def test_a_summary_is_done_only_when_complete_and_newer_than_every_shard(sweep):
 
 
 def test_the_summary_says_which_sigma_each_runs_bounds_use():
-    from dhm.summary.aggregate import bound_sigma
 
     assert bound_sigma({"bound_sigma": "fitted", "sigma_source": "fitted on 8000 ..."}) == "fitted"
     # Shards from before 2026-12-07: only sigma_source; a learned sigma was used as trained.
@@ -510,7 +515,6 @@ def test_the_summary_says_which_sigma_each_runs_bounds_use():
 def test_bounds_under_different_sigmas_in_one_run_are_named_not_compared(sweep):
     # ID bounds under the trained sigma and OOD ones under a fitted sigma (a run evaluated
     # partly before 2026-12-07 and partly after) do not compare: the run is not ok, and says so.
-    import h5py
 
     root, _ = sweep
     eval_dir = root / "runs" / "dhm0001" / "eval"

@@ -13,6 +13,7 @@ import pytest
 
 from dhm.core.config import ConfigError
 from hpc.cli import cli, compose_config
+from hpc.schema import check_cluster, on_slurm
 from hpc.sweep import expand, run_id_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +269,6 @@ def test_a_site_profile_under_its_own_name_through_config_dir(tmp_path):
     # README: copy slurm.yaml to <site>.yaml and run with cluster=<site>. The copy names itself
     # and keeps kind: slurm; without a kind, a profile named other than local or slurm is
     # refused (it must not run locally by mistake), naming the key.
-    from hpc.schema import check_cluster, on_slurm
 
     site = tmp_path / "site" / "cluster"
     site.mkdir(parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,10 +17,25 @@ import pytest
 import torch
 
 from dhm.core.config import to_yaml
+from dhm.data import loaders as data_lib
+from dhm.evaluation import evaluate as ev
 from dhm.evaluation import results
 from dhm.evaluation.attacks import fgsm_predictions
-from dhm.evaluation.evaluate import ShardSpec, eval_sets, evaluate_all, evaluate_set, plan_shards
-from dhm.training.train import train
+from dhm.evaluation.evaluate import (
+    ShardSpec,
+    _bounds,
+    _set_eval_sigma,
+    eval_sets,
+    evaluate_all,
+    evaluate_set,
+    load_model,
+    plan_shards,
+)
+from dhm.model import checkpoint as model_ckpt
+from dhm.model.nets import ResNetDecoder
+from dhm.summary import metrics as M
+from dhm.training import validation as val_lib
+from dhm.training.train import model_for, train
 from tests.helpers.configs import small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +384,6 @@ def test_pgd_is_never_weaker_than_fgsm_and_its_start_is_seeded():
 def test_files_follow_the_umask_not_mkstemps_0600(tmp_path):
     # Collaborators on a shared project folder must be able to read the results.
     from dhm.core.fsutil import atomic_write_text
-    from dhm.model import checkpoint as model_ckpt
 
     old = os.umask(0o027)
     try:
@@ -398,9 +413,6 @@ def test_the_fitted_sigma_bound_is_at_least_the_trained_one_where_it_was_fitted(
     # that noise: so on the validation images, with their one sample each (the noise
     # validation_pass drew) and a global sigma, the fitted-sigma ELBO is at least the
     # trained-sigma one. Both from _bounds, evaluation's own function.
-    from dhm.data import loaders as data_lib
-    from dhm.evaluation.evaluate import _bounds, load_model
-    from dhm.training import validation as val_lib
 
     cfg, ckpt = trained
     model, train_cfg, stored = load_model(ckpt, torch.device("cpu"))
@@ -434,14 +446,6 @@ def test_a_constant_decoder_scores_the_hand_computed_bits_per_dim_on_uniform_noi
     # bits/dim = log2(255) + 0.5 log2(2 pi e / 12) = 8.249 (+ log2(256/255) = 0.0056 for the
     # interval's extra level). Tolerance 0.01 bits: that term plus the sampling error of a
     # fit over 200 x 3072 values (relative sd of a variance estimate ~ 0.1%).
-    import math
-
-    from dhm.data import loaders as data_lib
-    from dhm.evaluation import evaluate as ev
-    from dhm.model import checkpoint as model_ckpt
-    from dhm.model.nets import ResNetDecoder
-    from dhm.summary import metrics as M
-    from dhm.training.train import model_for
 
     hand = math.log2(255) + 0.5 * math.log2(2 * math.pi * math.e / 12)
     assert abs(hand - 8.249) < 1e-3
@@ -480,8 +484,6 @@ def test_a_constant_decoder_scores_the_hand_computed_bits_per_dim_on_uniform_noi
 def test_a_channel_sigma_evaluates_with_its_trained_bound_beside(tmp_path):
     # A per-channel learned sigma ([C] -> [C, 1, 1] against [k*B, C, H, W]): evaluation writes
     # both bounds, and with the trained sigma set equal to the fitted one they agree exactly.
-    from dhm.data import loaders as data_lib
-    from dhm.evaluation.evaluate import _bounds, _set_eval_sigma, load_model
 
     cfg = small_config(
         tmp_path / "run",
@@ -508,7 +510,6 @@ def test_a_channel_sigma_evaluates_with_its_trained_bound_beside(tmp_path):
 def test_a_learned_sigma_checkpoint_from_before_the_fit_evaluates_as_it_did(trained, tmp_path):
     # final.pt from before 2026-12-07: a learned sigma, no eval_log_sigma. Its shards already
     # on disk used the trained sigma; new ones must agree with them (no mixed bounds in a run).
-    from dhm.model import checkpoint as model_ckpt
 
     cfg, ckpt = trained
     state = model_ckpt.load(ckpt)

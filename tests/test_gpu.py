@@ -9,6 +9,10 @@ pixels from device memory.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -21,7 +25,8 @@ from dhm.data import loaders as D
 from dhm.evaluation.evaluate import evaluate_all
 from dhm.model import checkpoint as model_ckpt
 from dhm.training.train import train
-from tests.helpers.configs import small_config
+from hpc.distributed import bind_device
+from tests.helpers.configs import free_port, small_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,13 +121,6 @@ def test_two_gpu_ddp_uses_nccl_and_each_rank_its_own_gpu(tmp_path, style):
     # hpc.distributed.bind_device gives them: node, both see every GPU and LOCAL_RANK = r;
     # task, each sees only GPU r and LOCAL_RANK = 0. NCCL is the backend on CUDA, the collective
     # timeout is train.dist_timeout_s, the ranks end with the same weights on distinct GPUs.
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from hpc.distributed import bind_device
-    from tests.helpers.configs import free_port
 
     out = tmp_path / "weights"
     out.mkdir()

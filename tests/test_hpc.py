@@ -7,14 +7,20 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
-from dhm.core.config import ConfigError
+from dhm.core.config import ConfigError, check_eval, run_config
+from dhm.core.layout import eval_id
+from hpc import efficiency as E
 from hpc import schema, slurm
 from hpc.arrays import arrays_for
 from hpc.cli import compose_config
-from hpc.distributed import expand_hostlist, master_port, torch_env_from_slurm
+from hpc.distributed import bind_device, expand_hostlist, master_port, torch_env_from_slurm
+from hpc.launcher import print_arrays
 from hpc.plan import make_plan
-from hpc.sweep import expand, grid_points, run_id_of
+from hpc.slurm import _gpu_types, _gpus
+from hpc.stages import NoGPUError, require_cuda
+from hpc.sweep import expand, grid_points, read_plan, run_id_of, write_plan
 
 
 def _cfg(*overrides: str):
@@ -195,7 +201,6 @@ def test_each_binding_style_points_every_rank_at_its_own_physical_gpu():
     # What Slurm gives local task r of a node under each style (measured on the fake-GPU
     # cluster, slurm/README.md), and the device the science then asks for (Accelerate:
     # cuda:LOCAL_RANK): the GPU that CUDA_VISIBLE_DEVICES names at that index is task r's own.
-    from hpc.distributed import bind_device
 
     seen = {"node": ("0,1", "0,1"), "task": ("0", "1")}
     for style, visible in seen.items():
@@ -341,7 +346,6 @@ def test_dependency_strings():
 
 
 def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
-    from hpc.launcher import print_arrays
 
     cfg = _cfg(
         "cluster=slurm",
@@ -375,7 +379,6 @@ def test_dry_run_renders_scripts_with_the_profile(tmp_path, capsys):
 def test_a_packed_plan_without_memory_says_each_task_holds_n_processes(tmp_path, capsys):
     # The 300-run load measurement packed 10 runs a task in the default 2,000 MB: every train
     # task exceeded it. The plan says so unless cluster.mem is set.
-    from hpc.launcher import print_arrays
 
     for extra, noted in (([], True), (["cluster.mem=4G", "cluster.eval_mem=4G"], False)):
         cfg = _cfg(
@@ -498,7 +501,6 @@ def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch
     _fake_slurm(monkeypatch, records, {"500_2": "Priority"})
     _exception(cfg, "500_1", "ValueError: something deterministic")
     # Run 3 trained (its final.pt is a real checkpoint archive); its evals are pending.
-    import torch
 
     (runs[3].run_dir / "checkpoints").mkdir(parents=True)
     torch.save({"model": {}}, runs[3].run_dir / "checkpoints" / "final.pt")
@@ -653,7 +655,6 @@ def test_train_stage_ends_the_process_group(tmp_path):
 
 
 def test_the_plan_costs_the_time_limit_bound_or_the_sweeps_own_history(tmp_path, monkeypatch):
-    import torch
 
     from hpc import costs, ledger
 
@@ -950,9 +951,6 @@ def test_a_task_given_gpus_without_cuda_fails_at_once_unless_told_cpu(monkeypatc
     # Slurm gave the task GPUs (SLURM_GPUS_ON_NODE); CUDA cannot use them (its init raises, as
     # on a node without a driver). Training or evaluating on the CPU by accident for days is
     # what this prevents; train.device=cpu / eval.device=cpu is the explicit fallback.
-    import torch
-
-    from hpc.stages import NoGPUError, require_cuda
 
     def no_driver():
         raise RuntimeError("Found no NVIDIA driver on your system")
@@ -972,8 +970,6 @@ def test_a_task_given_gpus_without_cuda_fails_at_once_unless_told_cpu(monkeypatc
 
 
 def test_eval_device_is_checked_and_not_part_of_the_eval_id():
-    from dhm.core.config import ConfigError, check_eval, run_config
-    from dhm.core.layout import eval_id
 
     cfg = run_config(**{"run_dir": "x"})
     before = eval_id(cfg)
@@ -993,7 +989,6 @@ def test_cluster_env_names_must_be_shell_variables():
 
 
 def test_the_binding_style_picks_the_gpu_request(tmp_path, capsys):
-    from hpc.launcher import print_arrays
 
     for style, request in (("node", "--gpus-per-node=2"), ("task", "--gpus-per-task=1")):
         cfg = _cfg("cluster=slurm", f"root={tmp_path}", "sweep=single", "cluster.nodes=2",
@@ -1018,7 +1013,6 @@ SACCT_BUSY = """82|COMPLETED|21|00:19.888|2||1000M|billing=2,cpu=2,mem=1000M,nod
 
 
 def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
-    from hpc import efficiency as E
 
     assert E.cpu_seconds("00:19.888") == pytest.approx(19.888)
     assert E.cpu_seconds("1:02:03") == 3723 and E.cpu_seconds("1-00:00:01") == 86401
@@ -1051,8 +1045,6 @@ def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
 
 
 def test_gpu_types_from_sinfo_and_a_typed_request(tmp_path, capsys):
-    from hpc.launcher import print_arrays
-    from hpc.slurm import _gpu_types, _gpus
 
     assert _gpu_types("gpu:a100:4(S:0-1),gpu:2,shard:8") == {"a100": 4, "": 2}
     assert _gpus("gpu:a100:4(S:0-1),gpu:2") == 6 and _gpu_types("(null)") == {}
@@ -1067,7 +1059,6 @@ def test_the_plan_counts_each_piece_of_work_once_across_launches(tmp_path):
     # A launch estimates train and every eval set of a run and writes the plan before its
     # sbatch calls; when those fail or are cancelled, the relaunch plans the same pieces again.
     # They are counted once (the first estimate of each), new pieces are added.
-    from hpc.sweep import read_plan, write_plan
 
     cfg = _cfg(f"root={tmp_path}", "sweep=single")
     runs = expand(cfg)

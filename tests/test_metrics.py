@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import binomtest, sem, t
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from dhm.summary import metrics as M
+from dhm.summary import tables as T
 
 
 def _random_logits(seed: int, n: int = 500, c: int = 10, scale: float = 3.0):
@@ -332,7 +334,6 @@ WILSON_CASES = [(0, 284), (284, 284), (1, 1), (0, 1), (5, 10), (137, 284), (3, 1
 
 @pytest.mark.parametrize(("k", "n"), WILSON_CASES)
 def test_wilson_interval_against_scipy(k, n):
-    from scipy.stats import binomtest
 
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     lo, hi = M.wilson_interval(k, n)
@@ -364,7 +365,6 @@ def test_wilson_interval_ends_and_arrays():
 
 
 def test_seed_interval_against_scipy_t_interval():
-    from scipy.stats import sem, t
 
     values = [0.90, 0.91, 0.92]  # mean 0.91, sample std 0.01
     want = t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sem(values))
@@ -389,7 +389,6 @@ def test_zero_width():
 
 
 def test_results_md_marks_zero_width_intervals(tmp_path):
-    from dhm.summary import tables as T
 
     columns = ["run_id", "status", "dataset", "accuracy", "auroc_svhn_msp", "problem"]
     columns += ["accuracy_ci_lo", "accuracy_ci_hi", "auroc_svhn_msp_ci_lo", "auroc_svhn_msp_ci_hi"]
@@ -421,7 +420,6 @@ def test_results_md_marks_zero_width_intervals(tmp_path):
 
 
 def test_results_md_seed_cells_show_the_t_interval(tmp_path):
-    from dhm.summary import tables as T
 
     columns = ["run_id", "status", "beta", "dataset", "accuracy", "problem"]
     rows = [{"run_id": r, "status": "ok", "beta": 0.1, "dataset": "d", "accuracy": 0.9}

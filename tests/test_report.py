@@ -19,7 +19,9 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from scipy import stats
 
+from dhm.report.data import _value, report_data
 from dhm.report.page import DATA_NAME, PAGE_RUNS, write_report
 from dhm.summary.aggregate import aggregate
 from tests.helpers.browser import Browser, chromium
@@ -356,7 +358,6 @@ def test_a_large_sweeps_page_is_paginated_and_its_images_capped(tmp_path):
 
 
 def test_report_data_has_an_elbo_panel_per_ood_set_and_marks_what_does_not_apply(small, tmp_path):
-    from dhm.report.data import report_data
 
     data = json.loads((small / "summary" / DATA_NAME).read_text())
     runs = {r["id"]: r for r in data["runs"]}
@@ -438,9 +439,6 @@ def test_headline_cells_carry_wilson_t_and_zero_width_intervals():
     # One run: the interval aggregation stored (Wilson or bootstrap), flagged when it has zero
     # width (the page marks those cells with a ‡); several seeds: the Student-t interval of
     # the mean, against scipy's.
-    from scipy import stats
-
-    from dhm.report.data import _value
 
     perfect = {"auroc_x_elbo": 1.0, "auroc_x_elbo_ci_lo": 1.0, "auroc_x_elbo_ci_hi": 1.0}
     v = _value([perfect], "auroc_x_elbo", "vae")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpc import efficiency as E
 from hpc.ledger import parse_sacct
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +254,6 @@ def test_every_ddp_rank_asks_for_its_own_physical_gpu_under_each_binding(
 def test_a_known_workload_gets_its_efficiency_right(slurm_env, tmp_path, monkeypatch):
     # A task that keeps 1 of its 2 allocated CPUs busy for 30 s is about 50% efficient, read
     # from sacct's job and step lines the way mode=status reads them (hpc.efficiency).
-    from hpc import efficiency as E
 
     monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])  # sacct runs from this process
     busy = "import time\nt = time.time()\nwhile time.time() - t < 30: pass\n"

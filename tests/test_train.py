@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,8 +17,19 @@ import dhm.training.train as train_mod
 from dhm.core import checkpoint as ckpt_io
 from dhm.core.config import ConfigError
 from dhm.data.loaders import DataError
+from dhm.evaluation import results
+from dhm.evaluation.evaluate import evaluate_set
 from dhm.model import checkpoint as model_ckpt
-from dhm.training.train import NonFiniteLossError, train
+from dhm.summary import metrics as M
+from dhm.training.train import (
+    NonFiniteLossError,
+    make_optimizer,
+    param_groups,
+    train,
+    training_loss,
+)
+from hpc.cli import compose_config
+from hpc.sweep import expand
 from tests.helpers.configs import free_port, small_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -478,7 +490,6 @@ def test_the_sigma_for_evaluation_is_the_closed_form_fit_on_validation(
     # With one sigma the ELBO is maximised by sigma^2 = the mean squared reconstruction error
     # over images and elements (the KL does not depend on sigma). Recomputed here from the
     # final weights and the same noise, and checked to be a maximum.
-    import math
 
     from dhm.model.objectives import gaussian_kl, gaussian_log_likelihood
     from dhm.training import validation as V
@@ -611,7 +622,6 @@ def test_each_sigma_option_reaches_the_known_optimal_scale(sigma):
     # over all (global, optimal); once the decoder outputs the grey levels that is s itself.
     # Starting from obs_sigma = 0.05 (far below), each option must end within 10% of that
     # optimum after 150 steps, through the training loss and the optimizer training uses.
-    from dhm.training.train import make_optimizer, param_groups, training_loss
 
     torch.manual_seed(0)
     cfg = small_config("unused", **{"model.name": "vae", "model.alpha": 0.0, "train.lr": 5e-3,
@@ -646,8 +656,6 @@ def test_each_sigma_option_reaches_the_known_optimal_scale(sigma):
 
 def _demo_run(tmp_path, model: str, *overrides: str):
     """The demo sweep's run of ``model`` (its composed config, as launch.py builds it)."""
-    from hpc.cli import compose_config
-    from hpc.sweep import expand
 
     runs = expand(compose_config(["sweep=demo", f"root={tmp_path}", *overrides]))
     return next(r for r in runs if r.cfg.model.name == model)
@@ -658,7 +666,6 @@ def test_on_the_demo_a_learned_sigma_ends_near_the_closed_form_one(tmp_path):
     # The demo's VAE with a learned global sigma (not the demo's own optimal one): after the
     # demo's 84 steps the trained sigma is within 10% of the sigma fitted in closed form on the
     # validation split (stored in final.pt). Before train.sigma_lr it ended at 0.103 vs 0.22.
-    import math
 
     run = _demo_run(tmp_path, "vae", "model.sigma=global", "train.progress=false")
     state = model_ckpt.load(train(run.cfg))
@@ -672,9 +679,6 @@ def test_on_the_demo_a_learned_sigma_ends_near_the_closed_form_one(tmp_path):
 def test_the_demos_vae_beats_the_uniform_model_on_its_test_digits(tmp_path):
     # The demo's VAE-only run, trained and evaluated as the local pipeline does: its -ELBO on
     # the test digits, in bits/dim, is below a uniform model over 256 levels (8.0).
-    from dhm.evaluation import results
-    from dhm.evaluation.evaluate import evaluate_set
-    from dhm.summary import metrics as M
 
     run = _demo_run(tmp_path, "vae", "train.progress=false")
     ckpt = train(run.cfg)
