@@ -147,8 +147,10 @@ def stage_uses(
         for i in range(n):
             if run_id is not None and (sub.get("tasks") or [{}])[i].get("runs") != [run_id]:
                 continue
-            key = f"{sub['job_id']}_{i}" if n > 1 or f"{sub['job_id']}_{i}" in tasks else None
-            use = tasks.get(key) if key else tasks.get(sub["job_id"])
+            # an array task, or a one-task submission sacct lists as a plain job
+            use = tasks.get(f"{sub['job_id']}_{i}") or (
+                tasks.get(sub["job_id"]) if n == 1 else None
+            )
             if use is not None:
                 grouped.setdefault(stage, []).append((sub.get("params") or {}, use))
     out = []

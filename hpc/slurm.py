@@ -44,8 +44,12 @@ class Partition:
     nodes: list[str] = field(default_factory=list)
     cpus: dict[str, int] = field(default_factory=dict)  # node -> CPUs
     mem_mb: dict[str, int] = field(default_factory=dict)
-    gpus: dict[str, int] = field(default_factory=dict)
     gpu_types: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> type -> count
+
+    @property
+    def gpus(self) -> dict[str, int]:
+        """node -> GPUs of any type."""
+        return {node: sum(types.values()) for node, types in self.gpu_types.items()}
 
 
 @dataclass
@@ -61,10 +65,6 @@ class ClusterInfo:
                 next(iter(self.partitions.values())),
             )
         return self.partitions[name]
-
-
-def _gpus(gres: str) -> int:
-    return sum(_gpu_types(gres).values())
 
 
 def _gpu_types(gres: str) -> dict[str, int]:
@@ -132,7 +132,6 @@ class AskedCluster:
                 p.nodes.append(node)
             p.cpus[node] = int(cpus) if cpus.isdigit() else 0
             p.mem_mb[node] = int(mem) if mem.isdigit() else 0
-            p.gpus[node] = _gpus(gres)
             p.gpu_types[node] = _gpu_types(gres)
         m = re.search(r"^MaxArraySize\s*=\s*(\d+)", self.config.answer(), re.M)
         max_array = int(m.group(1)) if m else 1001
@@ -253,7 +252,8 @@ def check_resources(cfg: Any, info: ClusterInfo, stages: dict[str, Resources]) -
                         f"cluster.gpu_type={c.gpu_type!r} is not allowed: no node of {where} has "
                         f"GPUs of that type; its GPUs: {', '.join(offered) or 'none'}"
                     )
-                p = dataclasses.replace(p, gpus=have)  # only that type counts below
+                only = {n: {c.gpu_type: k} for n, k in have.items()}
+                p = dataclasses.replace(p, gpu_types=only)  # only that type counts below
             gpus = max(p.gpus.values(), default=0)
             if r.gpus > gpus:
                 raise ConfigError(

@@ -424,7 +424,7 @@ class EvalStage:
             if len(yamls) > 1 and not final.exists():
                 errors.append(f"{run_dir.name}: not trained")  # its training failed: skip it
                 continue
-            require_cuda("the eval", "eval.device", cfg.eval.get("device", "auto"))
+            require_cuda("the eval", "eval.device", cfg.eval.device)
             env = record_environment(run_dir, f"eval-{set_name}")
             extra = {
                 k: env[k]

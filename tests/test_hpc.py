@@ -18,7 +18,7 @@ from hpc.cli import compose_config
 from hpc.distributed import bind_device, expand_hostlist, master_port, torch_env_from_slurm
 from hpc.launcher import print_arrays
 from hpc.plan import make_plan
-from hpc.slurm import _gpu_types, _gpus
+from hpc.slurm import Partition, _gpu_types
 from hpc.stages import NoGPUError, require_cuda
 from hpc.sweep import expand, grid_points, read_plan, run_id_of, write_plan
 
@@ -1047,7 +1047,8 @@ def test_efficiency_from_sacct_steps_and_the_advice_names_the_key():
 def test_gpu_types_from_sinfo_and_a_typed_request(tmp_path, capsys):
 
     assert _gpu_types("gpu:a100:4(S:0-1),gpu:2,shard:8") == {"a100": 4, "": 2}
-    assert _gpus("gpu:a100:4(S:0-1),gpu:2") == 6 and _gpu_types("(null)") == {}
+    node = Partition("p", False, None, gpu_types={"n": _gpu_types("gpu:a100:4(S:0-1),gpu:2")})
+    assert node.gpus == {"n": 6} and _gpu_types("(null)") == {}
     for style, request in (("node", "--gpus-per-node=a100:2"), ("task", "--gpus-per-task=a100:1")):
         args = ["cluster=slurm", f"root={tmp_path}", "sweep=single", "cluster.gpus_per_node=2"]
         cfg = _cfg(*args, f"cluster.gpu_bind={style}", "cluster.gpu_type=a100")

@@ -384,19 +384,15 @@ def training_identity(cfg: Any, *, full: bool = False) -> dict[str, Any]:
     plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in plain["data"].items() if k not in OPERATIONAL_DATA_KEYS}
     train = {k: v for k, v in plain["train"].items() if k not in OPERATIONAL_TRAIN_KEYS}
-    if not learns_sigma(plain["model"]):
-        train.pop("sigma_lr", None)  # no learned sigma: its rate trains nothing
+    if not learns_sigma(plain["model"]) or train.get("sigma_lr") is None:
+        # No learned sigma (its rate trains nothing), or null: trained as version 2 did.
+        train.pop("sigma_lr", None)
     ident = {"model": dict(plain["model"]), "data": data, "train": train}
     if full:
         return ident
     defaults = {k: RUN_DEFAULTS[k] for k in ident}
-    delta = _delta(ident, defaults)
-    if train.get("sigma_lr", 0.0) is None:  # version 2 trained so: the same id as then
-        del delta["train"]["sigma_lr"]
-        if not delta["train"]:
-            del delta["train"]
-        return {"identity": 2, **delta}
-    return {"identity": IDENTITY_VERSION if "sigma_lr" in train else 2, **delta}
+    version = IDENTITY_VERSION if "sigma_lr" in train else 2
+    return {"identity": version, **_delta(ident, defaults)}
 
 
 def learns_sigma(model: Any) -> bool:

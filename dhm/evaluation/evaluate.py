@@ -283,7 +283,7 @@ def evaluate(
             f"{out_path} was written with other eval settings (eval_id "
             f"{shard_eval_id(out_path)}, now {eval_id(cfg)}); relaunching moves it to eval-stale/"
         )
-    device = eval_device(cfg.eval.get("device", "auto"))
+    device = eval_device(cfg.eval.device)
     model, train_cfg, stored = load_model(checkpoint, device)
     train_cfg.data.root, train_cfg.data.download = cfg.data.root, cfg.data.download
     sigma_source, bound, trained = _set_eval_sigma(model, cfg, train_cfg, stored)

@@ -67,12 +67,13 @@ class StopRequest:
 def param_groups(model: torch.nn.Module, t: Any) -> list[dict[str, Any]]:
     """The trained parameters of ``model`` as Adam's groups: a learned decoder ``log_sigma`` in
     a group of its own at cfg.train ``t``'s sigma_lr (when set), everything else at t.lr."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    sigma_lr = t.get("sigma_lr")
-    sigma = [p for n, p in params if n.split(".")[-1] == "log_sigma"] if sigma_lr else []
-    rest = [p for _, p in params if not any(p is q for q in sigma)]
+    sigma, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            own = t.sigma_lr is not None and name.rsplit(".", 1)[-1] == "log_sigma"
+            (sigma if own else rest).append(p)
     return [{"params": rest}] + (
-        [{"params": sigma, "lr": sigma_lr, "betas": (0.9, 0.9)}] if sigma else []
+        [{"params": sigma, "lr": t.sigma_lr, "betas": (0.9, 0.9)}] if sigma else []
     )
 
 
@@ -101,7 +102,6 @@ def training_loss(
         log_sigma = out.log_sigma
         if m.sigma == "optimal" and m.likelihood == "gaussian":
             log_sigma = optimal_log_sigma(out.target, out.recon)
-        sigma = torch.as_tensor(log_sigma).detach().exp().mean()
         vae = vae_terms(
             out.target,
             out.recon,
@@ -115,7 +115,8 @@ def training_loss(
         )
     loss, terms = hybrid_loss(out.logits, y, vae, alpha=m.alpha, beta=m.beta)
     if vae is not None and m.likelihood == "gaussian":
-        terms["sigma"] = sigma  # the decoder sigma of this step (mean over channels)
+        # the decoder sigma of this step (mean over channels)
+        terms["sigma"] = torch.as_tensor(log_sigma).detach().exp().mean()
     return loss, terms
 
 
