@@ -33,6 +33,7 @@ from dhm.summary.tables import (
     bits_by_set,
     column_meta,
     grid_layout,
+    head_end,
     metric_applies,
 )
 
@@ -256,9 +257,7 @@ def report_data(
         cells = _read_table(f["cells"])[1] if "cells" in f else None
         curves = _curves(f["runs"])
         attrs = dict(f.attrs)
-    # The head is run_id, status, the swept settings, then model and dataset where not swept.
-    head_end = max((cols.index(c) for c in ("model", "dataset") if c in cols), default=1)
-    settings = cols[2 : head_end + 1]
+    settings = cols[2 : head_end(cols) + 1]
     shown = [c for c in settings if c not in ("seed", "train.seed")]
     headline = json.loads(attrs.get("headline", "[]"))
     runs = []

@@ -48,7 +48,15 @@ from dhm.evaluation import results
 from dhm.report.data import write_report_data
 from dhm.report.page import write_report
 from dhm.summary import metrics as M
-from dhm.summary.tables import plain, plot_labels, write_csv, write_h5, write_md
+from dhm.summary.tables import (
+    LIKELIHOOD_COLUMNS,
+    head_end,
+    plain,
+    plot_labels,
+    write_csv,
+    write_h5,
+    write_md,
+)
 from dhm.summary.tables import read_table as read_table  # re-exported: docs/results.md uses it
 
 N_BINS = 15  # reliability bins (top-label, equal width on [0, 1])
@@ -61,20 +69,6 @@ _NO_PLAN = ("name", "alpha", "beta", "vae_split_layer", "importance_num", "kl_co
 NO_PLAN_KEYS = tuple(f"model.{k}" for k in _NO_PLAN)  # setting columns when there is no plan
 SEED_KEY = "train.seed"
 _SPECIAL_NAMES = {"model.name": "model", "data.name": "dataset"}
-# Per set (the ID set bare, others suffixed _<set>): -ELBO under the fitted sigma, its bits (or
-# nats) per dim beside the PNG codec's, the largest-k IWAE's, the trained sigma's.
-_LIKELIHOOD_COLUMNS = (
-    "neg_elbo_nats",
-    "bits_per_dim",
-    "png_bits_per_dim",
-    "nats_per_dim",
-    "iwae_bits_per_dim",
-    "iwae_nats_per_dim",
-    "trained_bits_per_dim",
-    "trained_nats_per_dim",
-    "iwae_ess",
-    "elbo_iwae_gap",
-)
 _FIXED = (
     "accuracy",
     "nll",
@@ -84,9 +78,9 @@ _FIXED = (
     "temperature",
     "nll_ts",
     "ece_ts",
-    *_LIKELIHOOD_COLUMNS,
+    *LIKELIHOOD_COLUMNS,
 )
-_PER_SET = _LIKELIHOOD_COLUMNS
+_PER_SET = LIKELIHOOD_COLUMNS
 _OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
 _STATUS_RANK = {"ok": 0, "missing": 1, "corrupt": 2}
 _DEFAULTS = asdict(RunConfig())  # stored configs lacking a (newer) key get its default
@@ -716,10 +710,9 @@ def _measure(
     columns, headline = _columns(runs, setting_keys)  # again: with the intervals' columns
     columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
     rows = [_row(run, columns) for run in runs]
-    head_end = max(columns.index(c) for c in ("model", "dataset"))  # _columns' head ends so
     metric_cols = [
         c
-        for c in columns[head_end + 1 : -1]
+        for c in columns[head_end(columns) + 1 : -1]
         if "_ci_" not in c and not c.endswith("_hours_estimated") and c != "bound_sigma"
     ]
     setting_cols = [col for _, col in setting_keys]

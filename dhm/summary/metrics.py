@@ -346,12 +346,12 @@ class Bootstrap:
     ``weights(n, tag)`` is a [B, n] float32 matrix of multinomial resample counts (row b: how
     often resample b draws each of the n images), seeded by (seed, tag, n) and cached, so every
     run of a sweep is resampled with the same draws (paired comparisons) and the draws cost
-    once per set. A metric that is a mean over images is then one matrix-vector product per
-    run: an exact bootstrap. ECE is exact too (per-bin resampled sums, one [B, n] x [n, bins]
-    product). AUROC uses its Hajek projection on the placement values (DeLong et al. 1988),
-    AUC* = AUC + mean*(v10 - AUC) + mean*(v01 - AUC) with independent resamples of the ID and
-    OOD images: the bootstrap of AUROC's first-order term, O(B n) instead of a re-ranking per
-    resample.
+    once per set. ECE is an exact bootstrap (per-bin resampled sums, one [B, n] x [n, bins]
+    product); proportions (accuracy) take :func:`wilson_interval` instead, which never
+    collapses to [0, 0] or [1, 1]. AUROC uses its Hajek projection on the placement values
+    (DeLong et al. 1988), AUC* = AUC + mean*(v10 - AUC) + mean*(v01 - AUC) with independent
+    resamples of the ID and OOD images: the bootstrap of AUROC's first-order term, O(B n)
+    instead of a re-ranking per resample.
     """
 
     def __init__(self, replicates: int = 1000, seed: int = 0):
@@ -373,12 +373,6 @@ class Bootstrap:
     def interval(values: np.ndarray) -> tuple[float, float]:
         lo, hi = np.quantile(values, [0.025, 0.975])
         return float(lo), float(hi)
-
-    def mean(self, values: np.ndarray, tag: str) -> tuple[float, float]:
-        """Interval of the mean of per-image ``values [n]``. A proportion (values = correct)
-        collapses to [0, 0] or [1, 1] at 0/n or n/n: use :func:`wilson_interval` for those."""
-        v = np.asarray(values, dtype=np.float32)
-        return self.interval(self.weights(len(v), tag) @ v / len(v))
 
     def ece(
         self, confidence: np.ndarray, correct: np.ndarray, tag: str, n_bins: int = 15

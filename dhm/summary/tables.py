@@ -89,12 +89,18 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
+def head_end(columns: list[str]) -> int:
+    """The index of the last column of a results table's head: run_id, status, the swept
+    settings, then model and dataset where they are not swept (so either may come last)."""
+    return max((columns.index(c) for c in ("model", "dataset") if c in columns), default=1)
+
+
 def _md_columns(columns: list[str], headline: list[str]) -> list[str]:
     """A readable subset when the table is wide: identity, settings and the headline metrics."""
     if len(columns) <= 14:
         return [c for c in columns if "_ci_" not in c]
     keep = {*headline, "bound_sigma", "bits_per_dim", "png_bits_per_dim", "nats_per_dim"}
-    head = columns[: columns.index("dataset") + 1]
+    head = columns[: head_end(columns) + 1]
     return head + [c for c in columns[len(head) :] if c in keep] + ["problem"]
 
 
@@ -372,9 +378,12 @@ def column_meta(col: str) -> tuple[str, str, int]:
 
 
 _CLASSIFIER_METRICS = ("accuracy", "nll", "brier", "ece", "mce", "temperature", "fgsm", "pgd")
-_LIKELIHOOD_METRICS = (
-    "neg_elbo_nats", "bits_per_dim", "nats_per_dim", "iwae_bits_per_dim", "iwae_nats_per_dim",
-    "trained_bits_per_dim", "trained_nats_per_dim", "png_bits_per_dim", "iwae_ess",
+# A run's likelihood columns, in results.csv's order, per set (the ID set bare, others suffixed
+# _<set>): -ELBO under the fitted sigma, its bits (or nats) per dim beside the PNG codec's, the
+# largest-k IWAE's, the trained sigma's.
+LIKELIHOOD_COLUMNS = (
+    "neg_elbo_nats", "bits_per_dim", "png_bits_per_dim", "nats_per_dim", "iwae_bits_per_dim",
+    "iwae_nats_per_dim", "trained_bits_per_dim", "trained_nats_per_dim", "iwae_ess",
     "elbo_iwae_gap",
 )  # fmt: skip
 _MODEL_LACKS = {"vae": "classifier", "resnet": "likelihood"}  # model kind -> the part it has not
@@ -404,7 +413,7 @@ def metric_applies(col: str, model: Any) -> bool:
             return True
     elif any(col == p or col.startswith(p + "_") for p in _CLASSIFIER_METRICS):
         needs = "classifier"
-    elif any(col == p or col.startswith(p + "_") for p in _LIKELIHOOD_METRICS):
+    elif any(col == p or col.startswith(p + "_") for p in LIKELIHOOD_COLUMNS):
         needs = "likelihood"
     else:
         return True
