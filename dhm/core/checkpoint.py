@@ -138,6 +138,19 @@ def prune(checkpoint_dir: str | Path, keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def drop_step_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Delete every step checkpoint of a trained run (one whose ``final.pt`` is there, and
+    whole); return the deleted paths. Nothing is deleted without a complete final.pt: the
+    step checkpoints are then what training resumes from."""
+    folder = Path(checkpoint_dir)
+    if not looks_complete(folder / FINAL_NAME):
+        return []
+    steps = [path for _, path in step_checkpoints(folder)]
+    for path in steps:
+        path.unlink(missing_ok=True)
+    return steps
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

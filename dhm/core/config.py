@@ -87,7 +87,10 @@ class TrainConfig:
     sigma_lr: float | None = 0.05
     seed: int = 0
     checkpoint_every_steps: int = 500  # 0: only at epoch ends
-    keep_checkpoints: int = 2  # step checkpoints kept besides final.pt
+    keep_checkpoints: int = 2  # step checkpoints kept besides final.pt while training
+    # Keep those step checkpoints once final.pt is written (false: a trained run keeps final.pt
+    # only; retention, not identity: not part of the run id).
+    keep_step_checkpoints: bool = False
     log_every_steps: int = 10
     val_every_epochs: int = 1  # validation accuracy, NLL, -ELBO every N epochs (0: never)
     val_max_images: int | None = 10000  # cap on validation images per pass (None: all)
@@ -261,6 +264,7 @@ RUN_CHECKS: tuple[tuple[Callable[[Any], None], tuple[str, ...]], ...] = (
 OPERATIONAL_TRAIN_KEYS = (
     "checkpoint_every_steps",
     "keep_checkpoints",
+    "keep_step_checkpoints",
     "log_every_steps",
     "val_every_epochs",
     "val_max_images",
