@@ -44,9 +44,11 @@ def test_metrics_match_independent_computation(sweep):
     report = aggregate(root, plots=False)
     assert report.problems == []
     df = pd.read_csv(root / "summary" / "results.csv").set_index("run_id")
-    assert list(df.columns[:7]) == [
-        "status", "model", "alpha", "beta", "dataset", "bound_sigma", "accuracy",
+    assert list(df.columns[:8]) == [
+        "status", "model", "alpha", "beta", "dataset", "bound_sigma", "code", "accuracy",
     ]  # fmt: skip
+    # Shards without a code attribute (written before snapshots, or in this process): "".
+    assert [r["code"] for r in report.rows] == [""] * 4 and df["code"].isna().all()
     assert (df["status"] == "ok").all()
     a = arrays["dhm0001"]
     ident, ood = a["digits"], a["digits_ood"]
@@ -547,3 +549,70 @@ def test_a_swept_dataset_puts_model_after_it_and_neither_is_a_metric(tmp_path):
     assert all("model_mean" not in cell for cell in report.cells)
     data = json.loads((tmp_path / "summary" / "report_data.json").read_text())
     assert data["shown"] == ["dataset", "alpha", "beta", "model"]
+
+
+SNAP_A, SNAP_B = "c0de0000000a", "c0de0000000b"
+
+
+def _set_code(root, run_id, code, sets=None):
+    """Give a run's shards (of ``sets``, default all) the ``code`` attribute evaluate writes."""
+    for path in (root / "runs" / run_id / "eval").glob("*.h5"):
+        if sets is None or path.name.split("__")[0] in sets:
+            with h5py.File(path, "r+") as f:
+                f.attrs["code"] = code
+
+
+def test_runs_name_their_code_snapshots_and_cells_that_mix_them_are_flagged(tmp_path):
+    # Cell beta=0.1: one run under snapshot A, one whose ID set was evaluated again under B,
+    # one with shards from before shards named their code (""): mixed. Cell beta=1: all B.
+    _seed_sweep(tmp_path)
+    _set_code(tmp_path, "s0b0", SNAP_A)
+    _set_code(tmp_path, "s1b0", SNAP_A)
+    _set_code(tmp_path, "s1b0", SNAP_B, sets={"digits"})
+    for rid in ("s0b1", "s1b1", "s2b1"):
+        _set_code(tmp_path, rid, SNAP_B)
+    report = aggregate(tmp_path, plots=False, report=False, tensorboard=False)
+    assert report.problems == []  # several snapshots are legal: nothing is refused
+    df = pd.read_csv(tmp_path / "summary" / "results.csv", keep_default_na=False)
+    cols = list(df.columns)
+    assert cols.index("code") == cols.index("bound_sigma") + 1
+    assert dict(zip(df["run_id"], df["code"], strict=True)) == {
+        "s0b0": SNAP_A,
+        "s1b0": f"{SNAP_A}+{SNAP_B}",
+        "s2b0": "",
+        "s0b1": SNAP_B,
+        "s1b1": SNAP_B,
+        "s2b1": SNAP_B,
+    }
+    cells = pd.read_csv(tmp_path / "summary" / "cells.csv", keep_default_na=False)
+    assert list(cells["mixed_code"]) == [True, False]
+    assert list(cells["code"]) == [f"+{SNAP_A}+{SNAP_B}", SNAP_B]  # "" sorts first
+    assert "code_mean" not in cells.columns and "mixed_code_mean" not in cells.columns
+    with h5py.File(tmp_path / "summary" / "results.h5") as f:
+        assert list(f["table/code"].asstr()[()])[:3] == [SNAP_A, f"{SNAP_A}+{SNAP_B}", ""]
+        assert list(f["cells/mixed_code"].asstr()[()]) == ["True", "False"]
+    md = (tmp_path / "summary" / "results.md").read_text()
+    runs_table, cells_table = md.split("## Seed cells")
+    assert f"| {SNAP_A}+{SNAP_B}† |" in runs_table and f"| {SNAP_B} |" in runs_table
+    assert "the run's shards were written by different code snapshots" in runs_table
+    assert f"| none+{SNAP_A}+{SNAP_B}† |" in cells_table and f"| {SNAP_B} |" in cells_table
+    assert "† the cell's runs ran different code snapshots" in cells_table
+    note = f"- beta=0.1: `{SNAP_A}`: s0b0; `{SNAP_A}+{SNAP_B}`: s1b0; `none`: s2b0"
+    assert note in cells_table and "none: no snapshot" in cells_table
+    assert "beta=1:" not in cells_table  # the cell of one snapshot has no footnote line
+
+
+def test_equal_code_snapshots_are_not_mixed_and_unsnapshotted_sweeps_say_nothing(tmp_path):
+    _seed_sweep(tmp_path)
+    report = aggregate(tmp_path, plots=False, report=False, tensorboard=False)
+    assert [c["mixed_code"] for c in report.cells] == [False, False]
+    assert [c["code"] for c in report.cells] == ["", ""]  # old shards: no code attribute
+    md = (tmp_path / "summary" / "results.md").read_text()
+    assert "| code |" not in md and "†" not in md  # every run unsnapshotted: no column
+    for rid in ("s0b0", "s1b0", "s2b0", "s0b1", "s1b1", "s2b1"):
+        _set_code(tmp_path, rid, SNAP_A)
+    report = aggregate(tmp_path, plots=False, report=False, tensorboard=False)
+    assert [c["mixed_code"] for c in report.cells] == [False, False]
+    assert {r["code"] for r in report.rows} == {SNAP_A}
+    md = (tmp_path / "summary" / "results.md").read_text()
+    assert f"| {SNAP_A} |" in md and "†" not in md and "different code snapshots" not in md

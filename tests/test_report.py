@@ -451,3 +451,54 @@ def test_headline_cells_carry_wilson_t_and_zero_width_intervals():
     sem = stats.sem([0.90, 0.91, 0.93])
     lo, hi = stats.t.interval(0.95, 2, loc=np.mean([0.90, 0.91, 0.93]), scale=sem)
     assert (v["lo"], v["hi"]) == pytest.approx((lo, hi), rel=1e-12) and not v["zero"]
+
+
+SNAP_A, SNAP_B = "c0de0000000a", "c0de0000000b"
+
+
+def test_the_report_names_code_snapshots_and_flags_what_mixes_them(tmp_path):
+    # GRID's runs under two snapshots; the vae's ID set evaluated again under the second.
+    for i, r in enumerate(GRID):
+        write_run(tmp_path, *r[:4], seed=i)
+    codes = {"dhm0001": SNAP_A, "dhm0010": SNAP_B, "resnet00": SNAP_A, "vae00000": SNAP_A}
+    for rid, code in codes.items():
+        for path in (tmp_path / "runs" / rid / "eval").glob("*.h5"):
+            with h5py.File(path, "r+") as f:
+                f.attrs["code"] = (
+                    SNAP_B if rid == "vae00000" and path.name.startswith("digits__") else code
+                )
+    write_plan(tmp_path, [*GRID, FAILED])
+    aggregate(tmp_path, plots=False, tensorboard=False, allow_partial=True, bootstrap=0)
+    data = json.loads((tmp_path / "summary" / DATA_NAME).read_text())
+    groups = {g["ids"][0]: g for g in data["groups"]}
+    assert groups["dhm0010"]["code"] == SNAP_B and not groups["dhm0010"]["mixed"]
+    assert groups["vae00000"]["code"] == f"{SNAP_A}+{SNAP_B}" and groups["vae00000"]["mixed"]
+    assert groups[FAILED[0]]["code"] == ""  # no shard: not known
+    assert {r["id"]: r["code"] for r in data["runs"]}["resnet00"] == SNAP_A
+    page = (tmp_path / "summary" / "report.html").read_text()
+    assert "<th data-col=6>code</th>" in page  # runs, status, model, alpha, beta, dataset
+    assert f"<td class=code>{SNAP_B}</td>" in page
+    assert f"<td class=code>{SNAP_A}+{SNAP_B}<span class=mixed" in page
+    assert f"different code snapshots: {SNAP_A}, {SNAP_B} (ids of" in page  # under the table
+    note = f"runs of this figure ran 2 code snapshots: {SNAP_A}, {SNAP_B}"
+    assert page.count(note) == len(data["heatmaps"]) > 0  # every heatmap mixes A and B
+    if chromium() is None:
+        return
+    with Browser() as b:
+        b.open((tmp_path / "summary" / "report.html").as_uri())
+        assert b.errors() == []
+        first = b.evaluate("document.querySelector('details.run summary').textContent")
+        assert first == f"dhm0001 (code {SNAP_A})"
+        shown = b.evaluate(
+            "document.querySelector('.heat .codenote').getBoundingClientRect().height"
+        )
+        assert shown > 0
+
+
+def test_a_sweep_run_outside_snapshots_shows_no_code(small):
+    page = (small / "summary" / "report.html").read_text()
+    assert ">code</th>" not in page and "code snapshots" not in page
+    assert "class=mixed" not in page
+    data = json.loads((small / "summary" / DATA_NAME).read_text())
+    assert {r["id"]: r["code"] for r in data["runs"]}["dhm0001"] == "none"
+    assert not any(g["mixed"] for g in data["groups"])

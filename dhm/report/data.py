@@ -10,6 +10,10 @@ panel per OOD set), bits/dim per set and image grids (PNG data URIs). Cells whos
 not apply to the run's model (``dhm.summary.tables.metric_applies``) are marked ``na``. The
 page is then rendered from this file and the runs' live states alone, with neither h5py nor
 numpy, so ``mode=status`` can rewrite it for runs in flight.
+
+Each run and seed cell names the code snapshot(s) its shards were written by (``code``); a seed
+cell, heatmap cell or heatmap whose numbers come from several snapshots says so (``mixed``,
+``codes``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dhm.summary.metrics import seed_interval, zero_width
 from dhm.summary.tables import (
     axis_values,
     bits_by_set,
+    code_ids,
+    code_text,
     column_meta,
     grid_layout,
     head_end,
@@ -111,7 +117,11 @@ def _hists(i: int, c: dict[str, Any], id_set: str | None) -> list[dict[str, Any]
 def _run_data(i: int, rid: str, c: dict[str, Any], row: dict) -> dict[str, Any]:
     """Run i's figures as the page's script draws them (attacks, reliability, histograms,
     bits/dim)."""
-    d: dict[str, Any] = {"id": rid, "id_set": row.get("dataset")}
+    d: dict[str, Any] = {
+        "id": rid,
+        "id_set": row.get("dataset"),
+        "code": _code(row.get("code"), row.get("status") == "ok"),
+    }
     for kind in ("fgsm", "pgd"):
         if c[f"{kind}/eps"] is not None and not np.isnan(c[f"{kind}/accuracy"][i]).all():
             d[kind] = [_round(c[f"{kind}/eps"]), _round(c[f"{kind}/accuracy"][i])]
@@ -177,22 +187,45 @@ def _value(ok: list[dict], metric: str, model: Any) -> dict[str, Any] | None:
     return {"value": vals[0], "lo": lo, "hi": hi, "zero": zero_width(lo, hi)}
 
 
+def _code(value: str | None, ok: bool) -> str:
+    """A ``code`` cell as the page shows it (ids joined by "+", "" as ``none``): results.h5
+    keeps "" and "no shard read" alike as empty, and an ok run had shards, so its empty cell
+    is the id ""; a failed run's empty cell stays empty (not known)."""
+    return code_text(value if value is not None or not ok else "")
+
+
+def _ok_codes(rows: list[dict]) -> list[str]:
+    """The snapshot ids of these rows' ok runs, sorted, once each (an ok run's empty ``code``
+    is the id "": its shards name no snapshot)."""
+    return sorted(
+        {i for r in rows if r.get("status") == "ok" for i in code_ids(r.get("code") or "")}
+    )
+
+
 def _groups(
     rows: list[dict], cells: list[dict] | None, shown: list[str], headline: list[str]
 ) -> list[dict[str, Any]]:
-    """The headline table's rows: one per seed cell (its runs, settings and metric cells)."""
+    """The headline table's rows: one per seed cell (its runs, settings and metric cells, the
+    snapshot ids of its shards and whether they are several: ``mixed``)."""
     by_id = {r["run_id"]: r for r in rows}
     groups = [c["runs"].split() for c in cells] if cells else [[r["run_id"]] for r in rows]
     out = []
-    for ids in groups:
+    for k, ids in enumerate(groups):
         members = [by_id[i] for i in ids if i in by_id]
         ok = [r for r in members if r["status"] == "ok"]
+        if cells and "code" in cells[k]:  # aggregate's, over every run with shards
+            code, mixed = cells[k].get("code"), cells[k].get("mixed_code") in ("True", True)
+        else:  # a results.h5 from before the code columns: nothing to say
+            code, mixed = None, False
         out.append(
             {
                 "ids": ids,
                 "members": [r["run_id"] for r in members],
                 "settings": [members[0].get(c) for c in shown],
                 "values": [_value(ok, m, members[0].get("model")) for m in headline],
+                "code": _code(code, bool(ok)),
+                "mixed": mixed,
+                "run_codes": {r["run_id"]: _code(r.get("code"), r in ok) for r in members},
             }
         )
     return out
@@ -213,6 +246,9 @@ def _heatmap(metric: str, grid: list[dict], base: list[dict], axes: list[str]) -
         out: dict[str, Any] = {"ids": [r["run_id"] for r in rs]}
         if ok:
             out.update(mean=float(np.mean(ok)), n=len(ok))
+            codes = _ok_codes([r for r in rs if r.get(metric) is not None])
+            if len(codes) > 1:  # the mean mixes code snapshots
+                out["codes"] = codes
         elif rs and not any(metric_applies(metric, r.get("model")) for r in rs):
             out["na"] = str(rs[0].get("model"))
         return out
@@ -224,9 +260,11 @@ def _heatmap(metric: str, grid: list[dict], base: list[dict], axes: list[str]) -
         }
         for y in reversed(ys)
     ]
+    drawn = [r for r in [*grid, *base] if r.get(metric) is not None]
     return {
         "words": words,
         "better": better,
+        "codes": _ok_codes(drawn),  # the snapshots of the runs whose values it draws
         "axes": axes,
         "xs": [fmt(x, 3) for x in xs],
         "rows": lines,
@@ -272,7 +310,7 @@ def report_data(
         "git_commit": str(attrs.get("git_commit", "unknown")),
         "shown": shown,
         "headline": [_meta(m) for m in headline],
-        "rows": [{k: r.get(k) for k in ("run_id", "status", "problem")} for r in rows],
+        "rows": [{k: r.get(k) for k in ("run_id", "status", "problem", "code")} for r in rows],
         "groups": _groups(rows, cells, shown, headline),
         "heatmaps": _heatmaps(settings, rows, headline) if rows else None,
         "runs": runs,

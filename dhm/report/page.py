@@ -43,8 +43,10 @@ VIRIDIS = [
 PAGE_RUNS = 25
 TEMPLATE = "page.html.j2"  # next to this file: the page's markup, style and charts' script
 DATA_NAME = "report_data.json"  # in the summary folder, written by dhm.report.data
-DATA_FORMAT = 3  # report_data.json's layout; a file of another format is re-made by aggregate
+DATA_FORMAT = 4  # report_data.json's layout; a file of another format is re-made by aggregate
+# 4: code (snapshot ids) of rows, runs and groups; mixed groups, heatmaps' and cells' codes
 _STATE_KEYS = ("stage", "slurm", "step", "loss", "reason")  # the "Runs now" table's columns
+NO_SNAPSHOT = "none"  # the snapshot id "" as shown (dhm.summary.tables.NO_SNAPSHOT)
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -106,10 +108,24 @@ def _failure(row: dict, states: dict[str, dict]) -> dict[str, Any]:
     }
 
 
+def show_code(data: dict[str, Any]) -> bool:
+    """Whether the page names code snapshots: some run ran in one, or a cell mixes them."""
+    return any(g["mixed"] or g["code"] not in ("", NO_SNAPSHOT) for g in data["groups"])
+
+
+def _mixed_title(g: dict[str, Any]) -> str:
+    """Which run ran which snapshot, for a cell whose runs ran several."""
+    runs = ", ".join(f"{rid} {code or '?'}" for rid, code in g["run_codes"].items())
+    return f"its runs (or a run's sets) ran different code snapshots: {runs}"
+
+
 def _table(data: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]) -> dict:
     """The headline table: a row per seed cell (mean ± std when it has several seeds, else the
-    value and its 95% bootstrap interval), failed runs masked with their reason."""
-    head = [{"words": c, "unit": "", "arrow": ""} for c in ("runs", "status", *data["shown"])]
+    value and its 95% bootstrap interval), failed runs masked with their reason; the cell's
+    code snapshot(s) when any run ran in one, marked where they are several."""
+    code = show_code(data)
+    cols = ("runs", "status", *data["shown"], *(["code"] if code else []))
+    head = [{"words": c, "unit": "", "arrow": ""} for c in cols]
     for h in data["headline"]:
         arrow = {1: " ↑", -1: " ↓"}.get(h["better"], "")
         head.append({"words": h["words"], "unit": h["unit"], "arrow": arrow})
@@ -125,11 +141,14 @@ def _table(data: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]
                 "status": status,
                 "bad": bool(bad),
                 "settings": [fmt(v) for v in g["settings"]],
+                "code": g["code"] if code else None,
+                "mixed": _mixed_title(g) if g["mixed"] else "",
                 "values": g["values"],
                 "failures": [_failure(r, states) for r in bad],
             }
         )
-    return {"head": head, "groups": groups}
+    mixed = sorted({c for g in data["groups"] if g["mixed"] for c in g["code"].split("+")})
+    return {"head": head, "groups": groups, "mixed": mixed}
 
 
 def _heat_cell(cell: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]) -> dict:
@@ -143,6 +162,9 @@ def _heat_cell(cell: dict[str, Any], by_id: dict[str, dict], states: dict[str, d
         v = cell["mean"]
         fg = "#000" if v > 0.6 else "#fff"
         tip = ", ".join(ids)
+        codes = [c or NO_SNAPSHOT for c in cell.get("codes", [])]  # several: the mean mixes them
+        if codes:
+            tip += f" (ran {len(codes)} code snapshots: {', '.join(codes)})"
         return {
             "kind": "value",
             "bg": colour(v),
@@ -150,6 +172,7 @@ def _heat_cell(cell: dict[str, Any], by_id: dict[str, dict], states: dict[str, d
             "text": fmt(v, 3),
             "n": cell["n"],
             "tip": tip,
+            "mixed": bool(codes),
         }
     if not ids:
         return {"kind": "empty"}
@@ -178,9 +201,11 @@ def _heatmaps(
         base = [
             {"label": b["label"], "cell": _heat_cell(b["cell"], by_id, states)} for b in h["base"]
         ]
+        codes = [c or NO_SNAPSHOT for c in h["codes"]]
         out.append(
             {
                 "words": h["words"],
+                "codes": codes if len(codes) > 1 else [],  # its runs ran several snapshots
                 "better": "higher" if h["better"] > 0 else "lower",
                 "xlabel": axes[0],
                 "ylabel": axes[1] if len(axes) > 1 else "",
@@ -232,6 +257,7 @@ def _context(
         "states": _in_flight(plan_runs, states),
         "efficiency": _efficiency(sweep_dir),
         "runs": data["runs"] if data else [],
+        "show_code": bool(rows) and show_code(data),
         "max_image_runs": data["max_image_runs"] if data else 0,
         "page_runs": PAGE_RUNS,
         "viridis": VIRIDIS,

@@ -92,7 +92,9 @@ _SHARD_ATTRS = (
     "pixel_levels",
     "sigma_source",
     "bound_sigma",
+    "code",
 )
+PROVENANCE_COLUMNS = ("bound_sigma", "code")  # after the head: neither settings nor metrics
 
 
 @dataclass
@@ -123,6 +125,7 @@ class RunSummary:
     hists: dict[str | None, dict[str, np.ndarray]] = field(default_factory=dict)
     sets: set[str] = field(default_factory=set)  # every set with a shard file, readable or not
     images: dict[str, np.ndarray] = field(default_factory=dict)  # inputs, recon, samples
+    codes: set[str] = field(default_factory=set)  # its readable shards' snapshot ids ("": none)
     cell: str = ""  # the settings other than train.seed, as text
     extra: Any = None  # (ID set, msp, ID scores, OOD sets), kept for the bootstrap
 
@@ -234,6 +237,7 @@ def _load_sets(run: RunSummary, run_dir: Path) -> dict[str, results.SetResults]:
             broken.add(path.name.split("__")[0])  # don't report the hole it leaves as a gap
             continue
         by_set.setdefault(shard.set_name, []).append(shard)
+        run.codes.add(str(shard.attrs.get("code") or ""))  # absent before shards named it
     sets = {}
     for name, shards in sorted(by_set.items()):
         if name in broken:
@@ -308,6 +312,11 @@ def _likelihood_metrics(
             gap = np.mean(values.astype(np.float64) - a[iwae[-1]].astype(np.float64))
             run.metrics[f"elbo_iwae_gap{suffix}"] = float(gap)
     _elbo_hists(run, elbo)
+
+
+def join_codes(codes: set[str] | list[str]) -> str:
+    """The ``code`` cell of snapshot ids: sorted, joined by "+" ("" stays a member: "+ab12")."""
+    return "+".join(sorted(set(codes)))
 
 
 def bound_sigma(attrs: dict[str, Any]) -> str:
@@ -477,6 +486,7 @@ def summarize_run(
         run.values["model"] = model if model is not None else stored("model.name")
     if "dataset" not in run.values:
         run.values["dataset"] = run.id_set or stored("data.name")
+    run.values["code"] = join_codes(run.codes) if run.codes else None  # None: no shard read
     run.cell = json.dumps(
         {k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, default=str
     )
@@ -501,7 +511,7 @@ def _setting_columns(swept_keys: list[str] | None) -> list[tuple[str, str]]:
     """(dotted key, column) of the settings: last key component unless that is ambiguous."""
     keys = list(swept_keys) if swept_keys is not None else list(NO_PLAN_KEYS)
     last = [_SPECIAL_NAMES.get(k, k.rsplit(".", 1)[-1]) for k in keys]
-    reserved = {"run_id", "status", "problem", *_FIXED}
+    reserved = {"run_id", "status", "problem", *PROVENANCE_COLUMNS, "mixed_code", *_FIXED}
     return [
         (k, name if last.count(name) == 1 and name not in reserved else k)
         for k, name in zip(keys, last, strict=True)
@@ -562,6 +572,7 @@ def _columns(
     head += [c for c in ("model", "dataset") if c not in head]
     if any("bound_sigma" in run.values for run in runs):
         head.append("bound_sigma")  # after dataset: not a setting, not a metric
+    head.append("code")  # the snapshot id(s) the run's shards were written by; always there
     present = {c for run in runs for c in run.metrics}
     ood_sets = sorted({n for r in runs for n in r.sets})  # absent columns are dropped below
     scores = sorted({sc for run in runs for sc in run.scores}, key=_score_key)
@@ -645,7 +656,9 @@ def seed_cells(
     """Per cell (runs whose settings other than train.seed agree, in plan order): the cell's
     settings, ``n`` (ok runs), ``runs`` (their ids) and per metric ``<m>_mean``, ``<m>_std``
     (sample std, ddof = 1) and the 95% Student-t interval of the mean over seeds
-    ``<m>_ci_lo``/``<m>_ci_hi`` (both empty for n < 2) over the ok runs that have it."""
+    ``<m>_ci_lo``/``<m>_ci_hi`` (both empty for n < 2) over the ok runs that have it; ``code``
+    (the snapshot ids of its runs' shards, joined) and ``mixed_code`` (more than one of them,
+    "" counting as one: its runs, or a run's sets, ran different code)."""
     order: dict[str, list[int]] = {}
     for i, run in enumerate(runs):
         order.setdefault(run.cell, []).append(i)
@@ -655,6 +668,8 @@ def seed_cells(
         ok = [i for i in members if rows[i]["status"] == "ok"]
         cell: dict[str, Any] = {c: rows[members[0]].get(c) for c in keep}
         cell.update(n=len(ok), runs=" ".join(rows[i]["run_id"] for i in members))
+        codes = {c for i in members for c in runs[i].codes}
+        cell.update(code=join_codes(codes) if codes else None, mixed_code=len(codes) > 1)
         for m in metrics:
             vals = np.array([rows[i][m] for i in ok if rows[i].get(m) is not None], np.float64)
             cell[f"{m}_mean"] = float(vals.mean()) if vals.size else None
@@ -713,7 +728,7 @@ def _measure(
     metric_cols = [
         c
         for c in columns[head_end(columns) + 1 : -1]
-        if "_ci_" not in c and not c.endswith("_hours_estimated") and c != "bound_sigma"
+        if "_ci_" not in c and not c.endswith("_hours_estimated") and c not in PROVENANCE_COLUMNS
     ]
     setting_cols = [col for _, col in setting_keys]
     cells = seed_cells(runs, rows, setting_cols, metric_cols)

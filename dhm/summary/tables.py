@@ -30,6 +30,12 @@ _RUNS_FOOTNOTE = (
     "resampling, not certainty about the metric."
 )
 _CELLS_FOOTNOTE = f"{ZERO_WIDTH_MARK} zero-width interval: every seed gave the same value."
+MIXED_CODE_MARK = "†"  # after a code cell naming several snapshots, explained under its table
+NO_SNAPSHOT = "none"  # how results.md and the report show the snapshot id "" (no snapshot)
+_NO_SNAPSHOT_NOTE = (
+    f"{NO_SNAPSHOT}: no snapshot (a run in this process, cluster=local, or a shard written "
+    "before shards named their code)"
+)
 
 
 class RunCurves(Protocol):
@@ -95,11 +101,21 @@ def head_end(columns: list[str]) -> int:
     return max((columns.index(c) for c in ("model", "dataset") if c in columns), default=1)
 
 
+def code_ids(value: Any) -> list[str]:
+    """The snapshot ids of a ``code`` cell ("a+b" -> [a, b]; "" -> [""]; None -> [])."""
+    return [] if value is None else str(value).split("+")
+
+
+def code_text(value: Any) -> str:
+    """A ``code`` cell as a reader sees it: its ids joined by "+", "" shown as ``none``."""
+    return "+".join(i or NO_SNAPSHOT for i in code_ids(value))
+
+
 def _md_columns(columns: list[str], headline: list[str]) -> list[str]:
     """A readable subset when the table is wide: identity, settings and the headline metrics."""
-    if len(columns) <= 14:
+    if len([c for c in columns if c != "code"]) <= 14:
         return [c for c in columns if "_ci_" not in c]
-    keep = {*headline, "bound_sigma", "bits_per_dim", "png_bits_per_dim", "nats_per_dim"}
+    keep = {*headline, "bound_sigma", "code", "bits_per_dim", "png_bits_per_dim", "nats_per_dim"}
     head = columns[: head_end(columns) + 1]
     return head + [c for c in columns[len(head) :] if c in keep] + ["problem"]
 
@@ -149,6 +165,11 @@ def write_md(
     """results.md: the (possibly reduced) table with 95% intervals, the seed cells when any has
     several runs, then every problem and the ignored folders."""
     shown = _md_columns(columns, headline)
+    show_code = any(code_ids(r.get("code")) not in ([], [""]) for r in rows) or any(
+        c.get("mixed_code") for c in cells or []
+    )
+    if not show_code:  # every run unsnapshotted (local runs, old shards): nothing to say
+        shown = [c for c in shown if c != "code"]
     lines = [f"# Sweep summary ({len(rows)} runs, {sum(r['status'] == 'ok' for r in rows)} ok)", ""]
     about = []
     if shown != columns:
@@ -156,17 +177,25 @@ def write_md(
             f"Showing {len(shown)} of {len(columns)} columns; all of them are in "
             "results.csv and results.h5 (see docs/results.md)."
         )
-    table = [[_with_interval(row, c) for c in shown] for row in rows]
+    table = [[_run_cell(row, c) for c in shown] for row in rows]
     if any(_cell(row.get(f"{c}_ci_lo")) for row in rows for c in shown):
         about.append(
             "Brackets: 95% interval over test images (runs without other seeds): Wilson for "
             "accuracy, FGSM and PGD accuracy, percentile bootstrap for the others."
         )
     lines += [" ".join(about), ""] if about else []
-    lines += _md_table(shown, table, _RUNS_FOOTNOTE)
+    mixed_runs = [r for r in rows if len(code_ids(r.get("code"))) > 1]
+    mixed_ids = {i for r in mixed_runs for i in code_ids(r.get("code"))}
+    runs_note = (
+        f"{MIXED_CODE_MARK} the run's shards were written by different code snapshots (a set "
+        f"evaluated again under newer code), ids of `<sweep>/code/<id>/`: "
+        f"{_snapshot_list(mixed_ids)}." + (f" {_NO_SNAPSHOT_NOTE}." if "" in mixed_ids else "")
+    )
+    lines += _md_table(shown, table, [_RUNS_FOOTNOTE, runs_note])
     if cells and any(c["n"] >= 2 for c in cells):
         bounds = ("_mean", "_std", "_ci_lo", "_ci_hi")
-        settings = [c for c in cells[0] if not c.endswith(bounds) and c != "runs"]
+        skip = ("runs", "code", "mixed_code")
+        settings = [c for c in cells[0] if not c.endswith(bounds) and c not in skip]
         metrics = [c for c in headline if f"{c}_mean" in cells[0]]
         lines += ["", "## Seed cells (mean ± std over seeds)", ""]
         lines += [
@@ -175,9 +204,14 @@ def write_md(
             "",
         ]
         table = [
-            [_cell(c[k], 4) for k in settings] + [_seed_value(c, m) for m in metrics] for c in cells
+            [_cell(c[k], 4) for k in settings]
+            + ([_code_cell(c.get("code"), bool(c.get("mixed_code")))] if show_code else [])
+            + [_seed_value(c, m) for m in metrics]
+            for c in cells
         ]
-        lines += _md_table(settings + metrics, table, _CELLS_FOOTNOTE)
+        header = settings + (["code"] if show_code else []) + metrics
+        notes = [_CELLS_FOOTNOTE, _mixed_cells_note(cells, settings, rows)]
+        lines += _md_table(header, table, notes)
     lines += ["", "## Problems", ""]
     lines += [f"- `{rid}`: {reason}" for rid, reason in problems] or ["None."]
     if ignored:
@@ -186,13 +220,54 @@ def write_md(
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def _md_table(header: list[str], table: list[list[str]], footnote: str) -> list[str]:
-    """A markdown table's lines, with ``footnote`` under it when a cell carries the mark."""
+def _md_table(header: list[str], table: list[list[str]], footnotes: list[str]) -> list[str]:
+    """A markdown table's lines, with each footnote (it starts with its mark) under it when a
+    cell carries that mark."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(t.replace("|", "\\|") for t in row) + " |" for row in table]
-    if any(t.endswith(ZERO_WIDTH_MARK) for row in table for t in row):
-        lines += ["", footnote]
+    for note in footnotes:
+        if any(t.endswith(note[0]) for row in table for t in row):
+            lines += ["", note]
     return lines
+
+
+def _run_cell(row: dict, col: str) -> str:
+    """A run's cell of results.md: its code with the mark when several, else the value with
+    its interval."""
+    if col == "code":
+        return _code_cell(row.get(col), len(code_ids(row.get(col))) > 1)
+    return _with_interval(row, col)
+
+
+def _code_cell(value: Any, mixed: bool) -> str:
+    return code_text(value) + (MIXED_CODE_MARK if mixed else "")
+
+
+def _snapshot_list(ids: Any) -> str:
+    """Snapshot ids as `a`, `b`, none (sorted, once each)."""
+    return ", ".join(f"`{i}`" if i else NO_SNAPSHOT for i in sorted(set(ids)))
+
+
+def _mixed_cells_note(cells: list[dict], settings: list[str], rows: list[dict]) -> str:
+    """The seed-cell table's footnote: per cell whose runs ran different code snapshots, its
+    settings and which runs ran which snapshot."""
+    by_id = {r["run_id"]: r for r in rows}
+    lines = [
+        f"{MIXED_CODE_MARK} the cell's runs ran different code snapshots (ids of "
+        "`<sweep>/code/<id>/`; its mean and spread mix code versions):"
+    ]
+    for c in cells:
+        if not c.get("mixed_code"):
+            continue
+        which: dict[str, list[str]] = {}
+        for rid in str(c.get("runs") or "").split():
+            which.setdefault(code_text(by_id.get(rid, {}).get("code")) or "?", []).append(rid)
+        name = ", ".join(f"{k}={_cell(c.get(k), 4)}" for k in settings if k != "n") or "cell"
+        runs = "; ".join(f"`{code}`: {' '.join(ids)}" for code, ids in sorted(which.items()))
+        lines.append(f"- {name}: {runs}")
+    if any("" in code_ids(c.get("code")) for c in cells if c.get("mixed_code")):
+        lines.append(f"\n{_NO_SNAPSHOT_NOTE}.")
+    return "\n".join(lines)
 
 
 def _table(group: h5py.Group, columns: list[str], rows: list[dict]) -> None:
