@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dhm.core.layout import eval_id, eval_sets, expected_size, shard_name
-from hpc import ledger
+from hpc import ledger, snapshot
 from hpc.arrays import arrays_for
 from hpc.cli import compose_config
 from hpc.launcher import print_arrays
@@ -50,6 +50,7 @@ from hpc.sweep import Run, expand, sweep_dir, write_plan
 from tests.helpers.fake_slurm import install as install_fake_slurm
 
 REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT: dict[str, Any] = {}  # the code snapshot's size and cost, filled by _in_process
 
 
 def _timed(fn):
@@ -282,7 +283,28 @@ def _in_process(overrides: list[str]) -> tuple[list[dict[str, Any]], int, Any]:
         "render sbatch scripts": t_render,
     }
     thesis = sum(1 + len(st.roles) for st in plan.states)
-    return _rows(steps, len(runs)), len(runs), (cfg, runs, specs, thesis, sum(steps.values()))
+    without = sum(steps.values())
+    # What the code snapshot adds to a launch (hpc.snapshot): reading and hashing the code
+    # (every launch and dry run), writing it (a launch with new code), checking a stored one
+    # (a relaunch with unchanged code).
+    code, t_read = _timed(snapshot.read)
+    _, t_write = _timed(lambda: code.write(sweep_dir(cfg)))
+    _, t_reuse = _timed(lambda: code.write(sweep_dir(cfg)))
+    steps |= {
+        "code snapshot: read + hash": t_read,
+        "code snapshot: write (new code)": t_write,
+        "code snapshot: check stored (same code)": t_reuse,
+    }
+    SNAPSHOT.update(
+        bytes=code.size,
+        files=len(code.files),
+        launch_without_s=round(without, 3),
+        added_new_code_s=round(t_read + t_write, 4),
+        added_same_code_s=round(t_read + t_reuse, 4),
+        ratio_new_code=round((t_read + t_write) / without, 4),
+        ratio_same_code=round((t_read + t_reuse) / without, 4),
+    )
+    return _rows(steps, len(runs)), len(runs), (cfg, runs, specs, thesis, without)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -394,6 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "import_hydra_s": round(fresh["ref"], 3),
             **under,
             "speed_layers": layers,
+            "code_snapshot": dict(SNAPSHOT),
             "target": "each command under 1 s on a 2-core machine",
             "meets_target": all(v < 1.0 for v in under.values()),
         },

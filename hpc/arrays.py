@@ -55,10 +55,12 @@ def _eval_name(set_name: str, role: str, groups: Any) -> str:
     return f"eval:{set_name}:{role}" if both else f"eval:{set_name}"
 
 
-def _by_resources(members: list[tuple[Run, Resources]]) -> list[list[tuple[Run, Resources]]]:
+def _by_resources(members: list[tuple[Run, Resources]],
+                  code: Any = None) -> list[list[tuple[Run, Resources]]]:  # fmt: skip
+    """Runs grouped by resources (and by ``code(run)``, the snapshot a train task runs)."""
     groups: dict[tuple, list[tuple[Run, Resources]]] = {}
     for run, r in members:
-        groups.setdefault(_res_key(r), []).append((run, r))
+        groups.setdefault((_res_key(r), code(run) if code else None), []).append((run, r))
     return list(groups.values())
 
 
@@ -85,6 +87,7 @@ def _evals_after(cfg: Any, plan: Plan, part: list[list[Run]], train_index: int,
                 depends_on=train_index,
                 dependency_kind="aftercorr",
                 group=label,
+                code=plan.code,
             )
         )
     return specs
@@ -96,16 +99,18 @@ def _train_arrays(cfg: Any, plan: Plan, per_task: int, chunk: int) -> list[Array
     base = stage_resources(cfg, "train")
     limits = _limits(cfg)  # each train task gets its own copy (submitit pickles each call)
     specs: list[ArraySpec] = []
-    for members in _by_resources(plan.train):
-        r = members[0][1]
+    for members in _by_resources(plan.train, plan.code_of):
+        r, code = members[0][1], plan.code_of(members[0][0])
         parts = _chunks(_chunks([run for run, _ in members], per_task), chunk)
         for k, part in enumerate(parts):
             label = _label(r, base, k, len(parts))
+            if code != plan.code and code is not None:  # resumes under its launch's code
+                label = ", ".join(filter(None, [label, f"code {code.name}"]))
             train_index = len(specs)
             calls = [(TrainStage(), Yamls(runs), stage_to, dict(limits)) for runs in part]
             params = stage_params(cfg, "train", r, "train")
             specs.append(ArraySpec("train", [_task(runs) for runs in part], calls, params,
-                                   group=label))  # fmt: skip
+                                   group=label, code=code))  # fmt: skip
             specs += _evals_after(cfg, plan, part, train_index, label)
     return specs
 
@@ -126,12 +131,13 @@ def _eval_now_arrays(cfg: Any, plan: Plan, per_task: int, chunk: int) -> list[Ar
                         [(EvalStage(), Yamls(runs), set_name, role) for runs in part],
                         stage_params(cfg, "eval", r, f"eval-{set_name}"),
                         group=_label(r, base, k, len(parts)),
+                        code=plan.code,
                     )
                 )
     return specs
 
 
-def _aggregate_array(cfg: Any, waits: bool) -> ArraySpec:
+def _aggregate_array(cfg: Any, plan: Plan, waits: bool) -> ArraySpec:
     """The aggregate job, afterany on every array above (if any)."""
     launch = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     call = (AggregateStage(), str(sweep_dir(cfg)), cfg.allow_partial, cfg.replace_summary, launch)
@@ -141,6 +147,7 @@ def _aggregate_array(cfg: Any, waits: bool) -> ArraySpec:
         [call],
         stage_params(cfg, "aggregate", stage_resources(cfg, "aggregate"), "aggregate"),
         dependency_kind="afterany" if waits else None,
+        code=plan.code,
     )
 
 
@@ -152,7 +159,7 @@ def arrays_for(cfg: Any, plan: Plan, max_array_size: int = 1001) -> list[ArraySp
     specs = _train_arrays(cfg, plan, per_task, chunk)
     specs += _eval_now_arrays(cfg, plan, per_task, chunk)
     if plan.aggregate:
-        specs.append(_aggregate_array(cfg, waits=bool(specs)))
+        specs.append(_aggregate_array(cfg, plan, waits=bool(specs)))
     return specs
 
 

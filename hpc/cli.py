@@ -40,7 +40,7 @@ from hpc.schema import STORED_MODES, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
-USAGE_ERROR, RUNTIME_ERROR = 2, 1
+USAGE_ERROR, RUNTIME_ERROR, INTERRUPTED = 2, 1, 130
 RUN_SECTIONS = ("model", "data", "train")
 SWEEPABLE_GROUPS = ("model", "data", "train")
 
@@ -249,6 +249,8 @@ def cli(argv: list[str]) -> int:
     except OSError as err:  # an unwritable root, a full disk
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         return _report(f"{err.strerror or err}{where}", RUNTIME_ERROR)
+    except KeyboardInterrupt:  # Ctrl-C outside submission (which cancels what it submitted)
+        return _report("interrupted (Ctrl-C)", INTERRUPTED)
     finally:
         GlobalHydra.instance().clear()
 

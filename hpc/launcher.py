@@ -29,9 +29,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dhm.core.config import ConfigError
-from dhm.core.datasets import check_files
+from dhm.core.datasets import DataError, check_files
 from dhm.core.layout import IncompleteSweepError, eval_sets
-from hpc import costs, slurm, stages
+from hpc import costs, disk, ledger, lock, slurm, snapshot, stages
 from hpc.arrays import arrays_for
 from hpc.plan import Plan, make_plan, move_aside
 from hpc.schema import check_batch_split, check_launch, on_slurm
@@ -54,10 +54,10 @@ class DiskError(RuntimeError):
     """Something on disk that a launch cannot use as it is (exit 1); the message names it."""
 
 
-def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None:
-    """What a compute node would refuse, refused here: warm starts, dataset files, resources,
-    an unwritable root."""
+def dataset_problems(runs: list[Run]) -> list[str]:
+    """Every dataset file the runs need that a node could not read, one reason each."""
     seen: set[tuple[str, str, bool]] = set()
+    problems = []
     for run in runs:
         d = run.cfg.data
         wanted = [(d.name, True), (d.name, False)]
@@ -66,19 +66,38 @@ def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> None
             if (name, d.root, train) not in seen and name in ("cifar10", "cifar100", "svhn"):
                 seen.add((name, d.root, train))
                 if not (d.download and not Path(d.root).exists()):
-                    check_files(name, d.root, train)
+                    try:
+                        check_files(name, d.root, train)
+                    except DataError as err:
+                        problems.append(str(err))
+    return problems
+
+
+def preflight(cfg: Any, runs: list[Run], info: slurm.ClusterInfo | None) -> list[str]:
+    """What a compute node would refuse, refused here: dataset files (every reason at once;
+    a dry run shows its plan first: they are returned), warm starts, resources, an unwritable
+    root."""
+    problems = dataset_problems(runs)
+    if problems and cfg.mode != "dry_run":
+        raise DataError("\n  ".join(problems))
     warm = {run.cfg.model.warm_start: run for run in runs if run.cfg.model.warm_start}
     for path, run in warm.items():
         stages.check_warm_start(run.cfg, path)  # loads it (torch), and checks that it fits
+    check_root(cfg)
+    if info is not None:
+        resources = {s: slurm.stage_resources(cfg, s) for s in ("train", "eval", "aggregate")}
+        slurm.check_resources(cfg, info, resources)
+    return problems
+
+
+def check_root(cfg: Any) -> None:
+    """ConfigError when this user cannot write under root (before the lock creates a folder)."""
     root = Path(cfg.root).expanduser().resolve()
     probe = root
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"root={cfg.root}: {probe} is not writable by this user")
-    if info is not None:
-        resources = {s: slurm.stage_resources(cfg, s) for s in ("train", "eval", "aggregate")}
-        slurm.check_resources(cfg, info, resources)
 
 
 def _check_resume_points(plan: Plan) -> None:
@@ -156,7 +175,8 @@ def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
                     **params["additional_parameters"],
                     "kill-on-invalid-dep": "yes",
                 }
-            text = slurm.render_script(cfg, _slurm_folder(cfg), params, len(spec.tasks))
+            text = slurm.render_script(cfg, _slurm_folder(cfg), params, len(spec.tasks),
+                                       spec.code)  # fmt: skip
             print("    " + text.replace("\n", "\n    "))
 
 
@@ -217,17 +237,22 @@ def _aggregate(cfg: Any, reasons: dict[str, str], states: dict[str, dict],
 
 
 def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
-            estimates: dict[str, dict[str, float]]) -> int:  # fmt: skip
+            estimates: dict[str, dict[str, float]], code: snapshot.Code | None,
+            save: bool = True) -> int:  # fmt: skip
     specs = arrays_for(cfg, plan, info.max_array_size)
     tasks = sum(len(s.tasks) for s in specs)
     costs.refuse_if_over_limits(cfg, info, tasks)
     slurm.test_only(cfg, _slurm_folder(cfg), specs)
     print_arrays(cfg, specs, scripts=cfg.mode == "dry_run")
-    plan.facts.save()  # every check passed: what was read inside files is kept
+    if save:
+        plan.facts.save()  # every check passed: what was read inside files is kept
     if specs:
         print(f"sbatch --test-only accepted all {len(specs)} array(s)")
     if cfg.mode == "dry_run" or not specs:
         return 0
+    if code is not None:  # before the first sbatch call: a snapshot that cannot be written
+        path, new = code.write(sweep_dir(cfg))  # fails the launch here (OSError: exit 1)
+        print(f"code: {'wrote' if new else 'reusing'} snapshot {path}")
     _move_stale(plan)
     write_plan(cfg, runs, estimates)
     in_flight = sorted(
@@ -270,17 +295,21 @@ def aggregate_mode(cfg: DictConfig, argv: list[str]) -> int:
 
 def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
     """A launch, its dry run, aggregate or calibrate (status, cancel and report are
-    ``hpc.stored.main``'s: hpc.cli chooses)."""
+    ``hpc.stored.main``'s: hpc.cli chooses). A launch and aggregate hold the sweep's lock."""
     argv = list(argv or [])
     check_launch(cfg)
-    if cfg.mode == "aggregate":
-        return aggregate_mode(cfg, argv)
     if cfg.mode == "calibrate":
         _, selected = _expanded(cfg)
         print(f"calibration: {costs.calibrate(cfg, selected)}")
         return 0
-    status, cfg, plan = _plan_and_submit(cfg)
-    return status if status is not None else run_local(cfg, plan)
+    if cfg.mode == "dry_run":
+        return _plan_and_submit(cfg)[0]
+    check_root(cfg)
+    with lock.held(sweep_dir(cfg), f"launch.py mode={cfg.mode}", cfg.lock_wait_s):
+        if cfg.mode == "aggregate":
+            return aggregate_mode(cfg, argv)
+        status, cfg, plan = _plan_and_submit(cfg)
+        return status if status is not None else run_local(cfg, plan)
 
 
 def _expanded(cfg: Any) -> tuple[list[Run], list[Run]]:
@@ -307,9 +336,17 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
     finally:
         if asked is not None:
             asked.close()
-    preflight(cfg, selected, info)
+    problems = preflight(cfg, selected, info)
+    if slurm_stages and cfg.mode != "dry_run":
+        adopted = ledger.adopt(cfg)  # jobs of a launch that died before recording them
+        if adopted:
+            print(f"adopted {len(adopted)} job(s) an earlier launch submitted but never "
+                  f"recorded: {' '.join(adopted)}")  # fmt: skip
     plan = make_plan(cfg, selected, query_slurm=slurm_stages, all_runs=runs)
     _check_resume_points(plan)
+    code = snapshot.read() if slurm_stages else None
+    if code is not None:
+        _assign_code(cfg, plan, code)
     if cfg.cluster.runs_per_task == "auto":
         n, why = costs.auto_runs_per_task(cfg)
         print(why)
@@ -322,14 +359,61 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         print("\n".join(costs.describe(est)))
         costs.check_budget(cfg, est)
         estimates = est["per_run"]
+    _disk(cfg, plan, runs, code)
     if slurm_stages:
-        return _submit(cfg, plan, runs, info, estimates), cfg, plan
-    plan.facts.save()
-    if cfg.mode == "dry_run":
-        return 0, cfg, plan
+        status = _submit(cfg, plan, runs, info, estimates, code, save=not problems)
+    else:
+        if not problems:
+            plan.facts.save()
+        status = 0 if cfg.mode == "dry_run" else None
+    if problems:
+        raise DataError(
+            f"{len(problems)} dataset problem(s); the plan above is what the launch would do "
+            "once they are fixed:\n  " + "\n  ".join(problems)
+        )
+    if status is not None:
+        return status, cfg, plan
     _move_stale(plan)
     write_plan(cfg, runs)
     return None, cfg, plan
+
+
+def _assign_code(cfg: Any, plan: Plan, code: snapshot.Code) -> None:
+    """The snapshot each train task imports: a run that resumes keeps the one it started
+    under (checked intact now), unless ``code=latest``; everything else takes this launch's."""
+    sweep = sweep_dir(cfg)
+    plan.code = code.path(sweep)
+    state = {st.run.run_id: st for st in plan.states}
+    for run, _ in plan.train:
+        st = state[run.run_id]
+        own = snapshot.run_code(run.run_dir) if st.resume_step is not None else ""
+        if not own or own == code.id:
+            continue
+        if cfg.code == "latest":
+            plan.actions[run.run_id].append(f"code: moves from snapshot {own} to {code.id}")
+            continue
+        snapshot.check_resumable(sweep, run.run_id, own)
+        plan.resume_code[run.run_id] = snapshot.code_dir(sweep, own)
+        plan.actions[run.run_id].append(
+            f"code: resumes under its snapshot {own} (code=latest runs=[{run.run_id}] moves it)"
+        )
+    where = plan.code if plan.code.exists() else "new"
+    print(f"code: snapshot {code.id} ({code.size / 1024:.0f} KB, {len(code.files)} files; {where})")
+
+
+def _disk(cfg: Any, plan: Plan, runs: list[Run], code: snapshot.Code | None) -> None:
+    """The sweep's disk estimate, printed; refused above cluster.disk_quota_gb. A launch also
+    sweeps the ``.tmp`` files killed writers left where no job of the sweep can be writing."""
+    est = disk.estimate(runs, sweep_dir(cfg), snapshot_bytes=code.size if code else 0)
+    print("\n".join(est.lines()))
+    disk.check_quota(est, cfg.cluster.disk_quota_gb)
+    if cfg.mode == "dry_run" or not sweep_dir(cfg).exists() or len(plan.states) != len(runs):
+        return  # the whole sweep's jobs are known only when every run is planned
+    active = [a for st in plan.states for atts in st.attempts.values() for a in atts if a.active]
+    busy = {rid for a in active for rid in a.runs}
+    swept = disk.sweep_tmp(sweep_dir(cfg), busy, any(a.stage == "aggregate" for a in active))
+    if swept:
+        print(f"removed {len(swept)} temporary file(s) that killed writers left")
 
 
 def plan_json(cfg: Any) -> dict[str, Any] | None:

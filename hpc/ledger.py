@@ -12,11 +12,13 @@ tracks Slurm.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import pickle
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -71,6 +73,22 @@ def _append(path: Path, entry: dict[str, Any]) -> None:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}) + "\n")
 
 
+def job_comment(cfg: Any, token: str) -> str:
+    """The ``--comment`` of a job this launcher submits: its launch's token and the absolute
+    sweep folder (job names repeat across roots)."""
+    return f"dhm:{token}:{sweep_dir(cfg).resolve()}"
+
+
+def record_intent(cfg: Any, stage: str, tasks: list[dict[str, Any]], dependency: str | None,
+                  params: dict[str, Any], code: str) -> str:  # fmt: skip
+    """Before an sbatch call: what it will submit, under a new token (returned). A launch
+    killed after sbatch answered leaves the intent; ``adopt`` turns it into the submission."""
+    token = uuid.uuid4().hex[:12]
+    entry = {"token": token, "stage": stage, "tasks": tasks, "dependency": dependency}
+    _append(ledger_path(cfg), {"kind": "intent", **entry, "params": params, "code": code})
+    return token
+
+
 def record_submission(
     cfg: Any,
     stage: str,
@@ -78,23 +96,30 @@ def record_submission(
     tasks: list[dict[str, Any]],
     dependency: str | None,
     params: dict[str, Any] | None = None,
+    token: str = "",
+    code: str = "",
+    adopted: bool = False,
 ) -> None:
-    """One sbatch call: ``tasks[i]`` is what array task i does ({runs: [...], set: ...})."""
-    _append(
-        ledger_path(cfg),
-        {
-            "kind": "submission",
-            "stage": stage,
-            "job_id": job_id,
-            "tasks": tasks,
-            "dependency": dependency,
-            "params": params or {},
-        },
-    )
+    """One sbatch call: ``tasks[i]`` is what array task i does ({runs: [...], set: ...});
+    ``code``: the snapshot its tasks import from; ``adopted``: found by its token after the
+    launch that submitted it died before recording it."""
+    entry = {
+        "kind": "submission",
+        "stage": stage,
+        "job_id": job_id,
+        "tasks": tasks,
+        "dependency": dependency,
+        "params": params or {},
+        "token": token,
+        "code": code,
+    }
+    _append(ledger_path(cfg), {**entry, "adopted": True} if adopted else entry)
 
 
-def record_cancel(cfg: Any, job_ids: list[str], reason: str) -> None:
-    _append(ledger_path(cfg), {"kind": "cancel", "job_ids": job_ids, "reason": reason})
+def record_cancel(cfg: Any, job_ids: list[str], reason: str, tokens: list[str] = ()) -> None:
+    """scancel of ``job_ids``; ``tokens``: intents settled with it (nothing left to adopt)."""
+    entry = {"kind": "cancel", "job_ids": job_ids, "reason": reason}
+    _append(ledger_path(cfg), {**entry, "tokens": list(tokens)} if tokens else entry)
 
 
 def entries(cfg: Any) -> list[dict[str, Any]]:
@@ -111,7 +136,86 @@ def entries(cfg: Any) -> list[dict[str, Any]]:
 
 
 def submissions(cfg: Any) -> list[dict[str, Any]]:
-    return [e for e in entries(cfg) if e["kind"] == "submission"]
+    """The sweep's sbatch calls, once each (a job adopted twice, by a status beside a launch,
+    counts once)."""
+    seen: set[str] = set()
+    out = []
+    for e in entries(cfg):
+        if e["kind"] == "submission" and e["job_id"] not in seen:
+            seen.add(e["job_id"])
+            out.append(e)
+    return out
+
+
+def _tokened_jobs(text: str, tokens: set[str], folder: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        job, _, comment = line.strip().partition("|")
+        kind, _, rest = comment.partition(":")
+        token, _, where = rest.partition(":")
+        if kind == "dhm" and token in tokens and where == folder and job.split("_")[0].isdigit():
+            ids = out.setdefault(token, [])
+            if job.split("_")[0] not in ids:
+                ids.append(job.split("_")[0])
+    return out
+
+
+def jobs_by_token(cfg: Any, tokens: list[str], since: str | None = None) -> dict[str, list[str]]:
+    """{token: job ids} of the jobs that carry this sweep's comment with one of ``tokens``:
+    squeue for queued and running jobs (every Slurm), and sacct for ended ones where the
+    accounting stores comments (AccountingStoreFlags=job_comment)."""
+    if not tokens:
+        return {}
+    folder = str(sweep_dir(cfg).resolve())
+    wanted = set(tokens)
+    queue = Started(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%k"], "reading the queue")
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,Comment", "-u", getpass.getuser()]
+    done = Started(cmd + (["-S", since] if since else []), "reading job comments")
+    found = _tokened_jobs(queue.answer(), wanted, folder)
+    try:
+        ended = _tokened_jobs(done.answer(), wanted, folder)
+    except SlurmError:
+        ended = {}
+    for token, ids in ended.items():
+        found.setdefault(token, []).extend(i for i in ids if i not in found.get(token, []))
+    return found
+
+
+def unrecorded_intents(cfg: Any) -> list[dict[str, Any]]:
+    """Intents that no submission, cancellation or earlier search settled."""
+    done: set[str] = set()
+    for e in entries(cfg):
+        if e["kind"] in ("submission", "intent_closed"):
+            done.add(e.get("token", ""))
+        elif e["kind"] == "cancel":
+            done.update(e.get("tokens", []))
+    return [e for e in entries(cfg) if e["kind"] == "intent" and e["token"] not in done]
+
+
+def adopt(cfg: Any) -> list[str]:
+    """Record the jobs of earlier launches that died between an sbatch call and its record
+    (found by the token in their ``--comment``): status and the next launch then see them, and
+    never submit their runs again. Returns the job ids adopted."""
+    intents = unrecorded_intents(cfg)
+    if not intents:
+        return []
+    since = min(e["time"] for e in intents)
+    found = jobs_by_token(cfg, [e["token"] for e in intents], since)
+    adopted = []
+    now = datetime.now()
+    for e in intents:
+        for job_id in found.get(e["token"], []):
+            record_submission(cfg, e["stage"], job_id, e["tasks"], e["dependency"], e["params"],
+                              token=e["token"], code=e.get("code", ""), adopted=True)  # fmt: skip
+            adopted.append(job_id)
+        if (
+            e["token"] not in found
+            and (now - datetime.fromisoformat(e["time"])).total_seconds() > FRESH_S
+        ):
+            # sbatch never answered (or its job ended where comments are not kept): settled,
+            # so later commands stop asking
+            _append(ledger_path(cfg), {"kind": "intent_closed", "token": e["token"]})
+    return adopted
 
 
 def task_runs(task: dict[str, Any]) -> list[str]:
@@ -300,6 +404,7 @@ class Attempt:
     err_log: str = ""
     history: list[SlurmRecord] = field(default_factory=list)  # earlier attempts (requeues)
     params: dict[str, Any] = field(default_factory=dict)
+    code: str = ""  # the code snapshot its tasks import from ("" before snapshots)
     oom: bool = False  # OUT_OF_MEMORY, or killed for exceeding --mem (slurmstepd says so)
 
     @property
@@ -391,6 +496,7 @@ def attempts(cfg: Any, query: bool = True, asked: Asked | None = None) -> list[A
                 err_log=_log(folder, name, "err", logs),
                 history=history[:-1],
                 params=sub.get("params", {}),
+                code=sub.get("code", ""),
             )
             a.oom = a.state == "OUT_OF_MEMORY" or (
                 a.state in ("FAILED", "CANCELLED") and _memory_killed(a.err_log)

@@ -1,4 +1,8 @@
-"""One packed run: ``python -m hpc.packed <run.yaml> <limits JSON> [stage_to]``.
+"""One packed run: ``python <tree>/hpc/packed.py <run.yaml> <limits JSON> [stage_to]``.
+
+Started by path from the tree its parent task imports (the launch's code snapshot on Slurm):
+Python puts this file's folder first on ``sys.path``, replaced below by the tree's root, so
+the child imports what its parent imports, never the working directory.
 
 Started by ``hpc.stages.train_packed`` as a child of a train task that holds several runs. It
 trains one run with the parent's Slurm environment (its own MASTER_PORT under DDP, its share of
@@ -13,6 +17,9 @@ import signal
 import sys
 import traceback
 from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 
 def main(argv: list[str]) -> int:

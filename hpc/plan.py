@@ -146,6 +146,12 @@ class Plan:
     aggregate_why: str = ""
     refused: list[str] = field(default_factory=list)  # run ids needing the researcher
     facts: FileFacts | None = None  # what planning read inside files: saved once checks pass
+    code: Path | None = None  # the snapshot of this launch: new runs, evals, the aggregate
+    resume_code: dict[str, Path] = field(default_factory=dict)  # run id -> its own snapshot
+
+    def code_of(self, run: Run) -> Path | None:
+        """The snapshot a run's training imports: its own when it resumes, else the launch's."""
+        return self.resume_code.get(run.run_id, self.code)
 
 
 def _train_lines(cfg: Any, st: RunState, plan: Plan, base: Resources) -> bool:

@@ -23,6 +23,7 @@ MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate
 # Modes that read a stored sweep without planning or submitting (hpc.stored).
 STORED_MODES = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm")
+CODES = ("launched", "latest")  # code=
 GPU_BINDS = ("node", "task")  # cluster.gpu_bind
 # A value that goes into an #SBATCH line: no whitespace, quotes or shell syntax.
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.,:=+@%/\-\[\]]*$")
@@ -90,6 +91,7 @@ class ClusterConfig:
     oom_mem_factor: float = 2.0  # relaunch after OUT_OF_MEMORY with mem x this ...
     max_mem: str | None = None  # ... up to this (None: refuse to guess, say so)
     budget_gpu_hours: float | None = None  # refuse a plan estimated above this
+    disk_quota_gb: float | None = None  # refuse a plan whose disk estimate is above this
 
 
 @dataclass
@@ -104,6 +106,10 @@ class LaunchConfig(RunSections):
     replan: bool = False  # accept a plan whose runs differ from the stored one (kept aside)
     replace_summary: bool = False  # replace a summary with one that has fewer complete runs
     allow_partial: bool = False  # aggregation exits 0 even if some runs are missing
+    # The code a resuming run's training imports: launched (the snapshot it started under) or
+    # latest (this launch's; with runs=[...] to move only those runs). hpc.snapshot.
+    code: str = "launched"
+    lock_wait_s: float = 60.0  # how long a command waits for another one's lock on the sweep
 
 
 def register_configs() -> None:
@@ -231,6 +237,8 @@ def check_cluster(c: Any) -> None:
         _fail("cluster.oom_mem_factor", c.oom_mem_factor, "a factor > 1")
     if c.budget_gpu_hours is not None and not c.budget_gpu_hours > 0:
         _fail("cluster.budget_gpu_hours", c.budget_gpu_hours, "a number of hours > 0, or null")
+    if c.disk_quota_gb is not None and not c.disk_quota_gb > 0:
+        _fail("cluster.disk_quota_gb", c.disk_quota_gb, "a number of GB > 0, or null")
     for key in ("time", "eval_time", "aggregate_time"):
         parse_time_minutes(c[key], f"cluster.{key}")
     if c.signal_delay_s >= 60 * parse_time_minutes(c.time, "cluster.time"):
@@ -265,6 +273,12 @@ def _check_cluster_text(c: Any) -> None:
             raise ConfigError(
                 f"cluster.extra_sbatch.{key}={value!r} is not allowed: option names are lowercase "
                 "sbatch long options, values letters, digits and _ . , : = + @ % / - [ ] only"
+            )
+        if key in ("comment", "array", "job-name", "output", "error"):
+            raise ConfigError(
+                f"cluster.extra_sbatch.{key} is not allowed: the launcher sets --{key} itself "
+                "(--comment marks each job with its sweep folder, so that a launch that died "
+                "before recording its jobs cannot submit them twice)"
             )
     for i, line in enumerate(c.setup or []):
         if any(ch in str(line) for ch in "\n\r\0"):
@@ -307,6 +321,10 @@ def check_launch(cfg: Any, schema: type = LaunchConfig) -> None:
         )
     if cfg.sweep.seeds is not None and cfg.sweep.seeds < 1:
         _fail("sweep.seeds", cfg.sweep.seeds, "an integer >= 1, or null")
+    if cfg.code not in CODES:
+        _fail("code", cfg.code, " or ".join(CODES))
+    if cfg.lock_wait_s < 0:
+        _fail("lock_wait_s", cfg.lock_wait_s, "seconds >= 0")
     for rid in cfg.runs or []:
         _check_text(
             "runs", rid, re.compile(r"^[0-9a-f]{1,10}$"), "run ids or prefixes of them (hex digits)"

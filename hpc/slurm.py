@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -311,6 +312,7 @@ class ArraySpec:
     depends_on: int | None = None  # index of the spec (a train array) this one pairs with
     dependency_kind: str | None = None  # aftercorr | afterany
     group: str = ""  # resource class / chunk label, shown in the plan
+    code: Path | None = None  # the code snapshot its tasks import from (hpc.snapshot)
 
 
 def base_params(cfg: Any, name: str) -> dict[str, Any]:
@@ -362,19 +364,63 @@ def dependency_string(kind: str, job_ids: list[str], single_task: bool) -> str:
 SUBMITIT_MAX_TIMEOUTS = 10_000
 
 
-def make_executor(cfg: Any, folder: Path, params: dict[str, Any]) -> Any:
-    executor = submitit.SlurmExecutor(
-        folder=folder, max_num_timeout=SUBMITIT_MAX_TIMEOUTS, python=cfg.cluster.python
+def task_command(cfg: Any, folder: Path, code: Path | None) -> str:
+    """What every task of an array runs: the snapshot's ``hpc/task.py`` by path (it puts the
+    snapshot first on sys.path, see ``hpc.task``), never ``-m`` from the working directory."""
+    python = cfg.cluster.python or shlex.quote(sys.executable)
+    entry = (
+        Path(code) / "hpc" / "task.py" if code is not None else Path(__file__).with_name("task.py")
     )
-    executor.update_parameters(**params)
-    return executor
+    return f"{python} -u {shlex.quote(str(entry))} {shlex.quote(str(folder))}"
 
 
-def render_script(cfg: Any, folder: Path, params: dict[str, Any], n_tasks: int) -> str:
+class _Executor(submitit.SlurmExecutor):
+    """submitit's executor with this launcher's task command, and the tasks' pickles written
+    under names a task can find without the launch (``pending_<token>_<i>.pkl``): a launch
+    killed after sbatch returned leaves jobs that still run (``hpc.task.claim_pickle``)."""
+
+    def __init__(self, folder: Path, command: str, token: str) -> None:
+        super().__init__(folder=folder, max_num_timeout=SUBMITIT_MAX_TIMEOUTS)
+        self.command, self.token = command, token
+
+    @property
+    def _submitit_command_str(self) -> str:
+        return self.command
+
+    def _internal_process_submissions(self, delayed: list[Any]) -> list[Any]:
+        folder = submitit.core.utils.JobPaths.get_first_id_independent_folder(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pickles = []
+        for i, d in enumerate(delayed):
+            d.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+            pickles.append(folder / f"pending_{self.token}_{i}.pkl")
+            d.dump(pickles[-1])
+        submitter = submitit.SlurmExecutor(self.folder, self.max_num_timeout)
+        submitter.update_parameters(**self.parameters)
+        if len(delayed) > 1:
+            submitter.parameters["map_count"] = len(delayed)
+        first = submitter._submit_command(self.command)
+        names = (
+            [f"{first.job_id}_{i}" for i in range(len(delayed))]
+            if len(delayed) > 1
+            else [first.job_id]
+        )
+        jobs = []
+        for name, path in zip(names, pickles, strict=True):
+            job = submitit.SlurmJob(
+                folder=self.folder, job_id=name, tasks=list(range(first.num_tasks))
+            )
+            with contextlib.suppress(FileNotFoundError):  # a started task renamed it first
+                job.paths.move_temporary_file(path, "submitted_pickle")
+            jobs.append(job)
+        return jobs
+
+
+def render_script(cfg: Any, folder: Path, params: dict[str, Any], n_tasks: int,
+                  code: Path | None = None) -> str:  # fmt: skip
     """The sbatch script submitit would write for this array (dry runs, --test-only)."""
-    python = cfg.cluster.python or sys.executable
-    command = f"{python} -u -m submitit.core._submit {folder}"
     extra = {"map_count": n_tasks} if n_tasks > 1 else {}
+    command = task_command(cfg, folder, code)
     return _make_sbatch_string(command=command, folder=folder, **params, **extra)
 
 
@@ -390,7 +436,7 @@ def test_only(cfg: Any, folder: Path, specs: list[ArraySpec]) -> None:
     scripts = []
     for spec in specs:
         params = {k: v for k, v in spec.params.items() if k != "dependency"}
-        scripts.append(render_script(cfg, folder, params, len(spec.tasks)))
+        scripts.append(render_script(cfg, folder, params, len(spec.tasks), spec.code))
     first: dict[str, int] = {}  # the script without its job name -> its first array
     for i, text in enumerate(scripts):
         first.setdefault(_JOB_NAME_LINE.sub("", text), i)
@@ -439,82 +485,114 @@ def _stderr_to(sink: Any) -> Any:
         os.close(saved)
 
 
-def submit_array(cfg: Any, folder: Path, spec: ArraySpec, dependency: str | None) -> str:
-    """Submit one stage as one sbatch call; return the Slurm job id (array master id)."""
+def submit_array(cfg: Any, folder: Path, spec: ArraySpec, dependency: str | None,
+                 token: str) -> str:  # fmt: skip
+    """Submit one stage as one sbatch call; return the Slurm job id (array master id). The job
+    carries ``--comment=dhm:<token>:<sweep folder>`` (``ledger.adopt`` finds it by that) and
+    its tasks import from ``spec.code``."""
     params = dict(spec.params)
+    extra = {**params["additional_parameters"], "comment": ledger.job_comment(cfg, token)}
     if dependency:
         params["dependency"] = dependency
-        params["additional_parameters"] = {
-            **params["additional_parameters"],
-            "kill-on-invalid-dep": "yes",
-        }
-    executor = make_executor(cfg, folder, params)
+        extra["kill-on-invalid-dep"] = "yes"
+    params["additional_parameters"] = extra
+    params["setup"] = [*params.get("setup", []), f"export DHM_TOKEN={token}"]
+    executor = _Executor(folder, task_command(cfg, folder, spec.code), token)
+    executor.update_parameters(**params)
     with tempfile.TemporaryFile("w+") as sink:
-        try:
-            with _stderr_to(sink), executor.batch():
-                jobs = [executor.submit(*_resolved(call)) for call in spec.calls]
-        except Exception:
-            raise
-        else:
-            sink.seek(0)
-            sys.stderr.write(sink.read())  # warnings of a successful sbatch call
+        with _stderr_to(sink), executor.batch():
+            jobs = [executor.submit(*_resolved(call)) for call in spec.calls]
+        sink.seek(0)
+        sys.stderr.write(sink.read())  # warnings of a successful sbatch call
     return jobs[0].job_id.split("_")[0]
+
+
+RECORDED_PARAMS = ("mem", "exclude", "nodes", "ntasks_per_node", "cpus_per_task",
+                   "gpus_per_node", "gpus_per_task")  # fmt: skip
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM during submission only set a flag: the sbatch call in flight
+    ends and is recorded, then ``submit_all`` cancels what the launch submitted."""
+
+    def __enter__(self) -> _Interrupts:
+        self.signal: int | None = None
+        self.saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.saved:
+            signal.signal(s, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
+def _cancel_launch(cfg: Any, ids: list[str], tokens: list[str], why: str) -> list[str]:
+    """scancel what this launch submitted: the recorded ids and any job carrying one of its
+    tokens that the ledger did not record (sbatch answered as the launch was stopped)."""
+    found = ledger.jobs_by_token(cfg, tokens)
+    ids = list(dict.fromkeys([*ids, *(j for t in tokens for j in found.get(t, []))]))
+    ledger.scancel(ids)
+    ledger.record_cancel(cfg, ids, why, tokens)
+    return ids
 
 
 def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[str]) -> list[str]:
     """Submit the arrays in order, wiring dependencies; record each in the ledger.
 
     An eval array waits (aftercorr) for the train array it pairs with; the aggregate job for
-    every array of this launch and the tasks of earlier launches still in flight. If a call
-    fails, the arrays already submitted are cancelled, the ledger records it, and SlurmError
-    says what happened in one line.
+    every array of this launch and the tasks of earlier launches still in flight. Before each
+    sbatch call the ledger records the intent (its token, stage and tasks), so a launch killed
+    at any point leaves jobs the next command finds (``ledger.adopt``). If a call fails, or
+    Ctrl-C or SIGTERM arrives, the arrays already submitted are cancelled, the ledger records
+    it, and SlurmError says what happened in one line.
     """
     ids: list[str] = []
-    for spec in specs:
-        dependency = None
-        if spec.dependency_kind == "aftercorr" and spec.depends_on is not None:
-            single = len(spec.tasks) == 1
-            dependency = dependency_string("aftercorr", [ids[spec.depends_on]], single)
-        elif spec.stage == "aggregate" and (ids or in_flight):
-            dependency = dependency_string(
-                "afterany", list(dict.fromkeys([*ids, *in_flight])), False
-            )
-        try:
-            job_id = submit_array(cfg, folder, spec, dependency)
-        except Exception as err:  # submitit's FailedJobError and friends: sbatch said no
-            reason = str(err).strip().splitlines()
-            reason = next(
-                (ln for ln in reversed(reason) if "error" in ln.lower()),
-                reason[-1] if reason else type(err).__name__,
-            )
-            if ids:
-                ledger.scancel(ids)
-                ledger.record_cancel(cfg, ids, f"sbatch failed for {spec.stage}: {reason}")
-            done = f"; cancelled the {len(ids)} array(s) it had submitted ({' '.join(ids)})"
-            raise SlurmError(
-                f"sbatch failed for the {spec.stage} array: {reason.strip()}"
-                f"{done if ids else ''}; nothing of this launch is queued"
-            ) from None
-        ids.append(job_id)
-        ledger.record_submission(
-            cfg,
-            spec.stage,
-            job_id,
-            spec.tasks,
-            dependency,
-            {
-                k: spec.params.get(k)
-                for k in (
-                    "mem",
-                    "exclude",
-                    "nodes",
-                    "ntasks_per_node",
-                    "cpus_per_task",
-                    "gpus_per_node",
-                    "gpus_per_task",
-                )  # fmt: skip
-                if spec.params.get(k) is not None
-            },
-        )
-        print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))", flush=True)
+    tokens: list[str] = []
+    with _Interrupts() as stop:
+        for spec in specs:
+            dependency = None
+            if spec.dependency_kind == "aftercorr" and spec.depends_on is not None:
+                single = len(spec.tasks) == 1
+                dependency = dependency_string("aftercorr", [ids[spec.depends_on]], single)
+            elif spec.stage == "aggregate" and (ids or in_flight):
+                dependency = dependency_string(
+                    "afterany", list(dict.fromkeys([*ids, *in_flight])), False
+                )
+            params = {k: spec.params[k] for k in RECORDED_PARAMS if spec.params.get(k) is not None}
+            code = spec.code.name if spec.code is not None else ""
+            tokens.append(ledger.record_intent(cfg, spec.stage, spec.tasks, dependency, params,
+                                               code))  # fmt: skip
+            try:
+                job_id = submit_array(cfg, folder, spec, dependency, tokens[-1])
+            except Exception as err:  # submitit's FailedJobError and friends: sbatch said no
+                lines = str(err).strip().splitlines()
+                reason = next(
+                    (ln for ln in reversed(lines) if "error" in ln.lower()),
+                    lines[-1] if lines else type(err).__name__,
+                ).strip()
+                if stop.signal is not None:
+                    reason = f"interrupted ({signal.Signals(stop.signal).name})"
+                done = _cancel_launch(cfg, ids, tokens, f"sbatch failed for {spec.stage}: {reason}")
+                cancelled = (
+                    f"; cancelled the {len(done)} array(s) it had submitted ({' '.join(done)})"
+                )
+                raise SlurmError(
+                    f"sbatch failed for the {spec.stage} array: {reason}"
+                    f"{cancelled if done else ''}; nothing of this launch is queued"
+                ) from None
+            ids.append(job_id)
+            ledger.record_submission(cfg, spec.stage, job_id, spec.tasks, dependency, params,
+                                     token=tokens[-1], code=code)  # fmt: skip
+            print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))", flush=True)
+            if stop.signal is not None:
+                name = signal.Signals(stop.signal).name
+                done = _cancel_launch(cfg, ids, tokens, f"launch interrupted ({name})")
+                raise SlurmError(
+                    f"interrupted ({name}) while submitting: cancelled the {len(done)} array(s) "
+                    f"this launch had submitted ({' '.join(done)}); nothing of it is queued"
+                )
     return ids

@@ -380,7 +380,10 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
             files.append(f.name)
             port = master_port(job_id, 1 + i) if job_id else free_port()
             child_env = {**env, "MASTER_PORT": str(port), "DHM_PACKED": "1"}
-            cmd = [sys.executable, "-m", "hpc.packed", f.name, json.dumps(limits)]
+            # by path, from the tree this task imports (its snapshot on Slurm): ``-m`` would
+            # put the working directory, usually the checkout, first on the child's sys.path
+            cmd = [sys.executable, str(Path(__file__).with_name("packed.py")), f.name,
+                   json.dumps(limits)]  # fmt: skip
             if stage_to:
                 cmd.append(stage_to)
             children.append(subprocess.Popen(cmd, env=child_env))

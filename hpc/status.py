@@ -39,12 +39,30 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     ]
 
 
+def _code(st: Any) -> str:
+    """The code snapshots a run's newest tasks imported: training's, then any other of its
+    evaluations' ("-" before snapshots)."""
+    train = [a.code for (stage, _), atts in st.attempts.items() if stage == "train" for a in atts]
+    evals = {atts[-1].code for (stage, _), atts in st.attempts.items() if stage == "eval"}
+    own = train[-1][:8] if train and train[-1] else ""
+    other = sorted(c[:8] for c in evals if c and c[:8] != own)
+    text = own + (f" (eval {'+'.join(other)})" if other else "")
+    return text.strip() or "-"
+
+
 def status_lines(
-    cfg: Any, runs: list[Run], query: bool, estimates: dict[str, float] | None = None
+    cfg: Any,
+    runs: list[Run],
+    query: bool,
+    estimates: dict[str, float] | None = None,
+    outside: list[Run] = (),
 ) -> tuple[list[str], dict[str, dict]]:
     """The status table (one row per run), its footer, and the states for the report;
-    ``estimates``: the stored plan's device-hours per run (read from plan.json if None)."""
-    states, everything = read_states(cfg, runs, query, check_stale=False)
+    ``estimates``: the stored plan's device-hours per run (read from plan.json if None);
+    ``outside``: runs an earlier plan had and a replan dropped, listed after the footer with
+    their state (never cancelled or deleted by a launch)."""
+    states, everything = read_states(cfg, [*runs, *outside], query, check_stale=False)
+    states, gone = states[: len(runs)], states[len(runs) :]
     infos = {st.run.run_id: describe(st) for st in states}
     rows, counts = [], {}
     if estimates is None:
@@ -63,6 +81,7 @@ def status_lines(
                 i["loss"],
                 f"{i['hours']:.2f}",
                 "-" if est is None else f"{est:.2f}",
+                _code(st),
                 why or "-",
                 i["log"],
             )
@@ -77,6 +96,7 @@ def status_lines(
             "loss",
             f"{unit}-h",
             f"{unit}-h est",
+            "code",
             "why",
             "log",
         ),
@@ -93,6 +113,14 @@ def status_lines(
     parts = ", ".join(f"{counts[k]} {k}" for k in BUCKETS if k in counts)
     total = sum(i["hours"] for i in infos.values())
     lines.append(f"{len(states)} runs: {parts}; {why}; {total:.2f} {unit}-hours used")
+    if gone:
+        lines += ["", f"{len(gone)} run(s) outside the current grid (a replan dropped them; "
+                  "kept as they are; cancel with mode=cancel runs=[...]):"]  # fmt: skip
+        for st in gone:
+            i = describe(st)
+            settings = " ".join(f"{k}={v}" for k, v in st.run.overrides.items())
+            reason = _short_reason(i["reason"]) or "-"
+            lines.append(f"  {st.run.run_id}  {i['stage']}  {i['slurm']}  {reason}  {settings}")
     return lines, plain_states(infos)
 
 
@@ -122,6 +150,7 @@ def detail_lines(cfg: Any, run: Run, query: bool) -> list[str]:
                         rec.exit_code or "-",
                         f"{rec.elapsed_s}s",
                         rec.nodes or "-",
+                        a.code[:8] or "-",
                         (a.reason if last else rec.reason) or "-",
                         (a.err_log or a.log) if last else "-",
                     )
@@ -130,7 +159,18 @@ def detail_lines(cfg: Any, run: Run, query: bool) -> list[str]:
         lines += [
             "",
             *_table(
-                ("stage", "job", "submitted", "state", "exit", "elapsed", "nodes", "why", "log"),
+                (
+                    "stage",
+                    "job",
+                    "submitted",
+                    "state",
+                    "exit",
+                    "elapsed",
+                    "nodes",
+                    "code",
+                    "why",
+                    "log",
+                ),  # fmt: skip
                 rows,
             ),
         ]

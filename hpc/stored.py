@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 
 from dhm.core.layout import estimates_of
 from dhm.report.page import write_report
-from hpc import efficiency, ledger
+from hpc import efficiency, ledger, lock
 from hpc.schema import check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.status import detail_lines, status_lines
-from hpc.sweep import Run, select, stored_sweep, sweep_dir
+from hpc.sweep import Run, outside_runs, select, stored_sweep, sweep_dir
 
 
 def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
@@ -46,11 +46,18 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     """status | cancel | report: from the stored plan, by the sweep's name."""
     check_launch(cfg)
     cfg, all_runs, stored = stored_sweep(cfg, argv)
-    runs = select(cfg, all_runs)
-    whole = len(runs) == len(all_runs)
+    outside = outside_runs(stored)
+    runs = select(cfg, [*all_runs, *outside] if cfg.runs else all_runs)  # named: may be outside
+    whole = {r.run_id for r in runs} == {r.run_id for r in all_runs}
     query = on_slurm(cfg)
+    if query and cfg.mode != "report":
+        adopted = ledger.adopt(cfg)  # jobs of a launch that died before recording them
+        if adopted:
+            print(f"adopted {len(adopted)} job(s) a killed launch never recorded: "
+                  f"{' '.join(adopted)}")  # fmt: skip
     if cfg.mode == "cancel":
-        return cancel(cfg, runs, whole)
+        with lock.held(sweep_dir(cfg), "launch.py mode=cancel", cfg.lock_wait_s):
+            return cancel(cfg, runs, whole)
     if cfg.mode == "report":
         _, states = run_reports(cfg, runs, query)
         print(f"report: {write_report(sweep_dir(cfg), states=states, plan=stored)}")
@@ -61,7 +68,8 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     if one is not None:
         lines = detail_lines(cfg, runs[0], query)
     else:
-        lines, states = status_lines(cfg, runs, query, estimates_of(stored))
+        lines, states = status_lines(cfg, runs, query, estimates_of(stored),
+                                     outside if whole else [])  # fmt: skip
     if steps is not None:
         try:
             uses = efficiency.stage_uses(subs, efficiency.parse_steps(steps.answer()), one)

@@ -314,6 +314,15 @@ def stored_runs(plan: dict[str, Any], path: Path) -> list[Run]:
     ]
 
 
+def outside_runs(plan: dict[str, Any]) -> list[Run]:
+    """The runs earlier plans of the sweep had and a replan dropped (status lists them; a
+    cancel can name them)."""
+    return [
+        Run(str(r["run_id"]), dict(r["overrides"]), Plain.of(r["config"]))
+        for r in plan.get("outside", [])
+    ]
+
+
 def check_plan_unchanged(cfg: Any, runs: list[Run]) -> dict[str, Any] | None:
     """The stored plan, after checking that ``runs`` are its runs (ConfigError if not, unless
     ``replan``): a plan whose run ids differ is never overwritten silently."""
@@ -358,6 +367,11 @@ def write_plan(
     for run_id, pieces in (estimates or {}).items():
         for piece, hours in pieces.items():
             known.setdefault(run_id, {}).setdefault(piece, round(hours, 4))
+    ids = {r.run_id for r in runs}
+    outside: dict[str, dict[str, Any]] = {}  # runs a replan dropped: kept visible, untouched
+    for r in [*(old or {}).get("outside", []), *(old or {}).get("runs", [])]:
+        if str(r["run_id"]) not in ids:
+            outside[str(r["run_id"])] = {k: r[k] for k in ("run_id", "overrides", "config")}
     plan = {
         "version": PLAN_VERSION,
         "sweep": cfg.sweep.name,
@@ -375,6 +389,7 @@ def write_plan(
             }
             for r in runs
         ],
+        "outside": list(outside.values()),
     }
     return atomic_write_text(path, json.dumps(plan, indent=1))
 

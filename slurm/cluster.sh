@@ -85,6 +85,13 @@ gpus_ok() {
     [[ $(sinfo -h -N -p debug -o '%N %G' 2>/dev/null | sort -u) == $'node1 gpu:2\nnode2 gpu:2' ]]
 }
 
+# The running controller has this version's settings (GRES above; job comments kept).
+config_current() {
+    local config
+    config=$(scontrol show config 2>/dev/null) || return 1  # (grep -q under pipefail: SIGPIPE)
+    gpus_ok && grep -Eq '^AccountingStoreFlags += job_comment' <<<"$config"
+}
+
 # Fully up: every daemon alive and Slurm answering, including accounting.
 is_up() {
     [[ -r $SLURM_CONF ]] || return 1
@@ -308,12 +315,13 @@ wait_nodes() {
 cmd_up() {
     ((EUID == 0)) || fail "'up' must run as root"
     if is_up; then
-        if gpus_ok; then
+        if config_current; then
             log "cluster already up"
             return 0
         fi
-        # Started from a slurm.conf without the fake GPUs: GRES needs a restart, not a reconfigure.
-        log "cluster up without its GPUs (an older config): restarting"
+        # Started from an older slurm.conf (without the fake GPUs or job comments): GRES needs a
+        # restart, not a reconfigure.
+        log "cluster up with an older config: restarting"
         cmd_down
     fi
     mkdir -p "$LOG" "$RUN"

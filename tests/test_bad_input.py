@@ -48,7 +48,11 @@ def fake_slurm(tmp_path_factory):
 
 
 def listing(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+    """Every file under root and its mtime; the sweep's lock file (hpc.lock: who holds it,
+    rewritten by every command that takes it) is coordination, not content."""
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.name != ".lock"
+    }
 
 
 def launch(fake_slurm: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -65,14 +69,20 @@ def launch(fake_slurm: Path, root: Path, *args: str) -> subprocess.CompletedProc
     return out
 
 
-def refused(fake_slurm: Path, root: Path, args: list[str], status: int, message: str) -> str:
+def refused(fake_slurm: Path, root: Path, args: list[str], status: int, message: str,
+            reasons: int = 1) -> str:  # fmt: skip
+    """The launch exits ``status`` naming ``message``, in one line, or in one line and then one
+    indented line per further reason (``reasons``: a list, such as every missing dataset file);
+    nothing under root changes and sbatch is never called."""
     root.mkdir(parents=True, exist_ok=True)
     before = listing(root)
     out = launch(fake_slurm, root, *args)
     err = out.stderr.strip()
     assert out.returncode == status, (args, out.returncode, out.stdout[-2000:], err)
     assert message in err, (args, err)
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), (args, err)
+    lines = err.splitlines()
+    assert len(lines) == reasons and err.startswith("error: "), (args, err)
+    assert all(line.startswith("  ") for line in lines[1:]), (args, err)
     assert not (root.parent / "sbatch.log").exists(), "sbatch was called"
     assert listing(root) == before, "a file under root changed"
     return err
@@ -266,7 +276,8 @@ def _vae_checkpoint(path: Path) -> None:
 @pytest.mark.slow
 def test_a_truncated_resume_checkpoint_is_named_with_the_way_out(fake_slurm, trained, tmp_path):
     root, run_dir = _copy(trained, tmp_path)
-    (run_dir / "checkpoints" / "final.pt").unlink()
+    # A trained run keeps no step checkpoint: final.pt stands in for the newest one.
+    (run_dir / "checkpoints" / "final.pt").rename(run_dir / "checkpoints" / "step_000000009.pt")
     for summary_file in (root / "single" / "summary").glob("*"):
         if summary_file.is_file():
             summary_file.unlink()
@@ -321,20 +332,33 @@ def test_dataset_files_are_looked_for_and_read_at_launch(fake_slurm, tmp_path):
     batch = data / "cifar-10-batches-py" / "data_batch_3"
     _truncate(batch)
     root = tmp_path / "root"
-    refused(
+    # Every reason at once: the truncated batch, the test batch and both OOD sets (not there)
+    err = refused(
         fake_slurm,
         root,
-        [*TINY, "data=cifar10", f"data.root={data}", *SLURM],
+        [*TINY, "data=cifar10", f"data.root={data}", *SLURM, "eval.ood_sets=[cifar100,svhn]"],
         2,
         f"truncated or corrupt file(s) {batch}",
+        reasons=4,
     )
-    refused(
+    for name in ("CIFAR-10 test set", "CIFAR-100 test set", "SVHN test set"):
+        assert f"cannot read the {name}" in err, err
+    # A dry run shows its whole plan first, then lists every reason and still exits 2
+    nothing = tmp_path / "nothing"
+    err = refused(
         fake_slurm,
         root,
-        [*TINY, "data=svhn", f"data.root={tmp_path / 'nothing'}", *SLURM, "mode=dry_run"],
+        [*TINY, "data=svhn", f"data.root={nothing}", *SLURM, "mode=dry_run",
+         "eval.ood_sets=[cifar10]"],
         2,
-        f"{tmp_path / 'nothing'}/ does not exist",
-    )
+        "3 dataset problem(s); the plan above is what the launch would do once they are fixed",
+        reasons=4,
+    )  # fmt: skip
+    assert err.count("does not exist") == 3, err
+    out = launch(fake_slurm, root, *TINY, "data=svhn", f"data.root={nothing}", *SLURM,
+                 "mode=dry_run")  # fmt: skip
+    assert "eval svhn: after its training task" in out.stdout, out.stdout
+    assert "sbatch call(s)" in out.stdout and "disk: ~" in out.stdout, out.stdout
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
@@ -369,6 +393,18 @@ def tmpfs(tmp_path):
 def test_an_unwritable_root_is_refused_before_anything(fake_slurm, tmpfs):
     root = tmpfs("readonly", "ro,size=1m")
     refused(fake_slurm, root, TINY, 2, "is not writable by this user")
+
+
+def test_a_code_snapshot_that_cannot_be_written_fails_before_any_sbatch(fake_slurm, tmpfs):
+    # The snapshot (~0.6 MB) does not fit: the launch stops before its first sbatch call and
+    # leaves no partial snapshot behind (hpc.snapshot writes a hidden folder, then renames it).
+    root = tmpfs("small", "size=200k")
+    out = launch(fake_slurm, root, *TINY, *SLURM)
+    assert out.returncode == 1 and "No space left on device" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (root.parent / "sbatch.log").exists(), "sbatch was called"
+    code = root / "single" / "code"
+    assert not code.exists() or not list(code.iterdir()), list(code.iterdir())
 
 
 @pytest.mark.slow

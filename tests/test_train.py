@@ -61,8 +61,9 @@ def test_short_training_on_digits_lowers_the_loss(small_cfg):
     assert int(rows[-1]["step"]) == 3 * (959 // 50)
     assert final.name == "final.pt" and (Path(cfg.run_dir) / "config.yaml").exists()
     assert list((Path(cfg.run_dir) / "logs" / "tensorboard").iterdir())
-    # Only the newest train.keep_checkpoints step checkpoints are kept.
-    assert len(ckpt_io.step_checkpoints(final.parent)) == 2
+    # A trained run keeps final.pt only (train.keep_step_checkpoints=false): the step
+    # checkpoints (the newest train.keep_checkpoints while it trained) are removed.
+    assert ckpt_io.step_checkpoints(final.parent) == []
     # Training again finds final.pt and returns it without touching it.
     mtime = final.stat().st_mtime_ns
     assert train(cfg) == final and final.stat().st_mtime_ns == mtime
@@ -689,3 +690,39 @@ def test_the_demos_vae_beats_the_uniform_model_on_its_test_digits(tmp_path):
     png = float(shard.arrays["complexity_bits"].astype("float64").mean()) / (3 * 32 * 32)
     assert bpd < 8.0, bpd
     assert png < bpd  # and the PNG codec still beats it (2.9 bits/dim on these digits)
+
+
+def test_checkpoints_name_their_code_snapshot_and_older_ones_still_resume(small_cfg, monkeypatch):
+    # checkpoint_state stores the snapshot id the process runs from ("" outside one); a
+    # checkpoint from before (no "code") is found and matched for a resume as before.
+    from types import SimpleNamespace
+
+    from dhm.core import provenance
+
+    cfg = small_cfg()
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    rs = SimpleNamespace(
+        unwrapped=net,
+        epoch=0,
+        batch=3,
+        step=3,
+        cfg=cfg,
+        accelerator=SimpleNamespace(num_processes=1),
+        cfg_yaml=train_mod.to_yaml(cfg),
+        extra={},
+        optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
+    )
+    assert train_mod.checkpoint_state(rs)["code"] == ""  # tests run outside a snapshot
+    monkeypatch.setattr(provenance, "snapshot", lambda: {"id": "c0de12345678"})
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    path = model_ckpt.atomic_save(train_mod.checkpoint_state(rs), ckpt_dir / "step_000000003.pt")
+    assert model_ckpt.load(path)["code"] == "c0de12345678"
+    old = train_mod.checkpoint_state(rs)
+    del old["code"]
+    old["global_step"] = 4
+    model_ckpt.atomic_save(old, ckpt_dir / "step_000000004.pt")
+    found, state = train_mod._resume_point(cfg, ckpt_dir)
+    assert found == ckpt_dir / "step_000000004.pt" and "code" not in state
+    assert state["global_step"] == 4 and state["optimizer"] == opt.state_dict()

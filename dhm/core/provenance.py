@@ -1,15 +1,35 @@
-"""How an artefact was made: git commit, uncommitted changes, package versions, host."""
+"""How an artefact was made: the code snapshot, git commit, uncommitted changes, package
+versions, host.
+
+A Slurm task imports the code from its launch's snapshot (``<sweep>/code/<id>/``, written by
+``hpc.snapshot``), which is no git checkout: the snapshot's ``code.json`` holds the commit and
+the dirty flag as the launch read them from its checkout. Outside a snapshot (``cluster=local``,
+tests) they are read from git here, and ``code`` is ``""``.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CODE_FILE = "code.json"  # at the root of a snapshot: {id, git_commit, git_dirty_hash, ...}
+
+
+@functools.lru_cache(maxsize=1)
+def snapshot() -> dict[str, object]:
+    """This process's code snapshot as its launch recorded it ({} outside a snapshot)."""
+    try:
+        return dict(json.loads((REPO / CODE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 PACKAGES = ("torch", "torchvision", "accelerate", "numpy", "h5py", "hydra-core", "submitit")
 
 
@@ -25,14 +45,19 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """HEAD's commit hash, or 'unknown' outside a git checkout."""
+    """HEAD's commit hash (the launch's, in a snapshot), or 'unknown' outside a git checkout."""
+    if snapshot():
+        return str(snapshot().get("git_commit", "unknown"))
     out = _git("rev-parse", "HEAD")
     return out.strip() if out else "unknown"
 
 
 @functools.lru_cache(maxsize=1)
 def git_dirty_hash() -> str:
-    """sha256 (16 hex) of `git diff HEAD`, '' when the tree has no uncommitted changes."""
+    """sha256 (16 hex) of `git diff HEAD`, '' when the tree has no uncommitted changes (the
+    launch's, in a snapshot)."""
+    if snapshot():
+        return str(snapshot().get("git_dirty_hash", ""))
     out = _git("diff", "HEAD")
     return hashlib.sha256(out.encode()).hexdigest()[:16] if out else ""
 
@@ -51,6 +76,7 @@ def package_versions() -> dict[str, str]:
 def record() -> dict[str, object]:
     """Provenance fields shared by run dirs and HDF5 attributes."""
     return {
+        "code": str(snapshot().get("id", "")),  # the snapshot id; "" outside one
         "git_commit": git_commit(),
         "git_dirty_hash": git_dirty_hash(),
         "versions": package_versions(),

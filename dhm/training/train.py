@@ -241,7 +241,11 @@ class RunState:
 
 
 def checkpoint_state(rs: RunState, *, final: bool = False) -> dict[str, Any]:
-    """The one checkpoint dict: weights, optimizer and schedule (not in final.pt), position."""
+    """The one checkpoint dict: weights, optimizer and schedule (not in final.pt), position,
+    and ``code``: the snapshot id the process runs from ("" outside one; absent from older
+    checkpoints, which load as before: nothing reads it back)."""
+    from dhm.core import provenance  # torch-free, cached: the id is read from disk once
+
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": rs.unwrapped.state_dict(),
@@ -252,6 +256,7 @@ def checkpoint_state(rs: RunState, *, final: bool = False) -> dict[str, Any]:
         "world_size": rs.accelerator.num_processes,
         "torch_threads": torch.get_num_threads(),
         "config_yaml": rs.cfg_yaml,
+        "code": str(provenance.snapshot().get("id", "")),
         **rs.extra,
     }
     if not final:
@@ -557,7 +562,9 @@ def run_training(cfg: Any, stop: StopRequest | None = None) -> tuple[Path, torch
 
     Writes ``<run_dir>/config.yaml``, ``checkpoints/step_*.pt`` (every
     train.checkpoint_every_steps and at every epoch end; the newest train.keep_checkpoints kept),
-    ``checkpoints/final.pt`` when done, and ``logs/metrics.csv`` + ``logs/tensorboard/``.
+    ``checkpoints/final.pt`` when done, and ``logs/metrics.csv`` + ``logs/tensorboard/``. Once
+    final.pt is written rank 0 removes the step checkpoints, unless
+    train.keep_step_checkpoints.
     Resumes from the newest step checkpoint; returns at once if a readable final.pt exists
     (an unreadable one is renamed aside and training resumes).
     """
@@ -585,4 +592,6 @@ def run_training(cfg: Any, stop: StopRequest | None = None) -> tuple[Path, torch
     rs.watch.check(ckpt_dir)
     rs.extra.update(_eval_sigma(rs))
     save_checkpoint(rs, final_path, final=True)
+    if rs.main and not cfg.train.get("keep_step_checkpoints", False):
+        ckpt_io.drop_step_checkpoints(ckpt_dir)  # final.pt is whole: nothing resumes from them
     return final_path, rs.unwrapped
