@@ -107,7 +107,10 @@ def _train_arrays(cfg: Any, plan: Plan, per_task: int, chunk: int) -> list[Array
             if code != plan.code and code is not None:  # resumes under its launch's code
                 label = ", ".join(filter(None, [label, f"code {code.name}"]))
             train_index = len(specs)
-            calls = [(TrainStage(), Yamls(runs), stage_to, dict(limits)) for runs in part]
+            calls = [
+                (TrainStage(), Yamls(runs, plan.resume_yaml), stage_to, dict(limits))
+                for runs in part
+            ]
             params = stage_params(cfg, "train", r, "train")
             specs.append(ArraySpec("train", [_task(runs) for runs in part], calls, params,
                                    group=label, code=code))  # fmt: skip

@@ -22,6 +22,7 @@ import json
 import os
 import shlex
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -338,10 +339,7 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
             asked.close()
     problems = preflight(cfg, selected, info)
     if slurm_stages and cfg.mode != "dry_run":
-        adopted = ledger.adopt(cfg)  # jobs of a launch that died before recording them
-        if adopted:
-            print(f"adopted {len(adopted)} job(s) an earlier launch submitted but never "
-                  f"recorded: {' '.join(adopted)}")  # fmt: skip
+        _adopt(cfg)
     plan = make_plan(cfg, selected, query_slurm=slurm_stages, all_runs=runs)
     _check_resume_points(plan)
     code = snapshot.read() if slurm_stages else None
@@ -378,10 +376,36 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
     return None, cfg, plan
 
 
+UNSETTLED_WAIT_S = 120  # an sbatch call of a killed launch may still be answering this long
+
+
+def _adopt(cfg: Any) -> None:
+    """Record the jobs of earlier launches that died before recording them; refuse while one
+    of their sbatch calls may still be answering (its job would be submitted twice)."""
+    adopted = ledger.adopt(cfg)
+    if adopted:
+        print(f"adopted {len(adopted)} job(s) an earlier launch submitted but never "
+              f"recorded: {' '.join(adopted)}")  # fmt: skip
+    now = time.time()
+    ages = [
+        (now - time.mktime(time.strptime(e["time"], "%Y-%m-%dT%H:%M:%S")), e["stage"])
+        for e in ledger.unrecorded_intents(cfg)
+    ]
+    fresh = [(age, stage) for age, stage in ages if age < UNSETTLED_WAIT_S]
+    if fresh:
+        age, stage = fresh[-1]
+        raise ledger.SlurmError(
+            f"a launch of this sweep stopped {age:.0f} s ago during its sbatch call for the "
+            f"{stage} array, before recording it: that job may not be in the queue yet. Run "
+            f"this again in {UNSETTLED_WAIT_S // 60} minutes: the job is then adopted, or the "
+            "call is known never to have been made"
+        )
+
+
 def _assign_code(cfg: Any, plan: Plan, code: snapshot.Code) -> None:
     """The snapshot each train task imports: a run that resumes keeps the one it started
     under (checked intact now), unless ``code=latest``; everything else takes this launch's."""
-    sweep = sweep_dir(cfg)
+    sweep = sweep_dir(cfg).resolve()  # the job script names it: never relative
     plan.code = code.path(sweep)
     state = {st.run.run_id: st for st in plan.states}
     for run, _ in plan.train:
@@ -394,6 +418,9 @@ def _assign_code(cfg: Any, plan: Plan, code: snapshot.Code) -> None:
             continue
         snapshot.check_resumable(sweep, run.run_id, own)
         plan.resume_code[run.run_id] = snapshot.code_dir(sweep, own)
+        stored = run.run_dir / "config.yaml"  # written by that code: keys it knows
+        if stored.exists():
+            plan.resume_yaml[run.run_id] = stored.read_text()
         plan.actions[run.run_id].append(
             f"code: resumes under its snapshot {own} (code=latest runs=[{run.run_id}] moves it)"
         )
@@ -409,7 +436,7 @@ def _disk(cfg: Any, plan: Plan, runs: list[Run], code: snapshot.Code | None) -> 
     disk.check_quota(est, cfg.cluster.disk_quota_gb)
     if cfg.mode == "dry_run" or not sweep_dir(cfg).exists() or len(plan.states) != len(runs):
         return  # the whole sweep's jobs are known only when every run is planned
-    active = [a for st in plan.states for atts in st.attempts.values() for a in atts if a.active]
+    active = [a for a in plan.attempts if a.active]  # the aggregate's and outside runs' too
     busy = {rid for a in active for rid in a.runs}
     swept = disk.sweep_tmp(sweep_dir(cfg), busy, any(a.stage == "aggregate" for a in active))
     if swept:

@@ -69,8 +69,14 @@ def ledger_path(cfg_or_dir: Any) -> Path:
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}) + "\n")
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **entry}) + "\n"
+    with open(path, "a+b") as f:  # (appends go to the end whatever the position)
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                line = "\n" + line  # a line a killed writer cut short stays on its own
+        f.write(line.encode())
 
 
 def job_comment(cfg: Any, token: str) -> str:
@@ -128,21 +134,26 @@ def entries(cfg: Any) -> list[dict[str, Any]]:
         return []
     out = []
     for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except ValueError:  # a line a killed writer or a full disk cut short
+            continue
+        if isinstance(entry, dict):
             entry.setdefault("kind", "submission")
             out.append(entry)
     return out
 
 
 def submissions(cfg: Any) -> list[dict[str, Any]]:
-    """The sweep's sbatch calls, once each (a job adopted twice, by a status beside a launch,
-    counts once)."""
-    seen: set[str] = set()
+    """The sweep's sbatch calls, once each (a job adopted twice counts once)."""
+    seen: set[tuple[str, str]] = set()
     out = []
     for e in entries(cfg):
-        if e["kind"] == "submission" and e["job_id"] not in seen:
-            seen.add(e["job_id"])
+        if e["kind"] != "submission":
+            continue
+        key = (e.get("token", ""), e["job_id"])
+        if not key[0] or key not in seen:
+            seen.add(key)
             out.append(e)
     return out
 
@@ -168,14 +179,18 @@ def jobs_by_token(cfg: Any, tokens: list[str], since: str | None = None) -> dict
         return {}
     folder = str(sweep_dir(cfg).resolve())
     wanted = set(tokens)
-    queue = Started(["squeue", "-h", "-u", getpass.getuser(), "-o", "%F|%k"], "reading the queue")
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,Comment", "-u", getpass.getuser()]
+    user = getpass.getuser()
+    queue = Started(["squeue", "-a", "-h", "-u", user, "-o", "%F|%k"], "reading the queue")
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,Comment", "-u", user]
     done = Started(cmd + (["-S", since] if since else []), "reading job comments")
-    found = _tokened_jobs(queue.answer(), wanted, folder)
     try:
-        ended = _tokened_jobs(done.answer(), wanted, folder)
-    except SlurmError:
-        ended = {}
+        found = _tokened_jobs(queue.answer(), wanted, folder)
+        try:
+            ended = _tokened_jobs(done.answer(), wanted, folder)
+        except SlurmError:  # accounting down: the queue is what matters
+            ended = {}
+    finally:
+        done.close()
     for token, ids in ended.items():
         found.setdefault(token, []).extend(i for i in ids if i not in found.get(token, []))
     return found

@@ -45,7 +45,7 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def held(sweep: Path, what: str, wait_s: float) -> Iterator[None]:
+def held(sweep: Path, what: str, wait_s: float, quiet: bool = False) -> Iterator[None]:
     """Hold ``<sweep>/.lock`` for the block (``what``: the command, shown to whoever waits).
     A sweep folder this call had to create, and that holds nothing else afterwards, is
     removed again: a refused first launch leaves nothing behind."""
@@ -76,7 +76,7 @@ def held(sweep: Path, what: str, wait_s: float) -> Iterator[None]:
                     f"{sweep} is busy: {_holder(path)} holds its lock; waited "
                     f"{wait_s:g} s (lock_wait_s). Run this again when it is done"
                 ) from None
-            if not told:
+            if not told and not quiet:
                 print(f"waiting for {_holder(path)} (up to lock_wait_s={wait_s:g} s)",
                       file=sys.stderr, flush=True)  # fmt: skip
                 told = True

@@ -18,8 +18,9 @@ import sys
 import traceback
 from pathlib import Path
 
-if __name__ == "__main__":
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__":  # this file's folder out (absent under -P), the tree's root first
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [str(_HERE.parent), *(p for p in sys.path if Path(p or ".").resolve() != _HERE)]
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ from hpc.file_facts import FileFacts
 from hpc.ledger import RESUME_STATES, Attempt
 from hpc.schema import memory_mb
 from hpc.slurm import Resources, stage_resources
-from hpc.state import RunState, run_states
+from hpc.state import RunState, read_states
 from hpc.sweep import Run, sweep_dir
 
 # Exceptions that say the infrastructure failed, not the code: resumed like a node failure. A
@@ -148,6 +148,8 @@ class Plan:
     facts: FileFacts | None = None  # what planning read inside files: saved once checks pass
     code: Path | None = None  # the snapshot of this launch: new runs, evals, the aggregate
     resume_code: dict[str, Path] = field(default_factory=dict)  # run id -> its own snapshot
+    resume_yaml: dict[str, str] = field(default_factory=dict)  # run id -> config its code reads
+    attempts: list[Attempt] = field(default_factory=list)  # every task of the sweep (ledger)
 
     def code_of(self, run: Run) -> Path | None:
         """The snapshot a run's training imports: its own when it resumes, else the launch's."""
@@ -214,7 +216,8 @@ def make_plan(
 ) -> Plan:
     """The plan for ``runs`` (a selection of ``all_runs``, the whole sweep, for the summary)."""
     facts = FileFacts(sweep_dir(cfg))
-    plan = Plan(run_states(cfg, runs, query_slurm=query_slurm, facts=facts), facts=facts)
+    states, everything = read_states(cfg, runs, query_slurm, facts=facts)
+    plan = Plan(states, facts=facts, attempts=everything)
     train_r, eval_r = stage_resources(cfg, "train"), stage_resources(cfg, "eval")
     for st in plan.states:
         plan.actions[st.run.run_id] = []
@@ -224,7 +227,7 @@ def make_plan(
     done, why = layout.summary_complete(sweep_dir(cfg), [r.run_id for r in (all_runs or runs)])
     plan.aggregate = bool(work) or not done
     plan.aggregate_why = "new results to aggregate" if work else why
-    if not work and any(st.active("aggregate") for st in plan.states):
+    if not work and any(a.stage == "aggregate" and a.active for a in everything):
         plan.aggregate = False
     return plan
 

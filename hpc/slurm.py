@@ -287,14 +287,15 @@ class Yamls:
     """The configs of one task's runs, dumped to YAML only when the task is submitted: a dry
     run, which prints the arrays, never needs them."""
 
-    def __init__(self, runs: Any) -> None:
+    def __init__(self, runs: Any, stored: dict[str, str] | None = None) -> None:
         self.runs = list(runs)
+        self.stored = stored or {}  # run id -> the config a resuming run's own code wrote
 
     def __len__(self) -> int:
         return len(self.runs)
 
     def resolve(self) -> list[str]:
-        return [run.yaml for run in self.runs]
+        return [self.stored.get(run.run_id, run.yaml) for run in self.runs]
 
 
 def _resolved(call: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -368,9 +369,8 @@ def task_command(cfg: Any, folder: Path, code: Path | None) -> str:
     """What every task of an array runs: the snapshot's ``hpc/task.py`` by path (it puts the
     snapshot first on sys.path, see ``hpc.task``), never ``-m`` from the working directory."""
     python = cfg.cluster.python or shlex.quote(sys.executable)
-    entry = (
-        Path(code) / "hpc" / "task.py" if code is not None else Path(__file__).with_name("task.py")
-    )
+    here = Path(__file__).parent if code is None else Path(code).resolve() / "hpc"
+    entry = here / "task.py"
     return f"{python} -u {shlex.quote(str(entry))} {shlex.quote(str(folder))}"
 
 
@@ -500,8 +500,13 @@ def submit_array(cfg: Any, folder: Path, spec: ArraySpec, dependency: str | None
     executor = _Executor(folder, task_command(cfg, folder, spec.code), token)
     executor.update_parameters(**params)
     with tempfile.TemporaryFile("w+") as sink:
-        with _stderr_to(sink), executor.batch():
-            jobs = [executor.submit(*_resolved(call)) for call in spec.calls]
+        try:
+            with _stderr_to(sink), executor.batch():
+                jobs = [executor.submit(*_resolved(call)) for call in spec.calls]
+        except BaseException:  # nothing was queued: its pickles are not needed
+            for path in folder.glob(f"pending_{token}_*.pkl"):
+                path.unlink(missing_ok=True)
+            raise
         sink.seek(0)
         sys.stderr.write(sink.read())  # warnings of a successful sbatch call
     return jobs[0].job_id.split("_")[0]
@@ -511,33 +516,42 @@ RECORDED_PARAMS = ("mem", "exclude", "nodes", "ntasks_per_node", "cpus_per_task"
                    "gpus_per_node", "gpus_per_task")  # fmt: skip
 
 
-class _Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM during submission only set a flag: the sbatch call in flight
-    ends and is recorded, then ``submit_all`` cancels what the launch submitted."""
-
-    def __enter__(self) -> _Interrupts:
-        self.signal: int | None = None
-        self.saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in self.saved:
-            signal.signal(s, self._note)
-        return self
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
+_SHIELD = {signal.SIGINT, signal.SIGTERM}
 
 
-def _cancel_launch(cfg: Any, ids: list[str], tokens: list[str], why: str) -> list[str]:
+@contextlib.contextmanager
+def _shielded() -> Any:
+    """SIGINT and SIGTERM held back for the block: blocked, so the children it starts (sbatch,
+    squeue, scancel) inherit the mask too. A Ctrl-C at the terminal reaches the whole process
+    group and must not kill an sbatch call half way; ``_interrupted`` reads what arrived."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _interrupted() -> str | None:
+    """The name of a SIGINT or SIGTERM held back by ``_shielded`` (taken: it is not delivered
+    again when the block ends), or None."""
+    pending = signal.sigpending() & _SHIELD
+    return signal.Signals(signal.sigwait(pending)).name if pending else None
+
+
+def _cancel_launch(cfg: Any, ids: list[str], tokens: list[str], why: str) -> tuple[list[str], str]:
     """scancel what this launch submitted: the recorded ids and any job carrying one of its
-    tokens that the ledger did not record (sbatch answered as the launch was stopped)."""
-    found = ledger.jobs_by_token(cfg, tokens)
+    tokens that the ledger did not record. (the ids cancelled, a note when the queue could not
+    be searched: then the unrecorded intents stay for the next command to adopt)."""
+    note = ""
+    try:
+        found = ledger.jobs_by_token(cfg, tokens)
+        settled = list(tokens)  # searched: a token without a job was never submitted
+    except SlurmError as err:
+        found, settled, note = {}, [], f" (the queue could not be searched: {err})"
     ids = list(dict.fromkeys([*ids, *(j for t in tokens for j in found.get(t, []))]))
     ledger.scancel(ids)
-    ledger.record_cancel(cfg, ids, why, tokens)
-    return ids
+    ledger.record_cancel(cfg, ids, why, settled)
+    return ids, note
 
 
 def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[str]) -> list[str]:
@@ -547,12 +561,13 @@ def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[s
     every array of this launch and the tasks of earlier launches still in flight. Before each
     sbatch call the ledger records the intent (its token, stage and tasks), so a launch killed
     at any point leaves jobs the next command finds (``ledger.adopt``). If a call fails, or
-    Ctrl-C or SIGTERM arrives, the arrays already submitted are cancelled, the ledger records
-    it, and SlurmError says what happened in one line.
+    Ctrl-C or SIGTERM arrives (held back while sbatch runs, see ``_shielded``), the arrays
+    already submitted are cancelled, the ledger records it, and SlurmError says what happened
+    in one line.
     """
     ids: list[str] = []
     tokens: list[str] = []
-    with _Interrupts() as stop:
+    with _shielded():
         for spec in specs:
             dependency = None
             if spec.dependency_kind == "aftercorr" and spec.depends_on is not None:
@@ -564,35 +579,34 @@ def submit_all(cfg: Any, folder: Path, specs: list[ArraySpec], in_flight: list[s
                 )
             params = {k: spec.params[k] for k in RECORDED_PARAMS if spec.params.get(k) is not None}
             code = spec.code.name if spec.code is not None else ""
-            tokens.append(ledger.record_intent(cfg, spec.stage, spec.tasks, dependency, params,
-                                               code))  # fmt: skip
             try:
+                tokens.append(ledger.record_intent(cfg, spec.stage, spec.tasks, dependency,
+                                                   params, code))  # fmt: skip
                 job_id = submit_array(cfg, folder, spec, dependency, tokens[-1])
+                ids.append(job_id)
+                ledger.record_submission(cfg, spec.stage, job_id, spec.tasks, dependency, params,
+                                         token=tokens[-1], code=code)  # fmt: skip
             except Exception as err:  # submitit's FailedJobError and friends: sbatch said no
                 lines = str(err).strip().splitlines()
                 reason = next(
                     (ln for ln in reversed(lines) if "error" in ln.lower()),
                     lines[-1] if lines else type(err).__name__,
                 ).strip()
-                if stop.signal is not None:
-                    reason = f"interrupted ({signal.Signals(stop.signal).name})"
-                done = _cancel_launch(cfg, ids, tokens, f"sbatch failed for {spec.stage}: {reason}")
+                done, note = _cancel_launch(cfg, ids, tokens, f"sbatch failed for {spec.stage}: "
+                                            f"{reason}")  # fmt: skip
                 cancelled = (
                     f"; cancelled the {len(done)} array(s) it had submitted ({' '.join(done)})"
                 )
                 raise SlurmError(
                     f"sbatch failed for the {spec.stage} array: {reason}"
-                    f"{cancelled if done else ''}; nothing of this launch is queued"
+                    f"{cancelled if done else ''}; nothing of this launch is queued{note}"
                 ) from None
-            ids.append(job_id)
-            ledger.record_submission(cfg, spec.stage, job_id, spec.tasks, dependency, params,
-                                     token=tokens[-1], code=code)  # fmt: skip
             print(f"submitted {spec.stage}: job {job_id} ({len(spec.tasks)} task(s))", flush=True)
-            if stop.signal is not None:
-                name = signal.Signals(stop.signal).name
-                done = _cancel_launch(cfg, ids, tokens, f"launch interrupted ({name})")
+            name = _interrupted()
+            if name is not None:
+                done, note = _cancel_launch(cfg, ids, tokens, f"launch interrupted ({name})")
                 raise SlurmError(
                     f"interrupted ({name}) while submitting: cancelled the {len(done)} array(s) "
-                    f"this launch had submitted ({' '.join(done)}); nothing of it is queued"
+                    f"this launch had submitted ({' '.join(done)}); nothing of it is queued{note}"
                 )
     return ids

@@ -370,7 +370,7 @@ def write_plan(
     ids = {r.run_id for r in runs}
     outside: dict[str, dict[str, Any]] = {}  # runs a replan dropped: kept visible, untouched
     for r in [*(old or {}).get("outside", []), *(old or {}).get("runs", [])]:
-        if str(r["run_id"]) not in ids:
+        if str(r["run_id"]) not in ids and "config" in r:  # (version 1 plans hold none)
             outside[str(r["run_id"])] = {k: r[k] for k in ("run_id", "overrides", "config")}
     plan = {
         "version": PLAN_VERSION,

@@ -15,8 +15,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == "__main__":
-    sys.path[0] = ROOT
+if __name__ == "__main__":  # this file's folder out (absent under -P), the snapshot's root first
+    _HERE = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [ROOT, *(p for p in sys.path if os.path.abspath(p or ".") != _HERE)]
 
 
 def claim_pickle(folder: str, env: dict[str, str]) -> None:

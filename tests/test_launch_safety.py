@@ -81,6 +81,21 @@ def shard_attrs(sweep: Path) -> list[dict]:
     return out
 
 
+def signalling_sbatch(tmp_path: Path, env: dict[str, str], signal_name: str) -> dict[str, str]:
+    """``env`` with an sbatch first on PATH that runs the real one, then sends ``signal_name``
+    to its caller (the launch): a launch killed, or Ctrl-C'd, right after an sbatch call."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = shutil.which("sbatch", path=env["PATH"])
+    (shim / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f'if [[ " $* " == *" --test-only "* ]]; then exec {real} "$@"; fi\n'
+        f'{real} "$@"; rc=$?\nkill -{signal_name} $PPID\nexit $rc\n'
+    )
+    (shim / "sbatch").chmod(0o755)
+    return {**env, "PATH": f"{shim}:{env['PATH']}"}
+
+
 def scontrol(env: dict[str, str], *args: str) -> None:
     subprocess.run(["scontrol", *args], env=env, check=True, capture_output=True)
 
@@ -126,7 +141,12 @@ def test_an_edit_in_the_checkout_does_not_reach_submitted_tasks(slurm_env, tmp_p
     final = torch.load(next(sweep.glob("runs/*/checkpoints/final.pt")), weights_only=False)
     assert final["code"] == code_dir.name
     rows = (sweep / "summary" / "results.csv").read_text()
-    assert code_dir.name in rows
+    assert code_dir.name in rows  # the summary names the runs' snapshot ...
+    manifest = json.loads((sweep / "summary" / "manifest.json").read_text())
+    assert manifest["code"] == code_dir.name  # ... and the aggregate job ran from it
+    status = launch_from(co, slurm_env, f"sweep.name={name}", f"root={tmp_path}/out",
+                         "mode=status")  # fmt: skip
+    assert status.returncode == 0 and status.stdout.count(code_dir.name[:8]) >= 2, status.stdout
 
     # Positive control: a launch after the edit runs the edited code, from a new snapshot.
     again = launch_from(co, slurm_env, *args, f"sweep.name={name}b")
@@ -205,19 +225,10 @@ def test_concurrent_launches_submit_every_training_once(slurm_env, tmp_path):
 def test_a_killed_launch_leaves_jobs_the_next_command_adopts(slurm_env, tmp_path):
     # SIGKILL right after the first sbatch call answered: the train array is queued, the ledger
     # holds only its intent, and submitit never renamed the tasks' pickles.
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    real = shutil.which("sbatch", path=slurm_env["PATH"])
-    (shim / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f'if [[ " $* " == *" --test-only "* ]]; then exec {real} "$@"; fi\n'
-        f'{real} "$@"; rc=$?\nkill -9 $PPID\nexit $rc\n'
-    )
-    (shim / "sbatch").chmod(0o755)
     name = f"kill{uuid.uuid4().hex[:6]}"
     args = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", f"sweep.name={name}",
             "sweep.points=[{model.beta:1.0},{model.beta:2.0}]"]  # fmt: skip
-    env = {**slurm_env, "PATH": f"{shim}:{slurm_env['PATH']}"}
+    env = signalling_sbatch(tmp_path, slurm_env, "KILL")
     killed = launch_from(REPO, env, *args)
     assert killed.returncode == -signal.SIGKILL
     sweep = tmp_path / name
@@ -240,17 +251,8 @@ def test_a_killed_launch_leaves_jobs_the_next_command_adopts(slurm_env, tmp_path
 
 
 def test_ctrl_c_during_submission_cancels_what_was_submitted_in_one_line(slurm_env, tmp_path):
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    real = shutil.which("sbatch", path=slurm_env["PATH"])
-    (shim / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f'if [[ " $* " == *" --test-only "* ]]; then exec {real} "$@"; fi\n'
-        f'{real} "$@"; rc=$?\nkill -INT $PPID\nexit $rc\n'
-    )
-    (shim / "sbatch").chmod(0o755)
     name = f"intr{uuid.uuid4().hex[:6]}"
-    env = {**slurm_env, "PATH": f"{shim}:{slurm_env['PATH']}"}
+    env = signalling_sbatch(tmp_path, slurm_env, "INT")
     out = launch_from(REPO, env, f"root={tmp_path}", *PROFILE, *TINY, "sweep=single",
                       f"sweep.name={name}")  # fmt: skip
     assert out.returncode == 1
@@ -286,5 +288,6 @@ def test_a_replan_leaves_dropped_runs_alone_and_status_lists_them(slurm_env, tmp
         cancel = launch_from(REPO, slurm_env, f"sweep.name={name}", f"root={tmp_path}",
                              "mode=cancel", f"runs=[{dropped}]")  # fmt: skip
         assert cancel.returncode == 0 and f"{jobs[0]}_1" in cancel.stdout, cancel.stdout
-    finally:
-        subprocess.run(["scancel", *jobs], env=slurm_env, check=False)
+    finally:  # every held job of both launches
+        everything = [j["job_id"] for j in ledger(sweep)]
+        subprocess.run(["scancel", *everything], env=slurm_env, check=False)

@@ -4,6 +4,7 @@ cluster tests are tests/test_launch_safety.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -103,6 +104,7 @@ def _resuming(tmp_path: Path, code_id: str):
         if code:
             record = run_dir / "logs" / "train_7_0.0_rank0.json"
             record.write_text(json.dumps({"code": code}))
+            (run_dir / "config.yaml").write_text("written by the old code\n")
         run = SimpleNamespace(run_id=rid, run_dir=run_dir)
         runs.append(run)
         states.append(SimpleNamespace(run=run, resume_step=step))
@@ -127,6 +129,8 @@ def test_a_resuming_run_keeps_its_snapshot_unless_told_and_a_lost_one_is_named(t
     assert plan.code_of(plan.train[0][0]) == sweep / "code" / old.id  # resumes under its own
     assert plan.code_of(plan.train[1][0]) == sweep / "code" / new.id  # a new run: the launch's
     assert f"resumes under its snapshot {old.id}" in plan.actions["aaa"][0]
+    # it gets the config its own code wrote (a key added since would not load there)
+    assert plan.resume_yaml == {"aaa": "written by the old code\n"}
     # code=latest moves it
     sweep, plan = _resuming(tmp_path / "b", old.id)
     old.write(sweep, co)
@@ -139,3 +143,29 @@ def test_a_resuming_run_keeps_its_snapshot_unless_told_and_a_lost_one_is_named(t
     with pytest.raises(ConfigError, match=rf"run aaa resumes under its code snapshot {old.id}.*"
                        r"code=latest runs=\[aaa\]"):  # fmt: skip
         _assign_code(SimpleNamespace(**{**vars(cfg), "root": str(tmp_path / "c")}), plan, new)
+
+
+def test_an_unrecorded_sbatch_call_is_waited_for_then_settled(tmp_path, monkeypatch):
+    # A launch killed during sbatch left an intent; the queue shows no job of it (yet). A
+    # launch refuses while that sbatch call may still be answering, and once it is old enough
+    # the intent is settled, so later commands stop searching for it.
+    from types import SimpleNamespace
+
+    from hpc import ledger
+    from hpc.launcher import _adopt
+    from tests.helpers.fake_slurm import install
+
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    monkeypatch.setenv("PATH", f"{install(fakes)}:{os.environ['PATH']}")
+    cfg = SimpleNamespace(root=str(tmp_path), sweep=SimpleNamespace(name="s"))
+    ledger.record_intent(cfg, "train", [{"runs": ["aaa"]}], None, {}, "")
+    with pytest.raises(ledger.SlurmError, match="stopped .* during its sbatch call for the train"):
+        _adopt(cfg)
+    path = ledger.ledger_path(cfg)
+    old = json.loads(path.read_text())
+    old["time"] = "2020-01-01T00:00:00"
+    path.write_text(json.dumps(old) + "\n" + '{"kind": "submission", "job_i')  # and a cut line
+    _adopt(cfg)  # nothing found, old: settled
+    assert ledger.unrecorded_intents(cfg) == [] and ledger.submissions(cfg) == []
+    assert [e["kind"] for e in ledger.entries(cfg)] == ["intent", "intent_closed"]

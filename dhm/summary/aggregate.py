@@ -795,6 +795,8 @@ def _finish(summary: Path, m: _Measured, files: list[str], allow_partial: bool) 
         "ok": m.n_ok,
         "complete": not m.problems and m.n_ok == len(m.rows),
         "files": files,
+        # the code snapshot the aggregation itself ran from ("" outside one)
+        "code": str(provenance.snapshot().get("id", "")),
     }
     atomic_write_text(summary / MANIFEST, json.dumps(manifest, indent=1))
     result = AggregateReport(summary, m.rows, m.problems, m.cells)
