@@ -42,6 +42,7 @@ from hpc.sweep import (
     check_plan_unchanged,
     expand,
     plan_path,
+    read_plan,
     select,
     stored_sweep,
     sweep_dir,
@@ -249,7 +250,12 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
         plan.facts.save()  # every check passed: what was read inside files is kept
     if specs:
         print(f"sbatch --test-only accepted all {len(specs)} array(s)")
-    if cfg.mode == "dry_run" or not specs:
+    if cfg.mode == "dry_run":
+        return 0
+    if not specs:
+        stored = read_plan(plan_path(cfg))
+        if stored is None or [str(r["run_id"]) for r in stored["runs"]] != [r.run_id for r in runs]:
+            write_plan(cfg, runs, estimates)  # a replan that submits nothing still is the plan
         return 0
     if code is not None:  # before the first sbatch call: a snapshot that cannot be written
         path, new = code.write(sweep_dir(cfg))  # fails the launch here (OSError: exit 1)
