@@ -117,10 +117,10 @@ class DiskEstimate:
         shards = human(self.shards)
         if self.shards_on_disk:
             shards += f" ({human(self.shards_on_disk)} written)"
+        code = f"; code snapshots {human(self.snapshots)}" if self.snapshots else ""  # (Slurm)
         return [
             f"disk: ~{human(self.total)} (checkpoints {human(self.checkpoints)}: "
-            f"{self._checkpoint_words()}; shards {shards}; summary {human(self.summaries)}; "
-            f"code snapshots {human(self.snapshots)})",
+            f"{self._checkpoint_words()}; shards {shards}; summary {human(self.summaries)}{code})",
             f"disk once trained: ~{human(self.total - self.checkpoints + self.checkpoints_trained)}"
             f" (checkpoints {human(self.checkpoints_trained)}: step checkpoints removed unless "
             "train.keep_step_checkpoints)",
