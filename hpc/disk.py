@@ -258,11 +258,12 @@ def _is_step(name: str) -> bool:
 
 
 def _size(path: Path) -> int | None:
+    """A file's size (one stat); None when it is gone or no plain file."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return None
-    return st.st_size if not path.is_dir() else None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 # -- shards -------------------------------------------------------------------------------------

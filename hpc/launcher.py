@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from hpc.sweep import (
     check_plan_unchanged,
     expand,
     plan_path,
-    read_plan,
     select,
     stored_sweep,
     sweep_dir,
@@ -253,8 +251,7 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
     if cfg.mode == "dry_run":
         return 0
     if not specs:
-        stored = read_plan(plan_path(cfg))
-        if stored is None or [str(r["run_id"]) for r in stored["runs"]] != [r.run_id for r in runs]:
+        if cfg.replan or not plan_path(cfg).exists():
             write_plan(cfg, runs, estimates)  # a replan that submits nothing still is the plan
         return 0
     if code is not None:  # before the first sbatch call: a snapshot that cannot be written
@@ -388,23 +385,13 @@ UNSETTLED_WAIT_S = 120  # an sbatch call of a killed launch may still be answeri
 def _adopt(cfg: Any) -> None:
     """Record the jobs of earlier launches that died before recording them; refuse while one
     of their sbatch calls may still be answering (its job would be submitted twice)."""
-    adopted = ledger.adopt(cfg)
-    if adopted:
-        print(f"adopted {len(adopted)} job(s) an earlier launch submitted but never "
-              f"recorded: {' '.join(adopted)}")  # fmt: skip
-    now = time.time()
-    ages = [
-        (now - time.mktime(time.strptime(e["time"], "%Y-%m-%dT%H:%M:%S")), e["stage"])
-        for e in ledger.unrecorded_intents(cfg)
-    ]
-    fresh = [(age, stage) for age, stage in ages if age < UNSETTLED_WAIT_S]
+    fresh = [e for e in ledger.adopt(cfg) if ledger.age_s(e) < UNSETTLED_WAIT_S]
     if fresh:
-        age, stage = fresh[-1]
         raise ledger.SlurmError(
-            f"a launch of this sweep stopped {age:.0f} s ago during its sbatch call for the "
-            f"{stage} array, before recording it: that job may not be in the queue yet. Run "
-            f"this again in {UNSETTLED_WAIT_S // 60} minutes: the job is then adopted, or the "
-            "call is known never to have been made"
+            f"a launch of this sweep stopped {ledger.age_s(fresh[-1]):.0f} s ago during its "
+            f"sbatch call for the {fresh[-1]['stage']} array, before recording it: that job may "
+            f"not be in the queue yet. Run this again in {UNSETTLED_WAIT_S // 60} minutes: the "
+            "job is then adopted, or the call is known never to have been made"
         )
 
 

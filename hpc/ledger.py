@@ -162,12 +162,13 @@ def _tokened_jobs(text: str, tokens: set[str], folder: str) -> dict[str, list[st
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
         job, _, comment = line.strip().partition("|")
+        job = job.split("_")[0]  # an array's id, whichever task the line is
         kind, _, rest = comment.partition(":")
         token, _, where = rest.partition(":")
-        if kind == "dhm" and token in tokens and where == folder and job.split("_")[0].isdigit():
+        if kind == "dhm" and token in tokens and where == folder and job.isdigit():
             ids = out.setdefault(token, [])
-            if job.split("_")[0] not in ids:
-                ids.append(job.split("_")[0])
+            if job not in ids:
+                ids.append(job)
     return out
 
 
@@ -192,45 +193,58 @@ def jobs_by_token(cfg: Any, tokens: list[str], since: str | None = None) -> dict
     finally:
         done.close()
     for token, ids in ended.items():
-        found.setdefault(token, []).extend(i for i in ids if i not in found.get(token, []))
+        have = found.setdefault(token, [])
+        have += [i for i in ids if i not in have]
     return found
+
+
+def age_s(entry: dict[str, Any], now: datetime | None = None) -> float:
+    """Seconds since a ledger entry was written."""
+    return ((now or datetime.now()) - datetime.fromisoformat(entry["time"])).total_seconds()
 
 
 def unrecorded_intents(cfg: Any) -> list[dict[str, Any]]:
     """Intents that no submission, cancellation or earlier search settled."""
     done: set[str] = set()
+    intents = []
     for e in entries(cfg):
         if e["kind"] in ("submission", "intent_closed"):
             done.add(e.get("token", ""))
         elif e["kind"] == "cancel":
             done.update(e.get("tokens", []))
-    return [e for e in entries(cfg) if e["kind"] == "intent" and e["token"] not in done]
+        elif e["kind"] == "intent":
+            intents.append(e)
+    return [e for e in intents if e["token"] not in done]
 
 
-def adopt(cfg: Any) -> list[str]:
-    """Record the jobs of earlier launches that died between an sbatch call and its record
-    (found by the token in their ``--comment``): status and the next launch then see them, and
-    never submit their runs again. Returns the job ids adopted."""
+def adopt(cfg: Any) -> list[dict[str, Any]]:
+    """Record (and say) the jobs of earlier launches that died between an sbatch call and its
+    record (found by the token in their ``--comment``): status and the next launch then see
+    them, and never submit their runs again. Returns the intents still unsettled: no job found
+    yet, and too young to say that none will appear."""
     intents = unrecorded_intents(cfg)
     if not intents:
         return []
-    since = min(e["time"] for e in intents)
-    found = jobs_by_token(cfg, [e["token"] for e in intents], since)
-    adopted = []
+    found = jobs_by_token(cfg, [e["token"] for e in intents], min(e["time"] for e in intents))
+    adopted, unsettled = [], []
     now = datetime.now()
     for e in intents:
         for job_id in found.get(e["token"], []):
             record_submission(cfg, e["stage"], job_id, e["tasks"], e["dependency"], e["params"],
                               token=e["token"], code=e.get("code", ""), adopted=True)  # fmt: skip
             adopted.append(job_id)
-        if (
-            e["token"] not in found
-            and (now - datetime.fromisoformat(e["time"])).total_seconds() > FRESH_S
-        ):
+        if e["token"] in found:
+            continue
+        if age_s(e, now) > FRESH_S:
             # sbatch never answered (or its job ended where comments are not kept): settled,
             # so later commands stop asking
             _append(ledger_path(cfg), {"kind": "intent_closed", "token": e["token"]})
-    return adopted
+        else:
+            unsettled.append(e)
+    if adopted:
+        print(f"adopted {len(adopted)} job(s) a launch that died never recorded: "
+              f"{' '.join(adopted)}")  # fmt: skip
+    return unsettled
 
 
 def task_runs(task: dict[str, Any]) -> list[str]:
@@ -482,7 +496,7 @@ def attempts(cfg: Any, query: bool = True, asked: Asked | None = None) -> list[A
     out = []
     for sub in subs:
         array = len(sub["tasks"]) > 1
-        age = (now - datetime.fromisoformat(sub["time"])).total_seconds()
+        age = age_s(sub, now)
         # sacct lags a fresh submission (and slurmdbd may be slow): a job it does not know yet
         # counts as in flight for a while, so a quick relaunch cannot submit it twice.
         unknown = "SUBMITTED" if query and age < FRESH_S else "UNKNOWN"

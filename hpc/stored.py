@@ -42,13 +42,6 @@ def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
     return 0
 
 
-def _adopt(cfg: Any) -> None:
-    adopted = ledger.adopt(cfg)  # jobs of a launch that died before recording them
-    if adopted:
-        print(f"adopted {len(adopted)} job(s) a killed launch never recorded: "
-              f"{' '.join(adopted)}")  # fmt: skip
-
-
 def main(cfg: DictConfig, argv: list[str]) -> int:
     """status | cancel | report: from the stored plan, by the sweep's name."""
     check_launch(cfg)
@@ -59,12 +52,12 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     query = on_slurm(cfg)
     if cfg.mode == "cancel":
         with lock.held(sweep_dir(cfg), "launch.py mode=cancel", cfg.lock_wait_s):
-            _adopt(cfg)
+            ledger.adopt(cfg)  # jobs of a launch that died before recording them
             return cancel(cfg, runs, whole)
     if query and cfg.mode == "status":
         try:  # the ledger is written under the lock only: adopt when no command holds it
             with lock.held(sweep_dir(cfg), "launch.py mode=status", 0, quiet=True):
-                _adopt(cfg)
+                ledger.adopt(cfg)
         except (lock.SweepLocked, OSError):
             pass  # the command holding it adopts them itself (or the folder is read-only)
     if cfg.mode == "report":

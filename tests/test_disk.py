@@ -12,13 +12,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import layout
-from dhm.core.config import ConfigError, run_config
+from dhm.core.config import ConfigError, run_config, to_yaml
+from dhm.core.fsutil import atomic_path
 from dhm.core.sizes import checkpoint_bytes, human, run_state_size
+from dhm.summary.aggregate import aggregate
+from dhm.training.train import make_optimizer, model_for, param_groups, train, training_loss
 from hpc import disk
 from hpc.cli import compose_config
+from hpc.stages import EvalStage
 from hpc.sweep import expand, run_id_of, sweep_dir
 from tests.helpers.configs import small_config
 
@@ -48,8 +53,6 @@ def _cfg(name: str, overrides: dict):
     "name,overrides", MODELS, ids=[f"{n}{i}" for i, (n, _) in enumerate(MODELS)]
 )
 def test_the_state_dict_counted_without_torch_is_the_models(name, overrides):
-    from dhm.training.train import model_for
-
     cfg = _cfg(name, overrides)
     state = model_for(cfg).state_dict()
     size = run_state_size(cfg)
@@ -61,11 +64,6 @@ def test_the_state_dict_counted_without_torch_is_the_models(name, overrides):
 @pytest.mark.parametrize("name,overrides", [MODELS[i] for i in (0, 2, 5, 7)], ids=str)
 def test_checkpoint_bytes_are_within_a_percent_of_torch_save(name, overrides):
     # One optimizer step, then the checkpoint dict as checkpoint_state builds it, in memory.
-    import torch
-
-    from dhm.core.config import to_yaml
-    from dhm.training.train import make_optimizer, model_for, param_groups, training_loss
-
     cfg = _cfg(name, overrides)
     torch.manual_seed(0)
     model = model_for(cfg)
@@ -111,10 +109,6 @@ TINY = [  # two steps an epoch (200 training images), fifty images per evaluated
 
 @pytest.mark.slow
 def test_the_estimate_of_a_tiny_sweep_is_within_2x_of_what_it_writes(tmp_path, monkeypatch):
-    from dhm.summary.aggregate import aggregate
-    from dhm.training.train import train
-    from hpc.stages import EvalStage
-
     base = ["sweep=single", f"root={tmp_path}", *TINY]
     runs = expand(compose_config([*base, "model.name=dhm"]))
     runs += expand(compose_config([*base, "model.name=resnet", "model.beta=0.0"]))
@@ -270,8 +264,6 @@ def test_sweep_tmp_removes_only_old_temporary_files_no_job_can_be_writing(tmp_pa
 
 
 def test_the_temporary_name_pattern_is_the_atomic_writers(tmp_path):
-    from dhm.core.fsutil import atomic_path
-
     with atomic_path(tmp_path / "final.pt") as tmp:
         assert disk.TMP_RE.match(tmp.name), tmp.name
 
@@ -302,8 +294,6 @@ def test_step_checkpoints_are_dropped_only_beside_a_whole_final_checkpoint(tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", [False, True])
 def test_a_trained_run_keeps_its_step_checkpoints_only_when_asked(small_cfg, keep):
-    from dhm.training.train import train
-
     four_steps = {"train.epochs": 1, "data.val_size": 959, "train.checkpoint_every_steps": 1}
     cfg = small_cfg(**four_steps, **{"train.keep_step_checkpoints": keep})
     final = train(cfg)

@@ -9,10 +9,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from hpc import lock, snapshot
+from dhm.core.config import ConfigError
+from hpc import ledger, lock, snapshot
+from hpc.cli import compose_config
+from hpc.launcher import _adopt, _assign_code
+from hpc.plan import Plan
+from hpc.slurm import render_script
+from hpc.task import claim_pickle
+from tests.helpers.fake_slurm import install
 from tests.test_launch_safety import checkout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +69,6 @@ def test_the_sweep_lock_keeps_a_second_command_out_and_names_the_holder(tmp_path
 
 
 def test_a_task_claims_its_pending_pickle_when_the_launch_did_not(tmp_path):
-    from hpc.task import claim_pickle
-
     (tmp_path / "pending_tok_3.pkl").write_text("x")
     env = {"DHM_TOKEN": "tok", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}
     claim_pickle(str(tmp_path), env)
@@ -74,9 +80,6 @@ def test_a_task_claims_its_pending_pickle_when_the_launch_did_not(tmp_path):
 
 
 def test_sbatch_scripts_start_tasks_from_the_snapshot_by_path(tmp_path):
-    from hpc.cli import compose_config
-    from hpc.slurm import render_script
-
     cfg = compose_config(["cluster=slurm", f"root={tmp_path}"])
     text = render_script(cfg, tmp_path / "slurm", {"job_name": "x"}, 2, tmp_path / "code" / "ab")
     assert f"-u {tmp_path}/code/ab/hpc/task.py {tmp_path}/slurm" in text
@@ -92,10 +95,6 @@ def test_code_must_be_launched_or_latest(tmp_path):
 
 def _resuming(tmp_path: Path, code_id: str):
     """A plan in which one run resumes (its last attempt ran under ``code_id``) and one is new."""
-    from types import SimpleNamespace
-
-    from hpc.plan import Plan
-
     sweep = tmp_path / "sweep"
     runs, states = [], []
     for rid, step, code in (("aaa", 40, code_id), ("bbb", None, "")):
@@ -113,11 +112,6 @@ def _resuming(tmp_path: Path, code_id: str):
 
 
 def test_a_resuming_run_keeps_its_snapshot_unless_told_and_a_lost_one_is_named(tmp_path):
-    from types import SimpleNamespace
-
-    from dhm.core.config import ConfigError
-    from hpc.launcher import _assign_code
-
     co = checkout(tmp_path)
     old = snapshot.read(co)
     (co / "hpc" / "extra.py").write_text("Y = 2\n")  # the checkout moved on
@@ -149,12 +143,6 @@ def test_an_unrecorded_sbatch_call_is_waited_for_then_settled(tmp_path, monkeypa
     # A launch killed during sbatch left an intent; the queue shows no job of it (yet). A
     # launch refuses while that sbatch call may still be answering, and once it is old enough
     # the intent is settled, so later commands stop searching for it.
-    from types import SimpleNamespace
-
-    from hpc import ledger
-    from hpc.launcher import _adopt
-    from tests.helpers.fake_slurm import install
-
     fakes = tmp_path / "bin"
     fakes.mkdir()
     monkeypatch.setenv("PATH", f"{install(fakes)}:{os.environ['PATH']}")

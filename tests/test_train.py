@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dhm.training.train as train_mod
 from dhm.core import checkpoint as ckpt_io
+from dhm.core import provenance
 from dhm.core.config import ConfigError
 from dhm.data.loaders import DataError
 from dhm.evaluation import results
@@ -695,10 +697,6 @@ def test_the_demos_vae_beats_the_uniform_model_on_its_test_digits(tmp_path):
 def test_checkpoints_name_their_code_snapshot_and_older_ones_still_resume(small_cfg, monkeypatch):
     # checkpoint_state stores the snapshot id the process runs from ("" outside one); a
     # checkpoint from before (no "code") is found and matched for a resume as before.
-    from types import SimpleNamespace
-
-    from dhm.core import provenance
-
     cfg = small_cfg()
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

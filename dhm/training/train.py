@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from dhm.core import checkpoint as ckpt_io
+from dhm.core import provenance
 from dhm.core.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
 from dhm.core.fsutil import atomic_write_text
 from dhm.data import loaders as data_lib
@@ -244,8 +245,6 @@ def checkpoint_state(rs: RunState, *, final: bool = False) -> dict[str, Any]:
     """The one checkpoint dict: weights, optimizer and schedule (not in final.pt), position,
     and ``code``: the snapshot id the process runs from ("" outside one; absent from older
     checkpoints, which load as before: nothing reads it back)."""
-    from dhm.core import provenance  # torch-free, cached: the id is read from disk once
-
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": rs.unwrapped.state_dict(),
