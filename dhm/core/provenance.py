@@ -19,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_FILE = "code.json"  # at the root of a snapshot: {id, git_commit, git_dirty_hash, ...}
+NO_SNAPSHOT = "none"  # how results.md and the report show the snapshot id "" (no snapshot)
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,6 +72,16 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+def code_ids(value: object) -> list[str]:
+    """The snapshot ids of a ``code`` cell ("a+b" -> [a, b]; "" -> [""]; None -> [])."""
+    return [] if value is None else str(value).split("+")
+
+
+def code_text(value: object) -> str:
+    """A ``code`` cell as a reader sees it: its ids joined by "+", "" shown as ``none``."""
+    return "+".join(i or NO_SNAPSHOT for i in code_ids(value))
 
 
 def record() -> dict[str, object]:

@@ -30,13 +30,12 @@ import numpy as np
 from PIL import Image
 
 from dhm.core.fsutil import atomic_write_text
+from dhm.core.provenance import code_ids, code_text
 from dhm.report.page import DATA_FORMAT, DATA_NAME, fmt
 from dhm.summary.metrics import seed_interval, zero_width
 from dhm.summary.tables import (
     axis_values,
     bits_by_set,
-    code_ids,
-    code_text,
     column_meta,
     grid_layout,
     head_end,

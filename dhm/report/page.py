@@ -26,6 +26,7 @@ from typing import Any
 import jinja2
 
 from dhm.core.fsutil import atomic_write_text
+from dhm.core.provenance import NO_SNAPSHOT, code_ids
 
 VIRIDIS = [
     "#440154",
@@ -46,7 +47,6 @@ DATA_NAME = "report_data.json"  # in the summary folder, written by dhm.report.d
 DATA_FORMAT = 4  # report_data.json's layout; a file of another format is re-made by aggregate
 # 4: code (snapshot ids) of rows, runs and groups; mixed groups, heatmaps' and cells' codes
 _STATE_KEYS = ("stage", "slurm", "step", "loss", "reason")  # the "Runs now" table's columns
-NO_SNAPSHOT = "none"  # the snapshot id "" as shown (dhm.summary.tables.NO_SNAPSHOT)
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -147,7 +147,7 @@ def _table(data: dict[str, Any], by_id: dict[str, dict], states: dict[str, dict]
                 "failures": [_failure(r, states) for r in bad],
             }
         )
-    mixed = sorted({c for g in data["groups"] if g["mixed"] for c in g["code"].split("+")})
+    mixed = sorted({c for g in data["groups"] if g["mixed"] for c in code_ids(g["code"])})
     return {"head": head, "groups": groups, "mixed": mixed}
 
 

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from dhm.core.fsutil import atomic_path
+from dhm.core.provenance import NO_SNAPSHOT, code_ids, code_text
 from dhm.summary.metrics import zero_width
 
 ZERO_WIDTH_MARK = "‡"  # after an interval with lo == hi, explained under its table
@@ -31,7 +32,6 @@ _RUNS_FOOTNOTE = (
 )
 _CELLS_FOOTNOTE = f"{ZERO_WIDTH_MARK} zero-width interval: every seed gave the same value."
 MIXED_CODE_MARK = "†"  # after a code cell naming several snapshots, explained under its table
-NO_SNAPSHOT = "none"  # how results.md and the report show the snapshot id "" (no snapshot)
 _NO_SNAPSHOT_NOTE = (
     f"{NO_SNAPSHOT}: no snapshot (a run in this process, cluster=local, or a shard written "
     "before shards named their code)"
@@ -99,16 +99,6 @@ def head_end(columns: list[str]) -> int:
     """The index of the last column of a results table's head: run_id, status, the swept
     settings, then model and dataset where they are not swept (so either may come last)."""
     return max((columns.index(c) for c in ("model", "dataset") if c in columns), default=1)
-
-
-def code_ids(value: Any) -> list[str]:
-    """The snapshot ids of a ``code`` cell ("a+b" -> [a, b]; "" -> [""]; None -> [])."""
-    return [] if value is None else str(value).split("+")
-
-
-def code_text(value: Any) -> str:
-    """A ``code`` cell as a reader sees it: its ids joined by "+", "" shown as ``none``."""
-    return "+".join(i or NO_SNAPSHOT for i in code_ids(value))
 
 
 def _md_columns(columns: list[str], headline: list[str]) -> list[str]:
