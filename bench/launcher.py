@@ -39,7 +39,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from dhm.core.layout import eval_id, eval_sets, expected_size, shard_name
+from dhm.core import variants as V
+from dhm.core.layout import eval_sets, expected_size, shard_name
 from hpc import ledger, snapshot
 from hpc.arrays import arrays_for
 from hpc.cli import compose_config
@@ -190,7 +191,7 @@ def _populate(cfg: Any, runs: list[Run], folder: Path) -> dict[str, str]:
                 size = expected_size(run.cfg, name, role)
                 path = rd / "eval" / shard_name(name, 0, size)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                os.link(_shard(folder / "shard.h5", eval_id(run.cfg)), path)
+                os.link(_shard(folder / "shard.h5", V.legacy_eval_id(V.settings_of(run.cfg.eval))), path)
                 state = "COMPLETED"
             else:
                 state = "RUNNING" if phase == "evaluating" else "PENDING"

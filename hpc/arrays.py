@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from hpc.plan import Plan
+from hpc.plan import EvalWork, Plan
 from hpc.schema import parse_time_minutes, runs_per_task
 from hpc.slurm import ArraySpec, Resources, Yamls, stage_params, stage_resources
 from hpc.stages import AggregateStage, EvalStage, NoOp, TrainStage
@@ -49,10 +49,14 @@ def _limits(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _eval_name(set_name: str, role: str, groups: Any) -> str:
+def _eval_name(work: EvalWork, groups: Any) -> str:
     """An eval array's name: ``eval:<set>``, with its role when the set has two roles."""
-    both = sum(1 for s, _ in groups if s == set_name) > 1
-    return f"eval:{set_name}:{role}" if both else f"eval:{set_name}"
+    both = len({w.role for w in groups if w.set_name == work.set_name}) > 1
+    return f"eval:{work.set_name}:{work.role}" if both else f"eval:{work.set_name}"
+
+
+def _eval_call(work: EvalWork, runs: list[Run]) -> tuple:
+    return (EvalStage(), Yamls(runs), work.set_name, work.role, None, work.checkpoint, work.parts)
 
 
 def _by_resources(members: list[tuple[Run, Resources]],
@@ -71,19 +75,19 @@ def _evals_after(cfg: Any, plan: Plan, part: list[list[Run]], train_index: int,
     gets a no-op)."""
     base = stage_resources(cfg, "eval")
     specs = []
-    for (set_name, role), evals in plan.eval_after_train.items():
+    for work, evals in plan.eval_after_train.items():
         wanted = {x.run_id for x in evals}
         tasks, calls = [], []
         for runs in part:
             mine = [x for x in runs if x.run_id in wanted]
-            tasks.append(_task(mine, set_name) if mine else {"noop": True})
-            calls.append((EvalStage(), Yamls(mine), set_name, role) if mine else (NoOp(),))
+            tasks.append(_task(mine, work.label) if mine else {"noop": True})
+            calls.append(_eval_call(work, mine) if mine else (NoOp(),))
         specs.append(
             ArraySpec(
-                _eval_name(set_name, role, plan.eval_after_train),
+                _eval_name(work, plan.eval_after_train),
                 tasks,
                 calls,
-                stage_params(cfg, "eval", base, f"eval-{set_name}"),
+                stage_params(cfg, "eval", base, f"eval-{work.set_name}"),
                 depends_on=train_index,
                 dependency_kind="aftercorr",
                 group=label,
@@ -122,17 +126,17 @@ def _eval_now_arrays(cfg: Any, plan: Plan, per_task: int, chunk: int) -> list[Ar
     """Eval arrays of trained runs (no dependency), by set, resource class and chunk."""
     base = stage_resources(cfg, "eval")
     specs = []
-    for (set_name, role), members in plan.eval_now.items():
+    for work, members in plan.eval_now.items():
         for sub in _by_resources(members):
             r = sub[0][1]
             parts = _chunks(_chunks([run for run, _ in sub], per_task), chunk)
             for k, part in enumerate(parts):
                 specs.append(
                     ArraySpec(
-                        _eval_name(set_name, role, plan.eval_now),
-                        [_task(runs, set_name) for runs in part],
-                        [(EvalStage(), Yamls(runs), set_name, role) for runs in part],
-                        stage_params(cfg, "eval", r, f"eval-{set_name}"),
+                        _eval_name(work, plan.eval_now),
+                        [_task(runs, work.label) for runs in part],
+                        [_eval_call(work, runs) for runs in part],
+                        stage_params(cfg, "eval", r, f"eval-{work.set_name}"),
                         group=_label(r, base, k, len(parts)),
                         code=plan.code,
                     )

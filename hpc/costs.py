@@ -138,7 +138,8 @@ def estimate(cfg: Any, plan: Plan) -> dict[str, Any]:
     groups = [(k, [r for r in runs]) for k, runs in plan.eval_after_train.items()]
     groups += [(k, [r for r, _ in runs]) for k, runs in plan.eval_now.items()]
     keys: dict[str, str] = {}  # run id -> model key, computed once per run
-    for (set_name, _), runs in groups:
+    for work, runs in groups:
+        set_name = work.label  # the same work (set, checkpoint, variant) done before
         for run in runs:
             ev_tasks += 1
             if run.run_id not in keys:

@@ -31,9 +31,10 @@ from omegaconf import DictConfig
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DataError, check_files
 from dhm.core.layout import IncompleteSweepError, eval_sets
-from hpc import costs, disk, ledger, lock, slurm, snapshot, stages
+from dhm.core import variants as V
+from hpc import costs, disk, evaluate, ledger, lock, slurm, snapshot, stages
 from hpc.arrays import arrays_for
-from hpc.plan import Plan, make_plan, move_aside
+from hpc.plan import Plan, make_plan
 from hpc.schema import check_batch_split, check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.sweep import (
@@ -180,14 +181,6 @@ def print_arrays(cfg: Any, specs: list[slurm.ArraySpec], scripts: bool) -> None:
             print("    " + text.replace("\n", "\n    "))
 
 
-def _move_stale(plan: Plan) -> None:
-    for st in plan.states:
-        for set_name, paths in st.stale.items():
-            if not st.active("eval", set_name):
-                target = move_aside(st.run.run_dir, paths)
-                print(f"moved {len(paths)} stale shard(s) of {st.run.run_id} to {target}")
-
-
 def run_local(cfg: Any, plan: Plan) -> int:
     """The same stages, one after another, in this process (GPU if there is one, else CPU)."""
     failed: dict[str, str] = {}
@@ -201,14 +194,14 @@ def run_local(cfg: Any, plan: Plan) -> int:
                 traceback.print_exc()
     evals = [(k, r) for k, runs in plan.eval_after_train.items() for r in runs]
     evals += [(k, r) for k, runs in plan.eval_now.items() for r, _ in runs]
-    for (set_name, role), run in evals:
+    for work, run in evals:
         if run.run_id in failed:
             continue
         try:
-            stages.EvalStage()(run.yaml, set_name, role)
+            stages.EvalStage()(run.yaml, work.set_name, work.role, None, work.checkpoint, work.parts)
         except Exception as err:
-            failed[run.run_id] = f"eval {set_name} failed: {type(err).__name__}: {err}"
-            print(f"eval {set_name} of {run.run_id} failed: {err}", file=sys.stderr)
+            failed[run.run_id] = f"eval {work.label} failed: {type(err).__name__}: {err}"
+            print(f"eval {work.label} of {run.run_id} failed: {err}", file=sys.stderr)
     if plan.aggregate:
         reasons, states = run_reports(cfg, query=False)
         if _aggregate(cfg, {**reasons, **failed}, states) != 0:
@@ -251,14 +244,15 @@ def _submit(cfg: Any, plan: Plan, runs: list[Run], info: slurm.ClusterInfo,
     if cfg.mode == "dry_run":
         return 0
     if not specs:
-        if cfg.replan or not plan_path(cfg).exists():
+        if cfg.mode != "evaluate" and (cfg.replan or not plan_path(cfg).exists()):
             write_plan(cfg, runs, estimates)  # a replan that submits nothing still is the plan
         return 0
     if code is not None:  # before the first sbatch call: a snapshot that cannot be written
         path, new = code.write(sweep_dir(cfg))  # fails the launch here (OSError: exit 1)
         print(f"code: {'wrote' if new else 'reusing'} snapshot {path}")
-    _move_stale(plan)
-    write_plan(cfg, runs, estimates)
+    if cfg.mode != "evaluate":  # the stored runs keep the settings they were trained with
+        write_plan(cfg, runs, estimates)
+    evaluate.register(sweep_dir(cfg), plan.variant)
     in_flight = sorted(
         {
             a.job_id.split("_")[0]
@@ -307,12 +301,14 @@ def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
         print(f"calibration: {costs.calibrate(cfg, selected)}")
         return 0
     if cfg.mode == "dry_run":
-        return _plan_and_submit(cfg)[0]
+        return _plan_and_submit(cfg, argv)[0]
+    if cfg.mode == "evaluate":
+        evaluate.refuse_training_overrides(argv)
     check_root(cfg)
     with lock.held(sweep_dir(cfg), f"launch.py mode={cfg.mode}", cfg.lock_wait_s):
         if cfg.mode == "aggregate":
             return aggregate_mode(cfg, argv)
-        status, cfg, plan = _plan_and_submit(cfg)
+        status, cfg, plan = _plan_and_submit(cfg, argv)
         return status if status is not None else run_local(cfg, plan)
 
 
@@ -329,13 +325,30 @@ def _expanded(cfg: Any) -> tuple[list[Run], list[Run]]:
     return runs, select(cfg, runs)
 
 
-def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
+def _runs(cfg: Any, argv: list[str]) -> tuple[Any, list[Run], list[Run], V.Variant]:
+    """(the config, every run of the sweep, the selected ones, the variant they evaluate): a
+    launch expands its grid; mode=evaluate reads the stored runs and gives them the variant."""
+    sweep = sweep_dir(cfg)
+    if cfg.mode == "evaluate":
+        cfg, stored, _ = stored_sweep(cfg, argv)
+        variant, _ = evaluate.resolve(cfg, V.read_registry(sweep), argv)
+        runs = evaluate.with_variant(stored, variant, cfg.eval.device)
+        selected = select(cfg, runs)
+    else:
+        cfg = cfg.copy()
+        variant, _ = evaluate.launch_variant(cfg, sweep, argv)
+        runs, selected = _expanded(cfg)
+    evaluate.check_checkpoints(selected, variant)
+    return cfg, runs, selected, variant
+
+
+def _plan_and_submit(cfg: Any, argv: list[str]) -> tuple[int | None, Any, Plan]:
     """Plan the launch and submit it (Slurm) or store it (local); (exit status, or None when
     the plan is to run here; the config; the plan)."""
     slurm_stages = on_slurm(cfg)
     asked = slurm.AskedCluster() if slurm_stages else None  # answering while the grid expands
     try:
-        runs, selected = _expanded(cfg)
+        cfg, runs, selected, variant = _runs(cfg, argv)
         info = asked.info() if asked is not None else None
     finally:
         if asked is not None:
@@ -343,7 +356,11 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
     problems = preflight(cfg, selected, info)
     if slurm_stages and cfg.mode != "dry_run":
         _adopt(cfg)
-    plan = make_plan(cfg, selected, query_slurm=slurm_stages, all_runs=runs)
+    plan = make_plan(cfg, selected, slurm_stages, runs, train=cfg.mode != "evaluate")
+    plan.variant = variant
+    default = (V.read_registry(sweep_dir(cfg)) or [variant])[0]
+    diff = "the default" if variant.settings == default.settings else variant.describe(default)
+    print(f"evaluation: variant {variant.name} ({variant.id}: {diff})")
     _check_resume_points(plan)
     code = snapshot.read() if slurm_stages else None
     if code is not None:
@@ -374,8 +391,9 @@ def _plan_and_submit(cfg: Any) -> tuple[int | None, Any, Plan]:
         )
     if status is not None:
         return status, cfg, plan
-    _move_stale(plan)
-    write_plan(cfg, runs)
+    if cfg.mode != "evaluate":
+        write_plan(cfg, runs)
+    evaluate.register(sweep_dir(cfg), variant)
     return None, cfg, plan
 
 

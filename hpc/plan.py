@@ -21,12 +21,12 @@ constant per resource class and chunk, whatever the grid size.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dhm.core import layout
+from dhm.core import variants as V
 from hpc.file_facts import FileFacts
 from hpc.ledger import RESUME_STATES, Attempt
 from hpc.schema import memory_mb
@@ -132,6 +132,18 @@ def decide(cfg: Any, st: RunState, stage: str, a: Attempt | None, start: str) ->
     )
 
 
+@dataclass(frozen=True)
+class EvalWork:
+    """What one eval task does for its runs: a set in one role, at one checkpoint, the parts to
+    compute (dhm.core.variants); ``label`` names it in the ledger and status."""
+
+    label: str
+    set_name: str
+    role: str
+    checkpoint: Any = V.FINAL
+    parts: tuple[str, ...] = ("scores",)
+
+
 @dataclass
 class Plan:
     """What a launch will do: per run a list of lines, and the runs each stage takes."""
@@ -139,9 +151,9 @@ class Plan:
     states: list[RunState]
     actions: dict[str, list[str]] = field(default_factory=dict)  # run_id -> lines
     train: list[tuple[Run, Resources]] = field(default_factory=list)
-    # (set, role) -> [(run, resources)]; a set can be in-distribution for some runs, OOD for others.
-    eval_after_train: dict[tuple[str, str], list[Run]] = field(default_factory=dict)
-    eval_now: dict[tuple[str, str], list[tuple[Run, Resources]]] = field(default_factory=dict)
+    # work -> runs; a set can be in-distribution for some runs, OOD for others.
+    eval_after_train: dict[EvalWork, list[Run]] = field(default_factory=dict)
+    eval_now: dict[EvalWork, list[tuple[Run, Resources]]] = field(default_factory=dict)
     aggregate: bool = False
     aggregate_why: str = ""
     refused: list[str] = field(default_factory=list)  # run ids needing the researcher
@@ -150,6 +162,7 @@ class Plan:
     resume_code: dict[str, Path] = field(default_factory=dict)  # run id -> its own snapshot
     resume_yaml: dict[str, str] = field(default_factory=dict)  # run id -> config its code reads
     attempts: list[Attempt] = field(default_factory=list)  # every task of the sweep (ledger)
+    variant: V.Variant | None = None  # the evaluation variant of the launch
 
     def code_of(self, run: Run) -> Path | None:
         """The snapshot a run's training imports: its own when it resumes, else the launch's."""
@@ -183,45 +196,60 @@ def _train_lines(cfg: Any, st: RunState, plan: Plan, base: Resources) -> bool:
     return d.go
 
 
+def _parts_line(p: V.SetParts) -> str:
+    """Which of a set's parts are reused and which computed, with their folders."""
+    if p.legacy:
+        return "reuse its shards of the layout before variants"
+    said = [f"reuse {k} ({p.folders[k]})" for k in p.folders if k in p.done]
+    said += [f"compute {k} ({p.folders[k]})" for k in p.todo]
+    return "; ".join(said)
+
+
 def _eval_lines(cfg: Any, st: RunState, plan: Plan, base: Resources, will_train: bool) -> None:
-    """Decide each set's evaluation of the run."""
+    """Decide each set's evaluation of the run (at each checkpoint of its variant)."""
     lines = plan.actions[st.run.run_id]
-    for set_name, done in st.eval_done.items():
-        key = (set_name, st.roles[set_name])
-        if set_name in st.stale and not st.active("eval", set_name):
-            lines.append(
-                f"eval {set_name}: {len(st.stale[set_name])} shard(s) made with other "
-                "eval settings, moved to eval-stale/ before evaluating again"
-            )
+    for label, done in st.eval_done.items():
+        p = st.parts[label]
+        work = EvalWork(label, p.set_name, p.role, p.checkpoint, p.todo)
         if done:
-            lines.append(f"eval {set_name}: skip (shards complete)")
-        elif (task := st.active("eval", set_name)) is not None:
-            lines.append(f"eval {set_name}: wait (job {task.job_id} is {task.state})")
+            lines.append(f"eval {label}: skip ({_parts_line(p)})")
+        elif (task := st.active("eval", label)) is not None:
+            lines.append(f"eval {label}: wait (job {task.job_id} is {task.state})")
         elif will_train:
-            plan.eval_after_train.setdefault(key, []).append(st.run)
-            lines.append(f"eval {set_name}: after its training task")
+            plan.eval_after_train.setdefault(work, []).append(st.run)
+            lines.append(f"eval {label}: after its training task: {_parts_line(p)}")
         elif st.trained:
-            now = "now (trained, shards missing)"
-            d = decide(cfg, st, f"eval {set_name}", st.last("eval", set_name), now)
+            now = f"now (trained): {_parts_line(p)}"
+            d = decide(cfg, st, f"eval {label}", st.last("eval", label), now)
             lines.append(d.line)
             if d.go:
                 r = Resources(**{**base.__dict__, "mem": d.mem or base.mem})
-                plan.eval_now.setdefault(key, []).append((st.run, r))
+                plan.eval_now.setdefault(work, []).append((st.run, r))
         else:
-            lines.append(f"eval {set_name}: after training (relaunch then)")
+            lines.append(f"eval {label}: after training (relaunch then)")
 
 
 def make_plan(
-    cfg: Any, runs: list[Run], query_slurm: bool, all_runs: list[Run] | None = None
+    cfg: Any,
+    runs: list[Run],
+    query_slurm: bool,
+    all_runs: list[Run] | None = None,
+    train: bool = True,
 ) -> Plan:
-    """The plan for ``runs`` (a selection of ``all_runs``, the whole sweep, for the summary)."""
+    """The plan for ``runs`` (a selection of ``all_runs``, the whole sweep, for the summary);
+    ``train`` False (mode=evaluate): evaluations of trained runs only."""
     facts = FileFacts(sweep_dir(cfg))
     states, everything = read_states(cfg, runs, query_slurm, facts=facts)
     plan = Plan(states, facts=facts, attempts=everything)
     train_r, eval_r = stage_resources(cfg, "train"), stage_resources(cfg, "eval")
     for st in plan.states:
         plan.actions[st.run.run_id] = []
-        will_train = _train_lines(cfg, st, plan, train_r)
+        if train:
+            will_train = _train_lines(cfg, st, plan, train_r)
+        else:
+            will_train = False
+            if not st.trained:
+                plan.actions[st.run.run_id].append("train: not trained (mode=evaluate trains nothing)")
         _eval_lines(cfg, st, plan, eval_r, will_train)
     work = plan.train or plan.eval_after_train or plan.eval_now
     done, why = layout.summary_complete(sweep_dir(cfg), [r.run_id for r in (all_runs or runs)])
@@ -232,10 +260,3 @@ def make_plan(
     return plan
 
 
-def move_aside(run_dir: Path, paths: list[Path]) -> Path:
-    """Move stale shards to ``<run_dir>/eval-stale/<time>/``: kept, but out of the merge."""
-    target = run_dir / "eval-stale" / time.strftime("%Y%m%dT%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        path.rename(target / path.name)
-    return target

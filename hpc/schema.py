@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from dhm.core.config import ConfigError, RunSections, check_known_keys
 from hpc.distributed import MAX_RUNS_PER_TASK
 
-MODES = ("run", "dry_run", "status", "cancel", "aggregate", "report", "calibrate")
+MODES = ("run", "dry_run", "evaluate", "status", "cancel", "aggregate", "report", "calibrate")
 # Modes that read a stored sweep without planning or submitting (hpc.stored).
 STORED_MODES = ("status", "cancel", "report")
 CLUSTERS = ("local", "slurm")
@@ -99,7 +99,7 @@ class LaunchConfig(RunSections):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     root: str = "outputs"
-    mode: str = "run"  # run | dry_run | status | cancel | aggregate | report | calibrate
+    mode: str = "run"  # run | dry_run | evaluate | status | cancel | aggregate | report | calibrate
     runs: list[str] | None = None  # act on these run ids (or unique prefixes) only
     where: dict[str, Any] = field(default_factory=dict)  # ... and on runs with these settings
     retry_failed: bool = False  # relaunch runs whose task raised a Python exception

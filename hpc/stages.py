@@ -409,11 +409,19 @@ def train_packed(run_yamls: list[str], stage_to: str | None, limits: dict[str, A
 
 
 class EvalStage:
-    """Evaluate one set of the runs of one task into their shard files."""
+    """Evaluate one set of the runs of one task into their shard files: ``parts`` (None: all
+    the set has) at ``checkpoint`` (final, or an epoch the runs kept)."""
 
     def __call__(
-        self, run_yamls: str | list[str], set_name: str, role: str, run_id: str | None = None
+        self,
+        run_yamls: str | list[str],
+        set_name: str,
+        role: str,
+        run_id: str | None = None,
+        checkpoint: Any = "final",
+        parts: tuple[str, ...] | None = None,
     ) -> list[str]:
+        from dhm.core.variants import checkpoint_file
         from dhm.evaluation.evaluate import evaluate_set
 
         yamls = [run_yamls] if isinstance(run_yamls, str) else run_yamls
@@ -423,9 +431,9 @@ class EvalStage:
         for text in yamls:
             cfg = from_yaml(text)
             run_dir = Path(cfg.run_dir)
-            final = run_dir / "checkpoints" / "final.pt"
-            if len(yamls) > 1 and not final.exists():
-                errors.append(f"{run_dir.name}: not trained")  # its training failed: skip it
+            weights = run_dir / "checkpoints" / checkpoint_file(checkpoint)
+            if len(yamls) > 1 and not weights.exists():
+                errors.append(f"{run_dir.name}: no {weights.name}")  # its training failed: skip it
                 continue
             require_cuda("the eval", "eval.device", cfg.eval.device)
             env = record_environment(run_dir, f"eval-{set_name}")
@@ -435,9 +443,8 @@ class EvalStage:
                 if k in env
             }
             try:
-                paths += evaluate_set(
-                    cfg, final, set_name, role, run_id=run_dir.name, extra_attrs=extra
-                )
+                paths += evaluate_set(cfg, weights, set_name, role, run_dir.name, extra,
+                                      parts, checkpoint)  # fmt: skip
             except Exception as err:
                 if len(yamls) == 1:
                     raise

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import layout
+from dhm.core import variants as V
 from dhm.core.fsutil import tail
 from dhm.core.layout import ATTEMPTS_LOG, METRICS_LOG
 from hpc import ledger
@@ -36,9 +37,9 @@ class RunState:
     final_problem: str | None  # final.pt exists but is truncated or corrupt
     resume_step: int | None  # newest complete step checkpoint (None when trained: no resume)
     bad_resume: Path | None  # the newest step checkpoint, when it is not complete
-    eval_done: dict[str, bool]  # set name -> complete
-    roles: dict[str, str]  # set name -> id | val | ood
-    stale: dict[str, list[Path]] = field(default_factory=dict)  # set -> shards of old settings
+    eval_done: dict[str, bool]  # unit (set, checkpoint, variant: variants.unit_label) -> complete
+    roles: dict[str, str]  # unit -> id | val | ood
+    parts: dict[str, V.SetParts] = field(default_factory=dict)  # unit -> its parts' state
     attempts: dict[tuple[str, str], list[Attempt]] = field(default_factory=dict)  # (stage, set)
 
     def last(self, stage: str, set_name: str = "") -> Attempt | None:
@@ -57,27 +58,25 @@ def run_states(
     cfg: Any,
     runs: list[Run],
     query_slurm: bool,
-    check_stale: bool = True,
     facts: FileFacts | None = None,
 ) -> list[RunState]:
     """Each run's state on disk (dhm answers: trained? evaluated?) and in Slurm (every attempt;
     sacct and squeue answer while the disk is read). ``facts``: what was read inside files, for
     the caller to save (None: kept here, saved at once)."""
-    return read_states(cfg, runs, query_slurm, check_stale, facts)[0]
+    return read_states(cfg, runs, query_slurm, facts)[0]
 
 
 def read_states(
     cfg: Any,
     runs: list[Run],
     query_slurm: bool,
-    check_stale: bool = True,
     facts: FileFacts | None = None,
 ) -> tuple[list[RunState], list[Attempt]]:
     """(``run_states``, every attempt the ledger lists: the aggregate job's too). A run's own
     attempts are attached on Slurm, or when Slurm is queried."""
     asked = ledger.ask(cfg) if query_slurm else None  # answering while the disk is read
     try:
-        states = disk_states(cfg, runs, check_stale, facts)
+        states = disk_states(cfg, runs, facts)
         everything = ledger.attempts(cfg, query=query_slurm, asked=asked)
     finally:
         if asked is not None:
@@ -86,9 +85,42 @@ def read_states(
     return states, everything
 
 
-def disk_states(
-    cfg: Any, runs: list[Run], check_stale: bool = True, facts: FileFacts | None = None
-) -> list[RunState]:
+def unit_parts(
+    run: Run,
+    top: tuple[str, ...] | None,
+    facts: FileFacts,
+    settings: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, V.SetParts]:
+    """{unit label: its parts' state} of a run under its eval settings (or ``settings``, those
+    of variant ``name``): ``top``, the names in its eval/ folder (None: listed here);
+    ``facts`` reads old-layout shards' ids."""
+    s = V.settings_of(run.cfg.eval) if settings is None else settings
+    listing = V.eval_listing(run.cfg.run_dir, top)
+    sized = V._Attrs(data=run.cfg.data, eval=V._Attrs(max_images=s["max_images"]))
+    found = V.set_parts(
+        run.cfg, s, listing, facts.eval_id, lambda n, r: layout.expected_size(sized, n, r)
+    )
+    variant = run.cfg.eval.get("variant") if name is None else name
+    return {V.unit_label(p.set_name, p.checkpoint, variant): p for p in found}
+
+
+def variant_states(st: RunState, variants: list[V.Variant], facts: FileFacts) -> dict[str, str]:
+    """{variant name: done | running | missing | k/n sets} of one run (status)."""
+    out = {}
+    for v in variants:
+        parts = unit_parts(st.run, None, facts, v.settings, v.name)
+        done = sum(p.complete for p in parts.values())
+        if done == len(parts):
+            out[v.name] = "done"
+        elif any(st.active("eval", label) for label in parts):
+            out[v.name] = "running"
+        else:
+            out[v.name] = "missing" if not done else f"{done}/{len(parts)}"
+    return out
+
+
+def disk_states(cfg: Any, runs: list[Run], facts: FileFacts | None = None) -> list[RunState]:
     """Each run's state on disk, without its Slurm attempts (``attach`` adds them)."""
     disk = layout.scan_runs([run.cfg.run_dir for run in runs])
     save = facts is None
@@ -105,34 +137,17 @@ def disk_states(
             steps = ckpt_io.step_checkpoints(ckpt_dir, files.checkpoints)
             good = ckpt_io.newest_complete(ckpt_dir, files.checkpoints, facts.complete)
             bad = steps[-1][1] if steps and (good is None or steps[-1][0] != good[0]) else None
-        sets = layout.eval_sets(run.cfg)
-        eval_dir = os.path.join(run.cfg.run_dir, "eval")
+        parts = unit_parts(run, files.shards, facts)
         state = RunState(
             run=run,
             trained=trained,
             final_problem=None if trained or not has_final else "truncated or corrupt",
             resume_step=good[0] if good else None,
             bad_resume=bad,
-            eval_done={
-                name: bool(files.shards)
-                and layout.set_complete(
-                    eval_dir, name, layout.expected_size(run.cfg, name, role), files.shards
-                )
-                for name, role in sets
-            },
-            roles=dict(sets),
+            eval_done={k: p.complete for k, p in parts.items()},
+            roles={k: p.role for k, p in parts.items()},
+            parts=parts,
         )
-        if check_stale and files.shards:
-            current = layout.eval_id(run.cfg)
-            for name, _ in sets:
-                paths = (
-                    os.path.join(eval_dir, f)
-                    for *_, f in layout.shard_spans(eval_dir, name, files.shards)
-                )
-                old = [Path(p) for p in paths if facts.eval_id(p) != current]
-                if old:
-                    state.stale[name] = old
-                    state.eval_done[name] = False
         out.append(state)
     if save:
         facts.save()

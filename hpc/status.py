@@ -14,9 +14,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dhm.core import variants as V
 from dhm.core.layout import plan_estimates, summary_complete
 from hpc import ledger
-from hpc.state import BUCKETS, describe, own_attempts, plain_states, read_states, run_states
+from hpc.file_facts import FileFacts
+from hpc.state import (
+    BUCKETS,
+    describe,
+    own_attempts,
+    plain_states,
+    read_states,
+    run_states,
+    variant_states,
+)
 from hpc.sweep import Run, sweep_dir
 
 _DOTTED_ERROR = re.compile(
@@ -61,9 +71,14 @@ def status_lines(
     ``estimates``: the stored plan's device-hours per run (read from plan.json if None);
     ``outside``: runs an earlier plan had and a replan dropped, listed after the footer with
     their state (never cancelled or deleted by a launch)."""
-    states, everything = read_states(cfg, [*runs, *outside], query, check_stale=False)
+    facts = FileFacts(sweep_dir(cfg))
+    states, everything = read_states(cfg, [*runs, *outside], query, facts)
     states, gone = states[: len(runs)], states[len(runs) :]
     infos = {st.run.run_id: describe(st) for st in states}
+    variants = V.read_registry(sweep_dir(cfg))
+    if len(variants) < 2:
+        variants = []  # one evaluation: the stage column says it all
+    evals = {st.run.run_id: variant_states(st, variants, facts) for st in states}
     rows, counts = [], {}
     if estimates is None:
         estimates = plan_estimates(sweep_dir(cfg))
@@ -82,6 +97,7 @@ def status_lines(
                 f"{i['hours']:.2f}",
                 "-" if est is None else f"{est:.2f}",
                 _code(st),
+                *([" ".join(f"{k}:{v}" for k, v in evals[st.run.run_id].items())] if variants else []),
                 why or "-",
                 i["log"],
             )
@@ -97,6 +113,7 @@ def status_lines(
             f"{unit}-h",
             f"{unit}-h est",
             "code",
+            *(["variants"] if variants else []),
             "why",
             "log",
         ),
@@ -113,6 +130,13 @@ def status_lines(
     parts = ", ".join(f"{counts[k]} {k}" for k in BUCKETS if k in counts)
     total = sum(i["hours"] for i in infos.values())
     lines.append(f"{len(states)} runs: {parts}; {why}; {total:.2f} {unit}-hours used")
+    for v in variants:
+        said = [e[v.name] for e in evals.values()]
+        counts_v = ", ".join(f"{said.count(k)} {k}" for k in ("done", "running", "missing") if k in said)
+        partial = sum(s not in ("done", "running", "missing") for s in said)
+        counts_v += f", {partial} partial" if partial else ""
+        lines.append(f"variant {v.name} ({v.id}; {v.describe(variants[0])}): {counts_v.lstrip(', ')}")
+    facts.save()
     if gone:
         lines += ["", f"{len(gone)} run(s) outside the current grid (a replan dropped them; "
                   "kept as they are; cancel with mode=cancel runs=[...]):"]  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dhm.core.config import ConfigError, check_eval, run_config
-from dhm.core.layout import eval_id
+from dhm.core import variants as V
 from hpc import efficiency as E
 from hpc import schema, slurm
 from hpc.arrays import arrays_for
@@ -427,18 +427,23 @@ def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert out.count("train: skip (checkpoints/final.pt exists)") == 3
-    assert "eval digits: skip (shards complete)" in out and "summary:" not in out
+    assert "eval digits: skip (reuse scores (final-scores-" in out and "summary:" not in out
     assert "aggregate: no (summary complete)" in out
     # Status needs only the sweep's name and root: it reads the stored plan.
     assert cli(["sweep.name=demo", f"root={tmp_path}", "mode=status"]) == 0
     assert "3 runs: 3 done; summary complete" in capsys.readouterr().out
-    # Other eval settings: the old shards are moved aside (kept) and every run re-evaluated.
+    # Other eval settings: a second variant beside the first, which keeps every file; only
+    # the parts the new bound changes are computed (a resnet's scores have no bound: reused).
+    before = {p: p.read_bytes() for p in tmp_path.glob("demo/runs/*/eval/*/*.h5")}
     assert cli([*args, "eval.iwae_k=[1,3]"]) == 0
     out = capsys.readouterr().out
-    assert out.count("made with other eval settings") == 3 * 4  # 3 runs x 4 sets
-    header = (summary / "results.csv").read_text().splitlines()[0]
-    assert "iwae_k3" in header and "iwae_k10" not in header
-    assert len(list(tmp_path.glob("demo/runs/*/eval-stale/*/*.h5"))) == 3 * 4
+    assert "evaluation: variant iwae_k=1+3 (" in out
+    assert out.count("compute scores") == 2 * 3  # 2 runs with a VAE x (test set + 2 OOD sets)
+    assert out.count("reuse scores") == 3 + 4 + 3  # the resnet's 3 sets; 2 x val; attacks kept
+    assert {p: p.read_bytes() for p in before} == before
+    table = (summary / "results.csv").read_text().splitlines()
+    assert "iwae_k3" in table[0] and "iwae_k10" in table[0] and len(table) == 1 + 2 * 3
+    assert not list(tmp_path.glob("demo/runs/*/eval-stale"))
 
 
 def _fake_slurm(monkeypatch, records: dict, pending: dict | None = None):
@@ -969,13 +974,14 @@ def test_a_task_given_gpus_without_cuda_fails_at_once_unless_told_cpu(monkeypatc
         require_cuda("the eval", key, "cpu")  # the explicit fallback
 
 
-def test_eval_device_is_checked_and_not_part_of_the_eval_id():
+def test_eval_device_is_checked_and_not_part_of_the_variant():
 
     cfg = run_config(**{"run_dir": "x"})
-    before = eval_id(cfg)
+    before = V.variant_id(V.settings_of(cfg.eval))
     cfg.eval.device = "cpu"
     check_eval(cfg.eval)
-    assert eval_id(cfg) == before  # where shards are computed does not change what they hold
+    # where shards are computed does not change what they hold
+    assert V.variant_id(V.settings_of(cfg.eval)) == before
     cfg.eval.device = "gpu"
     with pytest.raises(ConfigError, match="eval.device"):
         check_eval(cfg.eval)

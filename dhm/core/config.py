@@ -20,6 +20,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dhm.core.datasets import DATASETS, OOD_SETS
+from dhm.core.variants import NAME_RE as VARIANT_NAME
+from dhm.core.variants import checkpoints_of
 
 MODEL_KINDS = ("dhm", "resnet", "vae", "zmodel")
 LIKELIHOODS = ("gaussian", "thesis")
@@ -91,6 +93,9 @@ class TrainConfig:
     # Keep those step checkpoints once final.pt is written (false: a trained run keeps final.pt
     # only; retention, not identity: not part of the run id).
     keep_step_checkpoints: bool = False
+    # Epochs whose weights are kept as checkpoints/epoch_<NNNN>.pt, for eval.checkpoints
+    # (retention, not identity: not part of the run id).
+    keep_epochs: list[int] = field(default_factory=list)
     log_every_steps: int = 10
     val_every_epochs: int = 1  # validation accuracy, NLL, -ELBO every N epochs (0: never)
     val_max_images: int | None = 10000  # cap on validation images per pass (None: all)
@@ -120,8 +125,13 @@ class EvalConfig:
     max_images: int | None = None  # cap on every evaluated set (quick looks); None = full sets
     images: int = 16  # test images kept with their reconstructions and prior samples (report)
     # auto (CUDA if there is one) | cpu | cuda. An eval task given GPUs by Slurm that finds
-    # none fails unless this says cpu (hpc.stages.require_cuda). Not part of eval_id.
+    # none fails unless this says cpu (hpc.stages.require_cuda). Not part of a variant.
     device: str = "auto"
+    # The checkpoints evaluated: final and/or epochs the runs kept (train.keep_epochs).
+    checkpoints: list[Any] = field(default_factory=lambda: ["final"])
+    # This evaluation's name among the sweep's variants (dhm.core.variants); null: the variant
+    # with these settings, or a new one named after how they differ from the default.
+    variant: str | None = None
 
 
 @dataclass
@@ -225,6 +235,21 @@ def check_train(t: Any) -> None:
         _fail("train.device", t.device, "auto, cpu or cuda")
     if t.mixed_precision not in ("auto", "no", "bf16"):
         _fail("train.mixed_precision", t.mixed_precision, "auto, no or bf16")
+    if any(not 1 <= int(e) <= t.epochs for e in t.keep_epochs):
+        _fail("train.keep_epochs", list(t.keep_epochs), f"epochs in [1, train.epochs={t.epochs}]")
+
+
+def check_checkpoints(cfg: Any) -> None:
+    """Every epoch eval.checkpoints names is one the run keeps (train.keep_epochs)."""
+    kept = {int(e) for e in cfg.train.keep_epochs}
+    for c in checkpoints_of(cfg.eval.checkpoints):
+        if c != "final" and c not in kept:
+            _fail(
+                "eval.checkpoints",
+                list(cfg.eval.checkpoints),
+                f"final or epochs the runs keep: epoch {c} is not in train.keep_epochs="
+                f"{sorted(kept)} (only those epochs' weights are kept)",
+            )
 
 
 def check_eval(e: Any) -> None:
@@ -248,6 +273,12 @@ def check_eval(e: Any) -> None:
         _fail("eval.device", e.device, "auto, cpu or cuda")
     if e.max_images is not None and e.max_images < 1:
         _fail("eval.max_images", e.max_images, "an integer >= 1 or null (full sets)")
+    try:
+        checkpoints_of(e.checkpoints)
+    except ValueError as err:
+        raise ConfigError(f"{err}; e.g. eval.checkpoints=[50,final]") from None
+    if e.variant is not None and not VARIANT_NAME.match(str(e.variant)):
+        _fail("eval.variant", e.variant, "a name of letters, digits and _ . = , + - (60 at most)")
 
 
 # check_run's parts, each with the sections it reads: a sweep point that changes none of them
@@ -257,6 +288,7 @@ RUN_CHECKS: tuple[tuple[Callable[[Any], None], tuple[str, ...]], ...] = (
     (check_data, ("data", "eval")),
     (lambda cfg: check_train(cfg.train), ("train",)),
     (lambda cfg: check_eval(cfg.eval), ("eval",)),
+    (check_checkpoints, ("train", "eval")),
 )
 
 
@@ -265,6 +297,7 @@ OPERATIONAL_TRAIN_KEYS = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "keep_step_checkpoints",
+    "keep_epochs",
     "log_every_steps",
     "val_every_epochs",
     "val_max_images",

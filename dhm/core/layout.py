@@ -1,12 +1,13 @@
 """The on-disk layout of a sweep, and what in it means done, without h5py, numpy or torch.
 
-    <sweep>/plan.json, ledger.jsonl, slurm/
-    <sweep>/runs/<run_id>/{config.yaml, checkpoints/, logs/, eval/<set>__<start>-<stop>.h5}
+    <sweep>/plan.json, variants.json, ledger.jsonl, slurm/
+    <sweep>/runs/<run_id>/{config.yaml, checkpoints/, logs/,
+                           eval/<checkpoint>-<part>-<part id>/<set>__<start>-<stop>.h5}
     <sweep>/summary/{results.csv, cells.csv, results.md, results.h5, plots/, report.html,
                      manifest.json}
 
-The launcher asks this module which sets a run evaluates (``eval_sets``), with which settings
-(``eval_id``), whether a set's shards cover it (``set_complete``: from the file names and the
+The launcher asks this module which sets a run evaluates (``eval_sets``; in which folders:
+``dhm.core.variants``), whether a set's shards cover it (``set_complete``: from the file names and the
 set's size, known from the dataset; a shard is opened only when the size is not known) and
 whether a summary is done (``summary_complete``: its manifest lists files that all exist, and
 it is newer than every shard). ``dhm.evaluation.results`` reads and writes the files themselves.
@@ -93,23 +94,6 @@ def expected_size(cfg: Any, set_name: str, role: str) -> int | None:
     return min(size, cap) if cap is not None else size
 
 
-def eval_id(cfg: Any) -> str:
-    """10 hex chars identifying the eval settings that change a shard's contents or range."""
-    e = cfg.eval
-    key = {
-        "schema": SCHEMA_VERSION,
-        "iwae_k": sorted(int(k) for k in e.iwae_k),
-        "fgsm_eps": [float(x) for x in e.fgsm_eps],
-        "pgd": [int(e.pgd_steps), e.pgd_step_size],
-        "seed": int(e.seed),
-        "max_images": e.max_images,
-        "shard_size": int(e.shard_size),
-        "batch_size": int(e.batch_size),
-        "images": int(e.images),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def names_in(folder: str | Path) -> list[str]:
     """The names in a folder ([] when it does not exist or cannot be read)."""
     try:
@@ -187,12 +171,14 @@ def set_complete(
 
 
 def newest_shard_mtime(sweep_dir: Path, run_ids: list[str] | None = None) -> float:
+    """The newest modification time of a shard (or part folder: a shard added to it or
+    renamed into it changes the folder's) of the runs."""
     ids = run_ids if run_ids is not None else [p.name for p in (sweep_dir / "runs").glob("*")]
     newest = 0.0
     for rid in ids:
         try:
             for entry in os.scandir(sweep_dir / "runs" / rid / "eval"):
-                if entry.name.endswith(".h5"):
+                if entry.name.endswith(".h5") or entry.is_dir():
                     newest = max(newest, entry.stat().st_mtime)
         except OSError:
             continue

@@ -39,7 +39,8 @@ import torch
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import provenance
 from dhm.core.config import from_yaml, to_yaml
-from dhm.core.layout import eval_id, eval_sets  # noqa: F401 - part of this module's API
+from dhm.core import variants as V
+from dhm.core.layout import eval_sets
 from dhm.data import loaders as data_lib
 from dhm.evaluation import results
 from dhm.evaluation.attacks import fgsm_predictions, pgd_predictions
@@ -70,10 +71,17 @@ class ShardSpec:
     start: int
     stop: int
     set_size: int
+    part: str = "scores"  # scores | attacks (dhm.core.variants)
+    checkpoint: Any = V.FINAL  # final | an epoch of train.keep_epochs
 
     @property
     def filename(self) -> str:
         return results.shard_name(self.set_name, self.start, self.stop)
+
+    def path(self, cfg: Any, model: str) -> Path:
+        """<run_dir>/eval/<checkpoint>-<part>-<part id>/<file> (dhm.core.variants)."""
+        folder = V.part_folder(V.settings_of(cfg.eval), self.checkpoint, self.role, self.part, model)
+        return Path(cfg.run_dir) / "eval" / folder / self.filename
 
 
 def load_eval_set(cfg: Any, set_name: str, role: str) -> data_lib.ImageSet:
@@ -93,11 +101,13 @@ def load_eval_set(cfg: Any, set_name: str, role: str) -> data_lib.ImageSet:
     return data
 
 
-def plan_shards(cfg: Any, set_name: str, role: str, set_size: int) -> list[ShardSpec]:
+def plan_shards(
+    cfg: Any, set_name: str, role: str, set_size: int, part: str = "scores", checkpoint: Any = V.FINAL
+) -> list[ShardSpec]:
     """Index ranges of one set: eval.shard_size images each (0 = the whole set)."""
     size = cfg.eval.shard_size or set_size
     return [
-        ShardSpec(set_name, role, start, min(start + size, set_size), set_size)
+        ShardSpec(set_name, role, start, min(start + size, set_size), set_size, part, checkpoint)
         for start in range(0, set_size, size)
     ]
 
@@ -270,18 +280,21 @@ def evaluate(
     run_id: str = "",
     extra_attrs: dict[str, Any] | None = None,
 ) -> Path:
-    """Evaluate one shard of one checkpoint into ``<run_dir>/eval/<shard file>``; return its path.
+    """Evaluate one part of one shard of one checkpoint into its file (``ShardSpec.path``);
+    return its path.
 
     ``cfg`` supplies run_dir, data.root and eval settings; the model comes from the checkpoint.
-    An existing complete file is kept and returned (evaluation is deterministic).
+    An existing complete file is kept and returned (evaluation is deterministic, and the
+    folder's part id names the settings that made it).
     """
-    out_path = Path(cfg.run_dir) / "eval" / shard.filename
+    out_path = shard.path(cfg, cfg.model.name)
+    pid = out_path.parent.name.rsplit("-", 1)[-1]
     if out_path.exists():
-        if shard_eval_id(out_path) == eval_id(cfg):
+        if shard_eval_id(out_path) == pid:
             return out_path
         raise results.ShardError(
-            f"{out_path} was written with other eval settings (eval_id "
-            f"{shard_eval_id(out_path)}, now {eval_id(cfg)}); relaunching moves it to eval-stale/"
+            f"{out_path} was not written for its folder (eval_id {shard_eval_id(out_path)}, "
+            f"the folder's part id {pid}): move it aside to evaluate it again"
         )
     device = eval_device(cfg.eval.device)
     model, train_cfg, stored = load_model(checkpoint, device)
@@ -300,7 +313,9 @@ def evaluate(
         "model": train_cfg.model.name,
         "config_yaml": to_yaml(train_cfg),
         "eval_config_yaml": to_yaml(cfg.eval),
-        "eval_id": eval_id(cfg),
+        "eval_id": pid,  # the part id: the settings this part depends on
+        "part": shard.part,
+        "checkpoint_name": str(shard.checkpoint),
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": ckpt_io.sha256(checkpoint),
         # Dimensions the likelihood covers (image or split-layer activations), and what it is.
@@ -420,6 +435,7 @@ def _evaluate_arrays(
     with a VAE outside the ``val`` role, else its ``logits`` [N, classes]; attacks on the ID set
     (``_attack_columns``); and in the ID shard holding image 0, ``images/*`` grids."""
     e = cfg.eval
+    scores = shard.part == "scores"
     ks = sorted(set(int(k) for k in e.iwae_k))
     noise = dequant = None
     if model.has_vae:
@@ -427,7 +443,7 @@ def _evaluate_arrays(
         if not model.split:
             dequant = _PerImage(e.seed, 1, (3, 32, 32), uniform=True)
     eps_grid = [float(v) for v in e.fgsm_eps]
-    attack = shard.role == "id" and model.has_head and eps_grid
+    attack = shard.part == "attacks" and shard.role == "id" and model.has_head and eps_grid
     cols: dict[str, list[Any]] = {}
 
     def add(found: dict[str, Any]) -> None:
@@ -442,18 +458,18 @@ def _evaluate_arrays(
     for indices, x, y in batches:
         add({"indices": indices} if shard.role == "ood" else {"indices": indices, "labels": y})
         with torch.no_grad():
-            if model.has_vae and shard.role != "val":
+            if scores and model.has_vae and shard.role != "val":
                 add(
                     _likelihood_columns(
                         model, data, indices, x, noise, dequant, ks, trained_log_sigma
                     )
                 )
-            elif model.has_head:
+            elif scores and model.has_head:
                 add({"logits": model.classify(x).float()})
         if attack:
             add(_attack_columns(model, indices, x, y, eps_grid, e))
     arrays = _stack_columns(cols, eps_grid, e.pgd_steps)
-    if shard.role == "id" and shard.start == 0 and e.images:
+    if scores and shard.role == "id" and shard.start == 0 and e.images:
         grids = val_lib.image_grids(model, data.images[: e.images], seed=e.seed, device=device)
         arrays.update({f"images/{k}": v.numpy() for k, v in grids.items()})
     return arrays
@@ -466,17 +482,23 @@ def evaluate_set(
     role: str,
     run_id: str = "",
     extra_attrs: dict[str, Any] | None = None,
+    parts: tuple[str, ...] | None = None,
+    checkpoint_name: Any = V.FINAL,
 ) -> list[Path]:
-    """Evaluate every shard of one set (skipping complete ones); the eval stage's unit of work."""
+    """Evaluate ``parts`` (None: every part the set has) of every shard of one set at one
+    checkpoint, skipping complete files; the eval stage's unit of work."""
     size = len(load_eval_set(cfg, set_name, role))
+    if parts is None:
+        parts = V.parts_of(role, cfg.model.name, V.settings_of(cfg.eval))
     return [
         evaluate(cfg, checkpoint, s, run_id, extra_attrs)
-        for s in plan_shards(cfg, set_name, role, size)
+        for part in parts
+        for s in plan_shards(cfg, set_name, role, size, part, checkpoint_name)
     ]
 
 
 def evaluate_all(cfg: Any, checkpoint: str | Path, run_id: str = "") -> list[Path]:
-    """Every set of a run: the local (single process) path."""
+    """Every set of a run at its final checkpoint: the local (single process) path."""
     return [
         p
         for name, role in eval_sets(cfg)

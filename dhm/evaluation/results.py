@@ -39,7 +39,6 @@ from dhm.core.fsutil import atomic_path
 from dhm.core.layout import (  # noqa: F401 - the layout's names, part of this module's API
     ROLES,
     SCHEMA_VERSION,
-    eval_id,
     eval_sets,
     set_complete,
     shard_name,
@@ -266,14 +265,44 @@ def _merged_keys(shard: Shard) -> set[str]:
     return {k for k in shard.arrays if not k.startswith("images/")}
 
 
-def load_run(eval_dir: str | Path) -> dict[str, SetResults]:
-    """Every set of one run's evaluation, merged; raises ShardError on the first problem."""
+def merge_parts(parts: list[list[Shard]]) -> SetResults:
+    """One set from its parts (``dhm.core.variants``: scores, then attacks), each merged over
+    its shards; ShardError when the parts disagree on the images."""
+    merged = [merge_shards(shards) for shards in parts]
+    out = merged[0]
+    for other in merged[1:]:
+        for key in ("indices", "labels"):
+            if key in other.arrays and not np.array_equal(other.arrays[key], out.arrays.get(key)):
+                raise ShardError(
+                    f"{other.shard_paths[0]}: {key} differ from those of {out.shard_paths[0]}"
+                )
+        out.arrays.update({k: v for k, v in other.arrays.items() if k not in out.arrays})
+        out.shard_paths += other.shard_paths
+    return out
+
+
+def load_run(eval_dir: str | Path, checkpoint: str = "final") -> dict[str, SetResults]:
+    """Every set of one run's evaluation at ``checkpoint`` (final, or epoch<N>), merged over
+    its shards and parts; raises ShardError on the first problem, and when a set has several
+    evaluations of one part (variants: ``dhm.summary.aggregate`` reads those one by one)."""
     eval_dir = Path(eval_dir)
-    paths = sorted(eval_dir.glob("*.h5"))
+    folders = [p for p in sorted(eval_dir.glob(f"{checkpoint}-*-*")) if p.is_dir()]
+    paths = [*sorted(eval_dir.glob("*.h5")), *(q for f in folders for q in sorted(f.glob("*.h5")))]
     if not paths:
         raise ShardError(f"{eval_dir}: no shard files")
-    by_set: dict[str, list[Shard]] = {}
+    by_set: dict[str, dict[str, list[Shard]]] = {}
     for path in paths:
         shard = read_shard(path)
-        by_set.setdefault(shard.set_name, []).append(shard)
-    return {name: merge_shards(shards) for name, shards in sorted(by_set.items())}
+        folder = "" if path.parent == eval_dir else path.parent.name
+        by_set.setdefault(shard.set_name, {}).setdefault(folder, []).append(shard)
+    out = {}
+    for name, groups in sorted(by_set.items()):
+        kinds = [f.split("-")[1] if f else "old layout" for f in groups]
+        if len(set(kinds)) != len(kinds):
+            raise ShardError(f"{eval_dir}: set {name} has several evaluations ({', '.join(groups)})")
+        out[name] = merge_parts([groups[f] for f in sorted(groups, key=_part_order)])
+    return out
+
+
+def _part_order(folder: str) -> int:
+    return 0 if not folder else 1 if folder.split("-")[1] == "scores" else 2

@@ -14,6 +14,12 @@ numpy, so ``mode=status`` can rewrite it for runs in flight.
 Each run and seed cell names the code snapshot(s) its shards were written by (``code``); a seed
 cell, heatmap cell or heatmap whose numbers come from several snapshots says so (``mixed``,
 ``codes``).
+
+A sweep evaluated under several variants or at several checkpoints has a table row per run and
+*view* (a variant at a checkpoint; columns ``variant``, ``checkpoint``, ``eval.<key>``), the
+primary view (the default variant at its final checkpoint) first. The sections above show the
+primary view alone; ``variants`` holds every view's headline values per run, to compare two side
+by side, and the curves over epochs of each variant evaluated at several checkpoints.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from dhm.core import variants as V
 from dhm.core.fsutil import atomic_write_text
 from dhm.core.provenance import code_ids, code_text
 from dhm.report.page import DATA_FORMAT, DATA_NAME, fmt
 from dhm.summary.metrics import seed_interval, zero_width
 from dhm.summary.tables import (
+    VIEW_COLUMNS,
     axis_values,
     bits_by_set,
     column_meta,
@@ -151,11 +159,20 @@ def _png(images: np.ndarray, ncol: int = 8) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _images(sweep_dir: Path, rid: str, id_set: str | None) -> dict[str, str]:
-    """inputs, recon and samples of the run's first test shard, as PNG data URIs."""
+def _images(sweep_dir: Path, row: dict, primary: V.Variant | None) -> dict[str, str]:
+    """inputs, recon and samples of the run's first test shard, as PNG data URIs: the shard of
+    the primary view (the ID set's scores folder of the ``primary`` variant at its last
+    checkpoint), else one in eval/ itself (the layout before variants)."""
+    id_set = row.get("dataset")
     if not id_set:
         return {}
-    paths = sorted((sweep_dir / "runs" / rid / "eval").glob(f"{id_set}__0000000-*.h5"))
+    eval_dir = sweep_dir / "runs" / row["run_id"] / "eval"
+    folders = [eval_dir]
+    if primary is not None and row.get("model"):
+        s = primary.settings
+        scores = V.part_folder(s, s["checkpoints"][-1], "id", "scores", str(row["model"]))
+        folders.insert(0, eval_dir / scores)
+    paths = [p for d in folders for p in sorted(d.glob(f"{id_set}__0000000-*.h5"))]
     if not paths:
         return {}
     try:
@@ -285,23 +302,159 @@ def _meta(col: str) -> dict[str, Any]:
     return {"col": col, "words": words, "unit": unit, "better": better}
 
 
+def _is_view_column(col: str) -> bool:
+    """variant, checkpoint and eval.<key>: which evaluation a row is, not a run's setting."""
+    return col in VIEW_COLUMNS or col.startswith("eval.")
+
+
+def _view_key(row: dict) -> str:
+    """A view's name: ``<variant> @ <checkpoint>`` (``default @ final``)."""
+    return f"{row.get('variant')} @ {row.get('checkpoint')}"
+
+
+def _primary(rows: list[dict], cells: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+    """The rows and seed cells of the primary view: those of the first row's variant and
+    checkpoint (aggregate writes that view first, its rows in the order of the run curves)."""
+    key = _view_key(rows[0])
+    mine = [r for r in rows if _view_key(r) == key]
+    return mine, None if cells is None else [c for c in cells if _view_key(c) == key]
+
+
+def _labels(rows: list[dict], settings: list[str]) -> dict[str, str]:
+    """Each run's short label: the settings that differ between the runs (its id if none do)."""
+    varying = [c for c in settings if len({fmt(r.get(c)) for r in rows}) > 1]
+    return {
+        r["run_id"]: ", ".join(f"{c}={fmt(r.get(c), 3)}" for c in varying) or r["run_id"]
+        for r in rows
+    }
+
+
+def _train_epochs(sweep_dir: Path) -> dict[str, int]:
+    """Each planned run's train.epochs (the epoch of its ``final`` checkpoint), from plan.json;
+    runs whose plan does not say are left out."""
+    try:
+        runs = json.loads((sweep_dir / "plan.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for r in runs:
+        epochs = ((r.get("config") or {}).get("train") or {}).get("epochs")
+        if isinstance(epochs, int):
+            out[r["run_id"]] = epochs
+    return out
+
+
+def _points(mine: list[dict], rows: list[dict | None], m: str, final: int) -> list[list[float]]:
+    """A run's (epoch, value) points of metric m over the views ``mine`` of one variant (its
+    rows there, None where it has none): ``final`` at epoch ``final``; ok rows with a value."""
+    pts = []
+    for v, row in zip(mine, rows, strict=True):
+        if row is not None and row["status"] == "ok" and row.get(m) is not None:
+            c = v["checkpoint"]
+            pts.append([final if c == V.FINAL else int(c), row[m]])
+    return sorted(pts)
+
+
+def _over_epochs(
+    views: list[dict],
+    by_view: dict[str, dict[str, dict]],
+    labels: dict[str, str],
+    headline: list[str],
+    epochs: dict[str, int],
+) -> list[dict[str, Any]]:
+    """Per variant evaluated at two or more checkpoints, per curve metric (ECE, accuracy and
+    the AUROCs among the headline), each run's (epoch, value) points over its checkpoints:
+    ``final`` at the run's train.epochs, or after the variant's largest epoch when unknown."""
+    metrics = [m for m in headline if m in ("ece", "accuracy") or m.startswith("auroc_")]
+    out = []
+    for name in dict.fromkeys(v["variant"] for v in views):
+        mine = [v for v in views if v["variant"] == name]
+        if len(mine) < 2 or not metrics:
+            continue
+        last = max((int(v["checkpoint"]) for v in mine if v["checkpoint"] != V.FINAL), default=0)
+        rows = {rid: [by_view[v["key"]].get(rid) for v in mine] for rid in labels}
+        curves = []
+        for m in metrics:
+            runs = [
+                {"run_id": rid, "label": label, "points": pts}
+                for rid, label in labels.items()
+                if (pts := _points(mine, rows[rid], m, epochs.get(rid, last + 1)))
+            ]
+            if runs:
+                curves.append({**_meta(m), "runs": runs})
+        if curves:
+            out.append({"variant": name, "metrics": curves})
+    return out
+
+
+def _variants(
+    cols: list[str],
+    rows: list[dict],
+    settings: list[str],
+    headline: list[str],
+    epochs: dict[str, int],
+) -> dict[str, Any]:
+    """Every view (its key, variant, checkpoint and the eval settings views differ in) and,
+    per run of the primary view (its id and label), each view's headline values (None where
+    the run is not ok there or lacks the metric), then the curves over epochs."""
+    evals = [c for c in cols if c.startswith("eval.")]
+    views: list[dict] = []
+    by_view: dict[str, dict[str, dict]] = {}  # view key -> run id -> row
+    for r in rows:
+        key = _view_key(r)
+        if key not in by_view:
+            by_view[key] = {}
+            views.append(
+                {
+                    "key": key,
+                    "variant": r.get("variant"),
+                    "checkpoint": r.get("checkpoint"),
+                    "settings": {c: r.get(c) for c in evals},
+                }
+            )
+        by_view[key][r["run_id"]] = r
+    labels = _labels(list(by_view[views[0]["key"]].values()), settings)
+
+    def values(row: dict | None) -> list[float | None]:
+        ok = row is not None and row["status"] == "ok"
+        return [row.get(m) if ok else None for m in headline]
+
+    return {
+        "views": views,
+        "metrics": [_meta(m) for m in headline],
+        "runs": [
+            {
+                "run_id": rid,
+                "label": label,
+                "values": [values(by_view[v["key"]].get(rid)) for v in views],
+            }
+            for rid, label in labels.items()
+        ],
+        "curves": _over_epochs(views, by_view, labels, headline, epochs),
+    }
+
+
 def report_data(
     sweep_dir: Path, summary: Path, max_image_runs: int = MAX_IMAGE_RUNS
 ) -> dict[str, Any]:
     """Everything the page shows of ``summary/results.h5`` and the runs' shards, as JSON."""
     with h5py.File(summary / "results.h5", "r") as f:
-        cols, rows = _read_table(f["table"])
+        cols, all_rows = _read_table(f["table"])
         cells = _read_table(f["cells"])[1] if "cells" in f else None
         curves = _curves(f["runs"])
         attrs = dict(f.attrs)
-    settings = cols[2 : head_end(cols) + 1]
+    several = "variant" in cols and bool(all_rows)  # several views: the primary one's rows
+    rows, cells = _primary(all_rows, cells) if several else (all_rows, cells)
+    settings = [c for c in cols[2 : head_end(cols) + 1] if not _is_view_column(c)]
     shown = [c for c in settings if c not in ("seed", "train.seed")]
     headline = json.loads(attrs.get("headline", "[]"))
+    registry = V.read_registry(sweep_dir)
+    primary = registry[0] if registry else None  # the default variant: the primary view's
     runs = []
     for i, rid in enumerate(curves["run_id"]):
         d = _run_data(i, rid, curves, rows[i])
         if i < max_image_runs:
-            d["images"] = _images(sweep_dir, rid, rows[i].get("dataset"))
+            d["images"] = _images(sweep_dir, rows[i], primary)
         runs.append(d)
     return {
         "format": DATA_FORMAT,
@@ -314,6 +467,11 @@ def report_data(
         "heatmaps": _heatmaps(settings, rows, headline) if rows else None,
         "runs": runs,
         "max_image_runs": max_image_runs,
+        "variants": (
+            _variants(cols, all_rows, settings, headline, _train_epochs(sweep_dir))
+            if several
+            else None
+        ),
     }
 
 

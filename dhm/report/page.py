@@ -9,6 +9,11 @@ a metric and imports neither numpy nor h5py, so the launcher refreshes it cheapl
 ``mode=status`` with each run's live state (stage, Slurm state, step, last loss, the reason it
 failed and the tail of its log), and it works before any summary exists (runs in flight only).
 
+A sweep evaluated under several variants or at several checkpoints (views) shows the primary
+view (the default variant, final) in every section but two: "Evaluations side by side" (any two
+views' headline values per run and their difference, the views picked in the page) and "Over
+epochs" (each variant evaluated at several checkpoints: its metrics against the epoch).
+
 A 1,000-run sweep's page stays usable: heatmaps are HTML tables (one cell per grid point), the
 per-run figures are drawn only when a run's section is opened, the run list is paginated, and
 image grids are embedded for the first runs only (``dhm.report.data.MAX_IMAGE_RUNS``).
@@ -42,10 +47,12 @@ VIRIDIS = [
     "#fde725",
 ]
 PAGE_RUNS = 25
+CURVE_RUNS = 12  # lines an "Over epochs" chart draws: 6 colours, solid then dashed
 TEMPLATE = "page.html.j2"  # next to this file: the page's markup, style and charts' script
 DATA_NAME = "report_data.json"  # in the summary folder, written by dhm.report.data
-DATA_FORMAT = 4  # report_data.json's layout; a file of another format is re-made by aggregate
+DATA_FORMAT = 5  # report_data.json's layout; a file of another format is re-made by aggregate
 # 4: code (snapshot ids) of rows, runs and groups; mixed groups, heatmaps' and cells' codes
+# 5: variants (every view's headline values, curves over epochs); the rest the primary view's
 _STATE_KEYS = ("stage", "slurm", "step", "loss", "reason")  # the "Runs now" table's columns
 
 
@@ -257,9 +264,11 @@ def _context(
         "states": _in_flight(plan_runs, states),
         "efficiency": _efficiency(sweep_dir),
         "runs": data["runs"] if data else [],
+        "variants": data["variants"] if data else None,
         "show_code": bool(rows) and show_code(data),
         "max_image_runs": data["max_image_runs"] if data else 0,
         "page_runs": PAGE_RUNS,
+        "curve_runs": CURVE_RUNS,
         "viridis": VIRIDIS,
         "data_name": DATA_NAME,
         "stale": stale,

@@ -32,7 +32,8 @@ import numpy as np
 import yaml
 
 from dhm.core import provenance
-from dhm.core.config import RunConfig
+from dhm.core import variants as V
+from dhm.core.config import Plain, RunConfig
 from dhm.core.datasets import DATASETS
 from dhm.core.fsutil import atomic_write_text
 from dhm.core.layout import (  # noqa: F401 - the errors are part of this module's API
@@ -217,37 +218,80 @@ def _guarded(run: RunSummary, what: str, fn: Any, *args: Any) -> Any:
         return None
 
 
-def _load_sets(run: RunSummary, run_dir: Path) -> dict[str, results.SetResults]:
-    """Read and merge every set of a run; each unreadable shard or gap becomes a reason."""
-    paths = sorted((run_dir / "eval").glob("*.h5"))
-    if not paths:
+Sources = dict[str, list[tuple[str, list[Path]]]]  # set -> [(folder under eval/, its shards)]
+
+
+def sources(run_dir: Path, cfg: dict | None, variant: V.Variant | None, checkpoint: Any) -> Sources:
+    """The shard files of each set's parts of a run under a variant at a checkpoint. Without
+    a variant (a sweep without a plan): every shard at the final checkpoint, by folder."""
+    listing = V.eval_listing(run_dir)
+    if variant is None or not cfg:
+        found: dict[str, dict[str, list[Path]]] = {}
+        for folder, names in listing.items():
+            if folder and not folder.startswith(f"{V.FINAL}-"):
+                continue
+            for name in sorted(n for n in names if n.endswith(".h5") and "__" in n):
+                found.setdefault(name.split("__")[0], {}).setdefault(folder, []).append(
+                    run_dir / "eval" / folder / name
+                )
+        return {name: sorted(parts.items()) for name, parts in found.items()}
+    s = {**variant.settings, "checkpoints": [checkpoint]}
+    run_cfg = Plain.of({**cfg, "run_dir": str(run_dir), "eval": {**cfg.get("eval", {}), **s}})
+    return {
+        p.set_name: list(zip([""] if p.legacy else list(p.folders.values()),
+                             V.shard_paths(run_dir, p, listing), strict=True))  # fmt: skip
+        for p in V.set_parts(run_cfg, s, listing, legacy_id=V.shard_eval_id)
+    }
+
+
+def _load_sets(run: RunSummary, run_dir: Path, found: Sources) -> dict[str, results.SetResults]:
+    """Read and merge every set of a run (its parts' shards); each unreadable shard, gap or
+    missing part becomes a reason."""
+    if not any(paths for parts in found.values() for _, paths in parts):
         done = (run_dir / "checkpoints" / "final.pt").exists()  # dhm.core.checkpoint.FINAL_NAME
         why = "training finished, not evaluated" if done else "not evaluated or training failed"
         run.fail("missing", f"no eval shards ({why})")
         return {}
-    by_set: dict[str, list[results.Shard]] = {}
-    broken: set[str] = set()
     prefix = f"{run_dir}{os.sep}"
-    for path in paths:
-        run.sets.add(path.name.split("__")[0])
-        try:
-            shard = results.read_shard(path, _SHARD_ATTRS)
-        except results.ShardError as err:  # names the file; read_shard wraps OSError too
-            run.fail("corrupt", str(err).replace(prefix, ""))
-            broken.add(path.name.split("__")[0])  # don't report the hole it leaves as a gap
-            continue
-        by_set.setdefault(shard.set_name, []).append(shard)
-        run.codes.add(str(shard.attrs.get("code") or ""))  # absent before shards named it
     sets = {}
-    for name, shards in sorted(by_set.items()):
-        if name in broken:
+    for name, parts in sorted(found.items()):
+        if not any(paths for _, paths in parts):
+            continue  # a set without shards: _check_expected_sets says so
+        run.sets.add(name)
+        read, broken = [], False
+        for folder, paths in parts:
+            where = f"eval/{folder + '/' if folder else ''}"
+            if not paths:
+                kind = folder.split("-")[1] if folder else "its"
+                run.fail("missing", f"no {kind} shards for set {name} ({where})")
+                broken = True
+                continue
+            shards = []
+            for path in paths:
+                try:
+                    shard = results.read_shard(path, _SHARD_ATTRS)
+                except results.ShardError as err:  # names the file; read_shard wraps OSError too
+                    run.fail("corrupt", str(err).replace(prefix, ""))
+                    broken = True  # don't report the hole it leaves as a gap
+                    continue
+                shards.append(shard)
+                run.codes.add(str(shard.attrs.get("code") or ""))  # absent before shards named it
+            read.append((where, shards))
+        if broken:
             continue
         try:
-            sets[name] = results.merge_shards(shards)
+            for where, shards in read:
+                _check_one_set(shards, name, where)
+            sets[name] = results.merge_parts([shards for _, shards in read])
         except results.ShardError as err:
             status = "missing" if isinstance(err, results.ShardGapError) else "corrupt"
-            run.fail(status, f"eval/{name}__*.h5: {str(err).replace(prefix, '')}")
+            run.fail(status, f"{read[0][0]}{name}__*.h5: {str(err).replace(prefix, '')}")
     return sets
+
+
+def _check_one_set(shards: list[results.Shard], name: str, where: str) -> None:
+    if any(s.set_name != name for s in shards):
+        raise results.ShardError(f"{where}: a shard of set {name} holds another set")
 
 
 def _attack_metrics(run: RunSummary, ident: results.SetResults) -> None:
@@ -452,21 +496,62 @@ def _stored_config(run_dir: Path, sets: dict[str, results.SetResults]) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+@dataclass(frozen=True)
+class View:
+    """One evaluation of the sweep's runs: a variant (None: no variants recorded) at one
+    checkpoint; ``values``: its columns (variant, checkpoint, the settings variants differ in),
+    shown when the sweep has several views."""
+
+    variant: V.Variant | None
+    checkpoint: Any = V.FINAL
+    values: tuple[tuple[str, Any], ...] = ()
+
+    def label(self, run_id: str) -> str:
+        """How problems name a run of this view."""
+        if not self.values:
+            return run_id
+        return f"{run_id} ({self.variant.name if self.variant else '-'}, {self.checkpoint})"
+
+
+def views_of(sweep_dir: Path) -> list[View]:
+    """Every variant of the sweep at each of its checkpoints, the default's last checkpoint
+    (its final) first; one view without variants when none are recorded."""
+    registry = V.read_registry(sweep_dir)
+    if not registry:
+        return [View(None)]
+    keys = [k for k in V.SETTINGS if len({repr(v.settings[k]) for v in registry}) > 1]
+    views = []
+    for v in registry:
+        for c in v.settings["checkpoints"]:
+            values = (("variant", v.name), ("checkpoint", str(c)),
+                      *((f"eval.{k}", plain(v.settings[k])) for k in keys if k != "checkpoints"))  # fmt: skip
+            views.append(View(v, c, values))
+    views.insert(0, views.pop(len(registry[0].settings["checkpoints"]) - 1))
+    if len(views) == 1:
+        views = [View(views[0].variant, views[0].checkpoint)]
+    return views
+
+
 def summarize_run(
     run_dir: Path,
     run_id: str,
     overrides: dict[str, Any],
     setting_keys: list[tuple[str, str]],
     planned_cfg: dict | None = None,
+    view: View | None = None,
 ) -> RunSummary:
-    """Load, merge and measure one run; never raises for bad shards (they become reasons).
-    ``planned_cfg``: its config in plan.json (the eval settings of the latest launch)."""
+    """Load, merge and measure one run (under ``view``: a variant at a checkpoint); never
+    raises for bad shards (they become reasons). ``planned_cfg``: its config in plan.json."""
+    view = view or View(None)
     run = RunSummary(run_id)
+    variant_cfg = planned_cfg
+    if planned_cfg and view.variant is not None:
+        variant_cfg = {**planned_cfg, "eval": {**planned_cfg.get("eval", {}), **view.variant.settings}}
     if not run_dir.is_dir():
         run.fail("missing", f"planned run has no folder runs/{run_id}")
         sets: dict[str, results.SetResults] = {}
     else:
-        sets = _load_sets(run, run_dir)
+        sets = _load_sets(run, run_dir, sources(run_dir, variant_cfg, view.variant, view.checkpoint))
         _set_metrics(run, sets)
     cfg: dict | None = None
 
@@ -486,12 +571,14 @@ def summarize_run(
         run.values["model"] = model if model is not None else stored("model.name")
     if "dataset" not in run.values:
         run.values["dataset"] = run.id_set or stored("data.name")
+    run.values.update(view.values)
     run.values["code"] = join_codes(run.codes) if run.codes else None  # None: no shard read
     run.cell = json.dumps(
-        {k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, default=str
+        {**{k: v for k, v in sorted(overrides.items()) if k != SEED_KEY}, **dict(view.values)},
+        default=str,
     )
-    if sets:  # the sets the latest launch evaluates (its plan), else those it was trained with
-        _check_expected_sets(run, planned_cfg or config())
+    if sets:  # the sets the view evaluates (its variant), else those the run was trained with
+        _check_expected_sets(run, variant_cfg or config())
     return run
 
 
@@ -560,7 +647,7 @@ def discover(
 
 
 def _columns(
-    runs: list[RunSummary], setting_cols: list[tuple[str, str]]
+    runs: list[RunSummary], setting_cols: list[tuple[str, str]], view_cols: list[str] = ()
 ) -> tuple[list[str], list[str]]:
     """(results.csv columns, headline metrics): the documented order, present columns only.
 
@@ -570,6 +657,7 @@ def _columns(
     """
     head = ["run_id", "status", *(col for _, col in setting_cols)]
     head += [c for c in ("model", "dataset") if c not in head]
+    head += view_cols  # variant, checkpoint, the settings variants differ in: several views
     if any("bound_sigma" in run.values for run in runs):
         head.append("bound_sigma")  # after dataset: not a setting, not a metric
     head.append("code")  # the snapshot id(s) the run's shards were written by; always there
@@ -692,10 +780,17 @@ class _Measured:
     cells: list[dict]
     problems: list[tuple[str, str]]
     ignored: int  # run folders not in the plan
+    n_primary: int = 0  # the first view's rows (the default variant, final): plots, curves
 
     @property
     def n_ok(self) -> int:
         return sum(r["status"] == "ok" for r in self.rows)
+
+    @property
+    def primary(self) -> tuple[list[RunSummary], list[dict]]:
+        """The runs and rows of the first view: what the per-run curves and plots show."""
+        n = self.n_primary or len(self.runs)
+        return self.runs[:n], self.rows[:n]
 
 
 def _measure(
@@ -705,24 +800,31 @@ def _measure(
     states: dict[str, dict] | None,
     bootstrap: int,
 ) -> _Measured:
-    """Every planned run (or ``run_ids`` of them) measured, as rows, seed cells and problems."""
+    """Every planned run (or ``run_ids`` of them) measured under every view (variant and
+    checkpoint), as rows (view by view, the default's final first), seed cells and problems."""
     swept, planned, ignored = discover(sweep_dir)
     if run_ids is not None:
         wanted = set(run_ids)
         planned = [p for p in planned if p[0] in wanted]
     setting_keys = _setting_columns(swept)
-    runs = [
-        summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys, planned_cfg)
-        for rid, overrides, planned_cfg in planned
-    ]
-    _check_sets(runs)
+    views = views_of(sweep_dir) if swept is not None else [View(None)]
+    runs, labels = [], []
+    for view in views:
+        mine = [
+            summarize_run(sweep_dir / "runs" / rid, rid, overrides, setting_keys, planned_cfg, view)
+            for rid, overrides, planned_cfg in planned
+        ]
+        _check_sets(mine)
+        runs += mine
+        labels += [view.label(run.run_id) for run in mine]
     for run in runs:
         why = (reasons or {}).get(run.run_id)
         if why and run.status != "ok":
             run.reasons = [why] + [r for r in run.reasons if not r.startswith("no eval shards")]
-    _, headline = _columns(runs, setting_keys)
+    view_cols = [k for k, _ in views[0].values]
+    _, headline = _columns(runs, setting_keys, view_cols)
     _bootstrap(runs, headline, bootstrap)
-    columns, headline = _columns(runs, setting_keys)  # again: with the intervals' columns
+    columns, headline = _columns(runs, setting_keys, view_cols)  # again: with the intervals
     columns = _add_cost_columns(runs, columns, states, plan_estimates(sweep_dir))
     rows = [_row(run, columns) for run in runs]
     metric_cols = [
@@ -731,9 +833,10 @@ def _measure(
         if "_ci_" not in c and not c.endswith("_hours_estimated") and c not in PROVENANCE_COLUMNS
     ]
     setting_cols = [col for _, col in setting_keys]
-    cells = seed_cells(runs, rows, setting_cols, metric_cols)
-    problems = [(run.run_id, reason) for run in runs for reason in run.reasons]
-    return _Measured(runs, rows, columns, headline, setting_cols, cells, problems, ignored)
+    cells = seed_cells(runs, rows, [*setting_cols, *view_cols], metric_cols)
+    problems = [(label, reason) for run, label in zip(runs, labels, strict=True) for reason in run.reasons]
+    return _Measured(runs, rows, columns, headline, setting_cols, cells, problems, ignored,
+                     len(planned))  # fmt: skip
 
 
 def _bootstrap(runs: list[RunSummary], headline: list[str], replicates: int) -> None:
@@ -771,7 +874,7 @@ def _write_tables(summary: Path, sweep_dir: Path, m: _Measured) -> list[str]:
         "git_commit": provenance.git_commit(),
         "headline": json.dumps(m.headline),
     }
-    write_h5(summary / "results.h5", m.columns, m.rows, m.runs, m.cells, attrs)
+    write_h5(summary / "results.h5", m.columns, m.rows, m.primary[0], m.cells, attrs)
     data = write_report_data(sweep_dir, summary)  # read back from results.h5 and the shards
     return ["results.csv", "cells.csv", "results.md", "results.h5", data.name]
 
@@ -779,9 +882,10 @@ def _write_tables(summary: Path, sweep_dir: Path, m: _Measured) -> list[str]:
 def _write_plots(summary: Path, m: _Measured, max_plot_runs: int) -> list[str]:
     from dhm.summary import plots as P  # matplotlib only when figures are wanted
 
-    labels = plot_labels(m.runs, m.setting_cols)
+    runs, rows = m.primary
+    labels = plot_labels(runs, m.setting_cols)
     written = P.write_plots(
-        summary / "plots", m.runs, m.rows, labels, m.headline, max_plot_runs, m.setting_cols
+        summary / "plots", runs, rows, labels, m.headline, max_plot_runs, m.setting_cols
     )
     return [f"plots/{p.name}" for p in written]
 
@@ -848,7 +952,7 @@ def aggregate(
     if plots:
         files += _write_plots(summary, m, max_plot_runs)
     if tensorboard:
-        files += _write_hparams(summary, m.runs, m.rows, m.setting_cols, m.headline)
+        files += _write_hparams(summary, *m.primary, m.setting_cols, m.headline)
     if report:
         write_report(sweep_dir, states=states, summary_dir=summary)
         files.append("report.html")

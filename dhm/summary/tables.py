@@ -95,10 +95,18 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
+VIEW_COLUMNS = ("variant", "checkpoint")  # with eval.<key>: a sweep with several evaluations
+
+
 def head_end(columns: list[str]) -> int:
     """The index of the last column of a results table's head: run_id, status, the swept
-    settings, then model and dataset where they are not swept (so either may come last)."""
-    return max((columns.index(c) for c in ("model", "dataset") if c in columns), default=1)
+    settings, then model and dataset where they are not swept (so either may come last), then
+    the evaluation's variant, checkpoint and eval.<key> settings when there are several."""
+    return max(
+        (i for i, c in enumerate(columns)
+         if c in ("model", "dataset", *VIEW_COLUMNS) or c.startswith("eval.")),
+        default=1,
+    )  # fmt: skip
 
 
 def _md_columns(columns: list[str], headline: list[str]) -> list[str]:

@@ -29,6 +29,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import provenance
+from dhm.core import variants as V
 from dhm.core.config import ConfigError, check_run, from_yaml, to_yaml, training_identity
 from dhm.core.fsutil import atomic_write_text
 from dhm.data import loaders as data_lib
@@ -486,7 +487,9 @@ def train_one_epoch(rs: RunState, stop: StopRequest | None = None) -> None:
         if end_of_epoch:
             rs.scheduler.step()
             rs.epoch, rs.batch = epoch + 1, 0
-            _maybe_validate(rs)
+            fresh = _maybe_validate(rs)
+            if rs.epoch in t.get("keep_epochs", ()):
+                _save_epoch(rs, fresh)
         if checkpoint_now:
             path = save_checkpoint(rs, ckpt_io.step_path(rs.ckpt_dir, rs.step))
             if stopping:
@@ -508,11 +511,24 @@ def _validation_pass(rs: RunState, data: data_lib.ImageSet) -> val_lib.ValStats:
     )
 
 
-def _maybe_validate(rs: RunState) -> None:
-    """Validation after epoch ``rs.epoch - 1`` when due (and always after the last epoch)."""
+def _save_epoch(rs: RunState, fresh: val_lib.ValStats | None) -> Path:
+    """checkpoints/epoch_<NNNN>.pt after epoch ``rs.epoch`` (train.keep_epochs): the weights
+    and the evaluation sigma fitted now, as final.pt has them; kept after training."""
+    path = rs.ckpt_dir / V.checkpoint_file(rs.epoch)
+    extra = rs.extra
+    rs.extra = {**extra, **_eval_sigma(rs, fresh)}
+    try:
+        return save_checkpoint(rs, path, final=True)
+    finally:
+        rs.extra = extra
+
+
+def _maybe_validate(rs: RunState) -> val_lib.ValStats | None:
+    """Validation after epoch ``rs.epoch - 1`` when due (and always after the last epoch);
+    its statistics (None: not due)."""
     every, last = rs.cfg.train.val_every_epochs, rs.epoch == rs.cfg.train.epochs
     if rs.val_set is None or not (last or (every and rs.epoch % every == 0)):
-        return
+        return None
     stats = _validation_pass(rs, rs.val_set)
     rs.last_val = stats
     if rs.log is not None:
@@ -526,12 +542,14 @@ def _maybe_validate(rs: RunState) -> None:
             for name in ("recon", "samples"):
                 rs.log.tb.add_image(f"images/{name}", make_grid(grids[name], nrow=8), rs.step)
     rs.model.train()
+    return stats
 
 
-def _eval_sigma(rs: RunState) -> dict[str, Any]:
+def _eval_sigma(rs: RunState, fresh: Any = True) -> dict[str, Any]:
     """The sigma evaluation's headline bounds use, for final.pt: fitted in closed form on the
     validation split for every sigma option (for a learned one too: the shards then hold its
-    trained bounds beside, ``dhm.evaluation.evaluate``)."""
+    trained bounds beside, ``dhm.evaluation.evaluate``). ``fresh``: this epoch's validation
+    statistics (None: fit now; True: the last validation's, the end of training's)."""
     m = rs.unwrapped
     if not m.has_vae:
         return {}
@@ -540,7 +558,7 @@ def _eval_sigma(rs: RunState) -> dict[str, Any]:
         return _validation_pass(rs, data)
 
     if rs.val_set is not None:
-        stats = rs.last_val or fit(rs.val_set)
+        stats = (rs.last_val if fresh is True else fresh) or fit(rs.val_set)
         source = f"fitted on {int(stats.sums['images'])} validation images"
     else:  # no validation split: fit on (up to 10,000) training images, and say so
         n = min(10000, rs.loader.n)
