@@ -191,7 +191,9 @@ def _populate(cfg: Any, runs: list[Run], folder: Path) -> dict[str, str]:
                 size = expected_size(run.cfg, name, role)
                 path = rd / "eval" / shard_name(name, 0, size)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                os.link(_shard(folder / "shard.h5", V.legacy_eval_id(V.settings_of(run.cfg.eval))), path)
+                os.link(
+                    _shard(folder / "shard.h5", V.legacy_eval_id(V.settings_of(run.cfg.eval))), path
+                )
                 state = "COMPLETED"
             else:
                 state = "RUNNING" if phase == "evaluating" else "PENDING"

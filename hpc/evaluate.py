@@ -54,9 +54,10 @@ def _given(argv: list[str]) -> list[str]:
 
 def _listing(variants: list[V.Variant]) -> str:
     base = variants[0] if variants else None
-    return "; ".join(
-        f"{v.name} ({v.describe(None if v is base else base)})" for v in variants
-    ) or "none yet"
+    return (
+        "; ".join(f"{v.name} ({v.describe(None if v is base else base)})" for v in variants)
+        or "none yet"
+    )
 
 
 def resolve(cfg: Any, registry: list[V.Variant], argv: list[str]) -> tuple[V.Variant, bool]:
@@ -132,8 +133,10 @@ def check_checkpoints(runs: list[Run], variant: V.Variant) -> None:
             path = run.run_dir / "checkpoints" / V.checkpoint_file(epoch)
             missing = epoch not in kept or epoch > run.cfg.train.epochs
             if missing or (trained and not path.exists()):
-                have = [str(e) for e in kept if (run.run_dir / "checkpoints" /
-                                                 V.checkpoint_file(e)).exists() or not trained]  # fmt: skip
+                folder = run.run_dir / "checkpoints"
+                have = [
+                    str(e) for e in kept if not trained or (folder / V.checkpoint_file(e)).exists()
+                ]
                 raise ConfigError(
                     f"eval.checkpoints={_text(variant.settings['checkpoints'])} is not allowed: "
                     f"run {run.run_id} did not keep epoch {epoch} (it trained "

@@ -28,10 +28,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dhm.core import variants as V
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DataError, check_files
 from dhm.core.layout import IncompleteSweepError, eval_sets
-from dhm.core import variants as V
 from hpc import costs, disk, evaluate, ledger, lock, slurm, snapshot, stages
 from hpc.arrays import arrays_for
 from hpc.plan import Plan, make_plan
@@ -198,7 +198,9 @@ def run_local(cfg: Any, plan: Plan) -> int:
         if run.run_id in failed:
             continue
         try:
-            stages.EvalStage()(run.yaml, work.set_name, work.role, None, work.checkpoint, work.parts)
+            stages.EvalStage()(
+                run.yaml, work.set_name, work.role, None, work.checkpoint, work.parts
+            )
         except Exception as err:
             failed[run.run_id] = f"eval {work.label} failed: {type(err).__name__}: {err}"
             print(f"eval {work.label} of {run.run_id} failed: {err}", file=sys.stderr)

@@ -249,7 +249,9 @@ def make_plan(
         else:
             will_train = False
             if not st.trained:
-                plan.actions[st.run.run_id].append("train: not trained (mode=evaluate trains nothing)")
+                plan.actions[st.run.run_id].append(
+                    "train: not trained (mode=evaluate trains nothing)"
+                )
         _eval_lines(cfg, st, plan, eval_r, will_train)
     work = plan.train or plan.eval_after_train or plan.eval_now
     done, why = layout.summary_complete(sweep_dir(cfg), [r.run_id for r in (all_runs or runs)])
@@ -258,5 +260,3 @@ def make_plan(
     if not work and any(a.stage == "aggregate" and a.active for a in everything):
         plan.aggregate = False
     return plan
-
-

@@ -97,7 +97,11 @@ def status_lines(
                 f"{i['hours']:.2f}",
                 "-" if est is None else f"{est:.2f}",
                 _code(st),
-                *([" ".join(f"{k}:{v}" for k, v in evals[st.run.run_id].items())] if variants else []),
+                *(
+                    [" ".join(f"{k}:{v}" for k, v in evals[st.run.run_id].items())]
+                    if variants
+                    else []
+                ),
                 why or "-",
                 i["log"],
             )
@@ -132,10 +136,14 @@ def status_lines(
     lines.append(f"{len(states)} runs: {parts}; {why}; {total:.2f} {unit}-hours used")
     for v in variants:
         said = [e[v.name] for e in evals.values()]
-        counts_v = ", ".join(f"{said.count(k)} {k}" for k in ("done", "running", "missing") if k in said)
+        counts_v = ", ".join(
+            f"{said.count(k)} {k}" for k in ("done", "running", "missing") if k in said
+        )
         partial = sum(s not in ("done", "running", "missing") for s in said)
         counts_v += f", {partial} partial" if partial else ""
-        lines.append(f"variant {v.name} ({v.id}; {v.describe(variants[0])}): {counts_v.lstrip(', ')}")
+        lines.append(
+            f"variant {v.name} ({v.id}; {v.describe(variants[0])}): {counts_v.lstrip(', ')}"
+        )
     facts.save()
     if gone:
         lines += ["", f"{len(gone)} run(s) outside the current grid (a replan dropped them; "

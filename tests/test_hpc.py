@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dhm.core.config import ConfigError, check_eval, run_config
 from dhm.core import variants as V
+from dhm.core.config import ConfigError, check_eval, run_config
 from hpc import efficiency as E
 from hpc import schema, slurm
 from hpc.arrays import arrays_for

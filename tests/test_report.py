@@ -7,6 +7,7 @@ except in CI (CI=true), where a missing browser is a failure.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -24,6 +26,7 @@ from scipy import stats
 from dhm.report.data import _value, report_data
 from dhm.report.page import DATA_NAME, PAGE_RUNS, write_report
 from dhm.summary.aggregate import aggregate
+from dhm.summary.tables import write_h5
 from tests.helpers.browser import Browser, chromium
 from tests.helpers.sweeps import GRID, add_images, make_arrays, write_plan, write_run
 
@@ -502,3 +505,170 @@ def test_a_sweep_run_outside_snapshots_shows_no_code(small):
     data = json.loads((small / "summary" / DATA_NAME).read_text())
     assert {r["id"]: r["code"] for r in data["runs"]}["dhm0001"] == "none"
     assert not any(g["mixed"] for g in data["groups"])
+
+
+# (variant, checkpoint, eval.pgd_steps) of each view, the primary first as aggregate writes them
+VIEWS = [("default", "final", 1.0), ("pgd3", "2", 3.0), ("pgd3", "final", 3.0)]
+
+
+def test_report_data_shows_the_primary_view_and_every_view_side_by_side(small, tmp_path):
+    # Two runs under three views: a row and a seed cell per run and view. The headline table,
+    # heatmaps and per-run figures show the primary view alone (never variant, checkpoint or
+    # eval.* as a setting or a heatmap axis); variants holds every view's values, and pgd3's
+    # curves over epochs put final at the run's train.epochs (a: 5), else after the largest
+    # epoch (b, whose plan does not say: 3). Run b failed at epoch 2: no values there.
+    accuracy = {"a": [0.9, 0.5, 0.8], "b": [0.7, None, 0.6]}
+    cols = ["run_id", "status", "beta", "model", "dataset", "variant", "checkpoint"]
+    cols += ["eval.pgd_steps", "code", "accuracy", "ece", "pgd_acc_eps0.0314", "problem"]
+    rows, cells = [], []
+    for k, (variant, checkpoint, steps) in enumerate(VIEWS):
+        for rid, beta in (("a", 0.1), ("b", 1.0)):
+            acc = accuracy[rid][k]
+            view = {"variant": variant, "checkpoint": checkpoint, "eval.pgd_steps": steps}
+            metrics = {"accuracy": acc, "ece": None, "pgd_acc_eps0.0314": None}
+            if acc is not None:
+                metrics.update(ece=acc / 10, **{"pgd_acc_eps0.0314": acc / steps})
+            rows.append(
+                {
+                    "run_id": rid,
+                    "status": "ok" if acc is not None else "missing",
+                    **{"beta": beta, "model": "dhm", "dataset": "digits", **view, "code": None},
+                    **metrics,
+                    "problem": "" if acc is not None else "no eval shards",
+                }
+            )
+            cells.append({"beta": beta, "model": "dhm", **view, "n": int(acc is not None)})
+            cells[-1].update(runs=rid, code=None, mixed_code=False)
+    eps = np.array([0.0, 8 / 255])
+    curves = [
+        SimpleNamespace(run_id=r["run_id"], values={}, fgsm=(eps, np.array([r["accuracy"], 0.1])),
+                        pgd=None, reliability=None, id_set="digits", hist_edges={}, hists={})
+        for r in rows[:2]
+    ]  # fmt: skip
+    headline = ["accuracy", "ece", "pgd_acc_eps0.0314"]
+    (tmp_path / "summary").mkdir()
+    write_h5(tmp_path / "summary" / "results.h5", cols, rows, curves, cells,
+             {"created": "now", "headline": json.dumps(headline)})  # fmt: skip
+    plan = {"runs": [{"run_id": "a", "config": {"train": {"epochs": 5}}}, {"run_id": "b"}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+
+    data = report_data(tmp_path, tmp_path / "summary")
+    assert data["shown"] == ["beta", "model", "dataset"]
+    assert [r["run_id"] for r in data["rows"]] == ["a", "b"]
+    assert [g["ids"] for g in data["groups"]] == [["a"], ["b"]]
+    assert [g["values"][0]["value"] for g in data["groups"]] == [0.9, 0.7]
+    assert [h["axes"] for h in data["heatmaps"]] == [["beta"]] * 3
+    assert [c["mean"] for c in data["heatmaps"][0]["rows"][0]["cells"]] == [0.9, 0.7]
+    assert [(r["id"], r["fgsm"][1][0]) for r in data["runs"]] == [("a", 0.9), ("b", 0.7)]
+
+    v = data["variants"]
+    assert v["views"] == [
+        {"key": f"{name} @ {checkpoint}", "variant": name, "checkpoint": checkpoint,
+         "settings": {"eval.pgd_steps": steps}}
+        for name, checkpoint, steps in VIEWS
+    ]  # fmt: skip
+    assert [m["col"] for m in v["metrics"]] == headline
+    assert v["runs"] == [
+        {"run_id": "a", "label": "beta=0.1",
+         "values": [[0.9, 0.9 / 10, 0.9], [0.5, 0.5 / 10, 0.5 / 3], [0.8, 0.8 / 10, 0.8 / 3]]},
+        {"run_id": "b", "label": "beta=1",
+         "values": [[0.7, 0.7 / 10, 0.7], [None, None, None], [0.6, 0.6 / 10, 0.6 / 3]]},
+    ]  # fmt: skip
+    (pgd3,) = v["curves"]  # default has one checkpoint: no curves
+    assert pgd3["variant"] == "pgd3"
+    assert [m["col"] for m in pgd3["metrics"]] == ["accuracy", "ece"]  # not the attacks
+    assert [(r["run_id"], r["label"], r["points"]) for r in pgd3["metrics"][0]["runs"]] == [
+        ("a", "beta=0.1", [[2, 0.5], [5, 0.8]]),
+        ("b", "beta=1", [[3, 0.6]]),
+    ]
+    # A sweep evaluated once: no views to compare.
+    assert json.loads((small / "summary" / DATA_NAME).read_text())["variants"] is None
+
+
+# A DHM and a ResNet, trained 2 epochs keeping epoch 1, on a few test images.
+VARIANT_SWEEP = [
+    "sweep=single",
+    "sweep.name=var",
+    "sweep.points=[{model.beta:1.0},{model.name:resnet,model.alpha:1.0,model.beta:0.0}]",
+    "train.epochs=2",
+    "train.keep_epochs=[1]",
+    "train.progress=false",
+    "model.width=4",
+    "model.latent_dim=4",
+    "eval.iwae_k=[1,2]",
+    "eval.fgsm_eps=[0.0,0.05]",
+    "eval.pgd_steps=1",
+    "eval.max_images=60",
+    "eval.batch_size=30",
+    "eval.ood_sets=[digits_ood]",
+]
+
+# Picks views a and b in the side-by-side selects (as a reader does: a change event each) and
+# reads the table back: per row, its cells' text.
+PICK = """((a, b) => {
+  [["variant-a", a], ["variant-b", b]].forEach(([id, v]) => { const s = document.getElementById(id);
+    s.value = String(v); s.dispatchEvent(new Event("change")); });
+  return Array.from(document.querySelectorAll("#side-by-side tbody tr")).map(
+    r => Array.from(r.cells).map(c => c.textContent));
+})"""
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_two_evaluations_side_by_side_in_a_browser(tmp_path):
+    # A sweep trained once, then evaluated again (mode=evaluate) with 3-step PGD at epoch 1
+    # and final: three views. The page compares any two of them per run, and draws the new
+    # variant's metrics over epochs.
+    from PIL import Image
+
+    from hpc.cli import cli
+
+    _need_browser()
+    assert cli([f"root={tmp_path}", *VARIANT_SWEEP]) == 0
+    again = ["sweep.name=var", "mode=evaluate", "eval.pgd_steps=3", "eval.checkpoints=[1,final]"]
+    assert cli([f"root={tmp_path}", *again]) == 0
+    summary = tmp_path / "var" / "summary"
+    with open(summary / "results.csv") as f:
+        table = {(r["run_id"], r["variant"], r["checkpoint"]): r for r in csv.DictReader(f)}
+    views = list(dict.fromkeys((variant, checkpoint) for _, variant, checkpoint in table))
+    assert len(views) == 3 and views[0] == ("default", "final")
+    a, b = views[2], views[1]  # the new variant at final, then at epoch 1: other weights
+    data = json.loads((summary / DATA_NAME).read_text())
+    headline = [m["col"] for m in data["variants"]["metrics"]]
+    with Browser() as browser:
+        browser.open((summary / "report.html").as_uri())
+        picked = browser.evaluate(
+            "['a', 'b'].map(k => document.getElementById('variant-' + k).value)"
+        )
+        shown = browser.evaluate(f"{PICK}(2, 1)")
+        charts = browser.evaluate("document.querySelectorAll('#epochs svg').length")
+        text = browser.evaluate("document.body.innerText")
+        errors = browser.errors()
+        shot = browser.screenshot(tmp_path / "report.png")
+    assert errors == []
+    assert picked == ["0", "1"]  # before picking, A: the primary view, B: the second
+    assert "show the primary view, default @ final" in text and "Over epochs" in text
+    assert charts == len(data["variants"]["curves"][0]["metrics"]) >= 3  # accuracy, ECE, AUROC
+
+    def value(rid: str, view: tuple[str, str], m: str) -> float | None:
+        row = table[(rid, *view)]
+        return float(row[m]) if row["status"] == "ok" and row[m] else None
+
+    run_ids = [r["run_id"] for r in data["rows"]]
+    assert [row[0] for row in shown] == run_ids and len(run_ids) == 2
+    compared = 0
+    for rid, row in zip(run_ids, shown, strict=True):
+        for k, m in enumerate(headline):
+            x, y, diff = row[2 + 3 * k : 5 + 3 * k]
+            va, vb = value(rid, a, m), value(rid, b, m)
+            if va is None or vb is None:  # the ResNet's likelihood AUROCs
+                assert diff == "–" and (x == "–") == (va is None) and (y == "–") == (vb is None)
+                continue
+            assert (float(x), float(y)) == pytest.approx((va, vb), rel=1e-3)
+            assert float(diff) == pytest.approx(vb - va, rel=1e-3, abs=1e-12)
+            compared += 1
+    assert compared >= 10  # both runs' classifier metrics, the DHM's likelihood AUROCs
+    assert any(r[4 + 3 * k] not in ("0", "–") for r in shown for k in range(len(headline)))
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
+    assert image.shape[0] > 500 and (image < 245).any(axis=2).mean() > 0.05
+    assert image.std() > 20

@@ -190,7 +190,9 @@ def test_a_name_taken_by_other_settings_is_refused(sweep, capsys):
     assert evaluate(root, "eval.variant=pgd3", "eval.pgd_steps=3") == 0
     capsys.readouterr()
     assert evaluate(root, "eval.variant=pgd3", "eval.pgd_steps=4") == 2
-    assert "the sweep's variant pgd3 has other settings (pgd_steps=3 there)" in capsys.readouterr().err
+    assert (
+        "the sweep's variant pgd3 has other settings (pgd_steps=3 there)" in capsys.readouterr().err
+    )
 
 
 def test_shards_of_the_layout_before_variants_are_read_as_the_default(sweep, capsys):
@@ -236,6 +238,51 @@ def test_evaluate_waits_for_the_sweeps_lock(sweep, capsys):
         assert holder.stdout.readline().strip() == "held"
         assert evaluate(root, "eval.pgd_steps=3", "lock_wait_s=0") == 1
         assert "a test" in capsys.readouterr().err
-        assert json.loads((folder / "variants.json").read_text())["variants"][-1]["name"] == "default"
+        assert (
+            json.loads((folder / "variants.json").read_text())["variants"][-1]["name"] == "default"
+        )
     finally:
         holder.kill()
+
+
+@pytest.mark.slurm
+def test_on_the_cluster_a_second_variant_submits_only_attack_tasks(tmp_path):
+    from tests.test_slurm_e2e import PROFILE, TINY, _cluster_env, ledger, wait_for_jobs
+
+    env = _cluster_env()
+    args = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=var2",
+            "sweep.points=[{model.beta:1.0},{model.beta:2.0}]"]  # fmt: skip
+
+    def launch(*extra: str) -> list[dict]:
+        out = subprocess.run([sys.executable, "launch.py", *extra], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        known = {(j["job_id"]) for j in submitted}
+        new = [j for j in ledger(folder) if j["job_id"] not in known]
+        assert new, out.stdout[-3000:]  # submitted to the cluster, not run here
+        submitted.extend(new)
+        states = wait_for_jobs(env, [j["job_id"] for j in new])
+        assert set(states.values()) == {"COMPLETED"}, states
+        return new
+
+    folder, submitted = tmp_path / "var2", []
+    first = launch(*args)
+    assert {j["stage"].split(":")[0] for j in first} == {"train", "eval", "aggregate"}
+    before = hashes(folder)
+    cluster = [a for a in PROFILE if a.startswith("cluster")]  # as any launch: not stored
+    second = launch(f"root={tmp_path}", *cluster, "sweep.name=var2", "mode=evaluate",
+                    "eval.variant=pgd3", "eval.pgd_steps=3")  # fmt: skip
+    evals = [j for j in second if j["stage"].startswith("eval")]
+    assert [j["stage"] for j in evals] == ["eval:digits"]  # one array: the test set's attacks
+    assert [t["set"] for j in evals for t in j["tasks"]] == ["digits/pgd3", "digits/pgd3"]
+    assert {j["stage"] for j in second} == {"eval:digits", "aggregate"}
+    after = hashes(folder)
+    assert {p: after[p] for p in before} == before
+    assert (
+        sorted(set(after) - set(before))
+        == sorted(p for p in after if "/eval/final-attacks-" in p and p not in before)
+        and len(set(after) - set(before)) == 2
+    )
+    table = rows(folder)
+    assert sorted(r["variant"] for r in table) == ["default", "default", "pgd3", "pgd3"]
+    assert all(r["status"] == "ok" for r in table)

@@ -7,8 +7,8 @@
                      manifest.json}
 
 The launcher asks this module which sets a run evaluates (``eval_sets``; in which folders:
-``dhm.core.variants``), whether a set's shards cover it (``set_complete``: from the file names and the
-set's size, known from the dataset; a shard is opened only when the size is not known) and
+``dhm.core.variants``), whether a set's shards cover it (``set_complete``: from the file names
+and the set's size, known from the dataset; a shard is opened only when the size is not known) and
 whether a summary is done (``summary_complete``: its manifest lists files that all exist, and
 it is newer than every shard). ``dhm.evaluation.results`` reads and writes the files themselves.
 """
@@ -16,7 +16,6 @@ it is newer than every shard). ``dhm.evaluation.results`` reads and writes the f
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re

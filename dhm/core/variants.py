@@ -54,7 +54,12 @@ def checkpoints_of(values: Iterable[Any]) -> list[Any]:
     for v in values:
         if str(v) == FINAL:
             final = True
-        elif isinstance(v, int | str) and not isinstance(v, bool) and str(v).isdigit() and int(v) >= 1:
+        elif (
+            isinstance(v, int | str)
+            and not isinstance(v, bool)
+            and str(v).isdigit()
+            and int(v) >= 1
+        ):
             epochs.add(int(v))
         else:
             raise ValueError(f"eval.checkpoints: {v!r} is not an epoch (an integer >= 1) or final")
@@ -108,8 +113,8 @@ def parts_of(role: str, model: str, s: dict[str, Any]) -> tuple[str, ...]:
 
 def part_id(s: dict[str, Any], role: str, part: str, model: str) -> str:
     """10 hex chars over the settings that change this part's shards, and nothing else."""
-    key: dict[str, Any] = {"schema": SCHEMA_VERSION, "role": role, "part": part,
-                           **{k: s[k] for k in ("batch_size", "shard_size", "max_images")}}  # fmt: skip
+    key: dict[str, Any] = {"schema": SCHEMA_VERSION, "role": role, "part": part}
+    key.update({k: s[k] for k in ("batch_size", "shard_size", "max_images")})
     if part == "attacks":  # PGD's random start is seeded by (seed, block)
         key.update({k: s[k] for k in ("fgsm_eps", "pgd_steps", "pgd_step_size", "seed")})
     elif role == "id":  # bounds (with a VAE) and the report's images
@@ -179,7 +184,9 @@ def read_registry(sweep_dir: str | Path) -> list[Variant]:
     except FileNotFoundError:
         pass
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{sweep_dir / REGISTRY}: unreadable ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{sweep_dir / REGISTRY}: unreadable ({type(err).__name__}: {err})"
+        ) from None
     try:
         plan = json.loads((sweep_dir / "plan.json").read_text())
         e = plan["runs"][0]["config"]["eval"]
@@ -200,22 +207,33 @@ class _Attrs(dict):
 
 def write_registry(sweep_dir: str | Path, variants: list[Variant]) -> Path:
     entries = [
-        {"name": v.name, "id": v.id, "settings": v.settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        {
+            "name": v.name,
+            "id": v.id,
+            "settings": v.settings,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         for v in variants
     ]
     try:  # keep the creation times already recorded
-        old = {e["name"]: e for e in json.loads((Path(sweep_dir) / REGISTRY).read_text())["variants"]}
+        old = {
+            e["name"]: e for e in json.loads((Path(sweep_dir) / REGISTRY).read_text())["variants"]
+        }
         for e in entries:
             e["created"] = old.get(e["name"], e).get("created", e["created"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    return atomic_write_text(Path(sweep_dir) / REGISTRY, json.dumps({"format": 1, "variants": entries}, indent=1))
+    return atomic_write_text(
+        Path(sweep_dir) / REGISTRY, json.dumps({"format": 1, "variants": entries}, indent=1)
+    )
 
 
 # ---------------------------------------------------------------------------- a run's shards
 
 
-def eval_listing(run_dir: str | Path, top: Iterable[str] | None = None) -> dict[str, tuple[str, ...]]:
+def eval_listing(
+    run_dir: str | Path, top: Iterable[str] | None = None
+) -> dict[str, tuple[str, ...]]:
     """{"": shard names in eval/, "<folder>": names in eval/<folder>/} of one run, one listing
     each (``top``: eval/'s names, when already listed)."""
     eval_dir = os.path.join(run_dir, "eval")
@@ -267,17 +285,30 @@ def set_parts(
     for checkpoint in s["checkpoints"]:
         for set_name, role in sets:
             expected = size(set_name, role) if size else None
-            folders = {p: part_folder(s, checkpoint, role, p, model) for p in parts_of(role, model, s)}
+            folders = {
+                p: part_folder(s, checkpoint, role, p, model) for p in parts_of(role, model, s)
+            }
             done = frozenset(
                 p
                 for p, folder in folders.items()
                 if folder in listing
-                and set_complete(os.path.join(eval_dir, folder), set_name, expected, listing[folder])
+                and set_complete(
+                    os.path.join(eval_dir, folder), set_name, expected, listing[folder]
+                )
             )
             legacy = False
             if done != set(folders) and checkpoint == FINAL and legacy_id is not None:
                 legacy = _legacy_covers(eval_dir, set_name, expected, listing[""], s, legacy_id)
-            out.append(SetParts(set_name, role, checkpoint, folders, frozenset(folders) if legacy else done, legacy))
+            out.append(
+                SetParts(
+                    set_name,
+                    role,
+                    checkpoint,
+                    folders,
+                    frozenset(folders) if legacy else done,
+                    legacy,
+                )
+            )
     return out
 
 
@@ -297,13 +328,18 @@ def _legacy_covers(eval_dir: str, set_name: str, size: int | None, names: tuple[
     )
 
 
-def shard_paths(run_dir: str | Path, parts: SetParts, listing: dict[str, tuple[str, ...]]) -> list[list[Path]]:
+def shard_paths(
+    run_dir: str | Path, parts: SetParts, listing: dict[str, tuple[str, ...]]
+) -> list[list[Path]]:
     """The shard files of each part of a set (one list per part; one list for the old layout)."""
     eval_dir = Path(run_dir) / "eval"
     if parts.legacy:
         return [[eval_dir / f for *_, f in shard_spans(eval_dir, parts.set_name, listing[""])]]
     return [
-        [eval_dir / folder / f for *_, f in shard_spans(eval_dir / folder, parts.set_name, listing.get(folder, ()))]
+        [
+            eval_dir / folder / f
+            for *_, f in shard_spans(eval_dir / folder, parts.set_name, listing.get(folder, ()))
+        ]
         for folder in parts.folders.values()
     ]
 

@@ -38,8 +38,8 @@ import torch
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import provenance
-from dhm.core.config import from_yaml, to_yaml
 from dhm.core import variants as V
+from dhm.core.config import from_yaml, to_yaml
 from dhm.core.layout import eval_sets
 from dhm.data import loaders as data_lib
 from dhm.evaluation import results
@@ -80,7 +80,9 @@ class ShardSpec:
 
     def path(self, cfg: Any, model: str) -> Path:
         """<run_dir>/eval/<checkpoint>-<part>-<part id>/<file> (dhm.core.variants)."""
-        folder = V.part_folder(V.settings_of(cfg.eval), self.checkpoint, self.role, self.part, model)
+        folder = V.part_folder(
+            V.settings_of(cfg.eval), self.checkpoint, self.role, self.part, model
+        )
         return Path(cfg.run_dir) / "eval" / folder / self.filename
 
 
@@ -102,7 +104,12 @@ def load_eval_set(cfg: Any, set_name: str, role: str) -> data_lib.ImageSet:
 
 
 def plan_shards(
-    cfg: Any, set_name: str, role: str, set_size: int, part: str = "scores", checkpoint: Any = V.FINAL
+    cfg: Any,
+    set_name: str,
+    role: str,
+    set_size: int,
+    part: str = "scores",
+    checkpoint: Any = V.FINAL,
 ) -> list[ShardSpec]:
     """Index ranges of one set: eval.shard_size images each (0 = the whole set)."""
     size = cfg.eval.shard_size or set_size

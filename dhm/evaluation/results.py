@@ -299,7 +299,9 @@ def load_run(eval_dir: str | Path, checkpoint: str = "final") -> dict[str, SetRe
     for name, groups in sorted(by_set.items()):
         kinds = [f.split("-")[1] if f else "old layout" for f in groups]
         if len(set(kinds)) != len(kinds):
-            raise ShardError(f"{eval_dir}: set {name} has several evaluations ({', '.join(groups)})")
+            raise ShardError(
+                f"{eval_dir}: set {name} has several evaluations ({', '.join(groups)})"
+            )
         out[name] = merge_parts([groups[f] for f in sorted(groups, key=_part_order)])
     return out
 

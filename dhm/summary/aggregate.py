@@ -238,8 +238,13 @@ def sources(run_dir: Path, cfg: dict | None, variant: V.Variant | None, checkpoi
     s = {**variant.settings, "checkpoints": [checkpoint]}
     run_cfg = Plain.of({**cfg, "run_dir": str(run_dir), "eval": {**cfg.get("eval", {}), **s}})
     return {
-        p.set_name: list(zip([""] if p.legacy else list(p.folders.values()),
-                             V.shard_paths(run_dir, p, listing), strict=True))  # fmt: skip
+        p.set_name: list(
+            zip(
+                [""] if p.legacy else list(p.folders.values()),
+                V.shard_paths(run_dir, p, listing),
+                strict=True,
+            )
+        )  # fmt: skip
         for p in V.set_parts(run_cfg, s, listing, legacy_id=V.shard_eval_id)
     }
 
@@ -523,8 +528,8 @@ def views_of(sweep_dir: Path) -> list[View]:
     views = []
     for v in registry:
         for c in v.settings["checkpoints"]:
-            values = (("variant", v.name), ("checkpoint", str(c)),
-                      *((f"eval.{k}", plain(v.settings[k])) for k in keys if k != "checkpoints"))  # fmt: skip
+            settings = [(f"eval.{k}", plain(v.settings[k])) for k in keys if k != "checkpoints"]
+            values = (("variant", v.name), ("checkpoint", str(c)), *settings)
             views.append(View(v, c, values))
     views.insert(0, views.pop(len(registry[0].settings["checkpoints"]) - 1))
     if len(views) == 1:
@@ -546,12 +551,17 @@ def summarize_run(
     run = RunSummary(run_id)
     variant_cfg = planned_cfg
     if planned_cfg and view.variant is not None:
-        variant_cfg = {**planned_cfg, "eval": {**planned_cfg.get("eval", {}), **view.variant.settings}}
+        variant_cfg = {
+            **planned_cfg,
+            "eval": {**planned_cfg.get("eval", {}), **view.variant.settings},
+        }
     if not run_dir.is_dir():
         run.fail("missing", f"planned run has no folder runs/{run_id}")
         sets: dict[str, results.SetResults] = {}
     else:
-        sets = _load_sets(run, run_dir, sources(run_dir, variant_cfg, view.variant, view.checkpoint))
+        sets = _load_sets(
+            run, run_dir, sources(run_dir, variant_cfg, view.variant, view.checkpoint)
+        )
         _set_metrics(run, sets)
     cfg: dict | None = None
 
@@ -834,7 +844,9 @@ def _measure(
     ]
     setting_cols = [col for _, col in setting_keys]
     cells = seed_cells(runs, rows, [*setting_cols, *view_cols], metric_cols)
-    problems = [(label, reason) for run, label in zip(runs, labels, strict=True) for reason in run.reasons]
+    problems = [
+        (label, reason) for run, label in zip(runs, labels, strict=True) for reason in run.reasons
+    ]
     return _Measured(runs, rows, columns, headline, setting_cols, cells, problems, ignored,
                      len(planned))  # fmt: skip
 
