@@ -1,11 +1,12 @@
 """What a launch read inside a run's files, kept for the next launch: a shard's eval_id, and
 whether a checkpoint is whole.
 
-A launch that plans new work checks the eval_id of each shard (the eval settings it was written
-with): shards of other settings are moved aside and their sets evaluated again. The id is an
-attribute inside the HDF5 file, and reading it costs importing h5py and an open per shard; a
-relaunch of a 1,000-run sweep in flight reads thousands (docs/performance.md has the figures
-that keep this layer). Every launch and status also asks whether each run's final.pt is whole
+A launch reads the eval_id of each shard of the layout before variants (in eval/ itself, one
+id over every eval setting) to know which variant it belongs to (``dhm.core.variants``). The id
+is an attribute inside the HDF5 file, and reading it costs importing h5py and an open per
+shard; a relaunch of a 1,000-run sweep in flight reads thousands (docs/performance.md has the
+figures that keep this layer). Status opens no shard (``open_shards=False``): an id not kept yet
+reads as None, which counts the shard for every variant until a launch has read it. Every launch and status also asks whether each run's final.pt is whole
 (``dhm.core.checkpoint.looks_complete``). Shards and checkpoints are written once (to a
 temporary name, then renamed) and never changed in place, so a file's inode, size and
 modification time name its content: what was read once is kept under them, and a file whose
@@ -32,8 +33,9 @@ class FileFacts:
     """{kind:path: (stat key, fact)} of one sweep's files; a fact is read from the file only
     when its stat is not the one kept; ``save`` writes what was read (atomically)."""
 
-    def __init__(self, sweep_dir: str | Path) -> None:
+    def __init__(self, sweep_dir: str | Path, open_shards: bool = True) -> None:
         self.path = Path(sweep_dir) / NAME
+        self.open_shards = open_shards
         self.kept: dict[str, list[Any]] = {}
         self.read = 0  # files opened by this instance
         try:
@@ -53,6 +55,8 @@ class FileFacts:
         stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         entry = self.kept.get(f"{kind}:{path}")
         if entry is None or entry[0] != stamp:
+            if kind == "eval_id" and not self.open_shards:
+                return None  # not read, not kept
             entry = self.kept[f"{kind}:{path}"] = [stamp, read(path)]
             self.read += 1
         return entry[1]

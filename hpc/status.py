@@ -71,7 +71,7 @@ def status_lines(
     ``estimates``: the stored plan's device-hours per run (read from plan.json if None);
     ``outside``: runs an earlier plan had and a replan dropped, listed after the footer with
     their state (never cancelled or deleted by a launch)."""
-    facts = FileFacts(sweep_dir(cfg))
+    facts = FileFacts(sweep_dir(cfg), open_shards=False)  # no h5py: ids a launch read
     states, everything = read_states(cfg, [*runs, *outside], query, facts)
     states, gone = states[: len(runs)], states[len(runs) :]
     infos = {st.run.run_id: describe(st) for st in states}
