@@ -5,8 +5,8 @@ killed writers left in it.
 
 * checkpoints: per run, the peak while it trains (``train.keep_checkpoints`` step checkpoints
   and the one being written; ``final.pt`` is written after the last prune) and what stays once
-  it is trained (``final.pt``, and the step checkpoints only with
-  ``train.keep_step_checkpoints``). File sizes come from ``dhm.core.sizes`` (the model's
+  it is trained (``final.pt``, the epochs of ``train.keep_epochs``, and the step checkpoints
+  only with ``train.keep_step_checkpoints``). File sizes come from ``dhm.core.sizes`` (the model's
   state_dict counted from its config, Adam's moments in step checkpoints), or from the files
   themselves where a run folder already has them;
 * shards: per run and eval set, the columns ``dhm.evaluation.evaluate`` writes per image times
@@ -34,6 +34,7 @@ from typing import Any
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import layout
+from dhm.core import variants as V
 from dhm.core.config import ConfigError
 from dhm.core.datasets import DATASETS, TEST_SIZES
 from dhm.core.sizes import checkpoint_bytes, human
@@ -247,6 +248,9 @@ def run_checkpoints(cfg: Any, names: Iterable[str] = ()) -> RunCheckpoints:
     on_disk = sum(sizes.values())
     if ckpt_io.FINAL_NAME in sizes:  # trained: what is there is what stays
         return RunCheckpoints(on_disk, on_disk, len(sizes), max(sizes.values()), True)
+    other += final * sum(  # train.keep_epochs: a final-sized file per kept epoch not yet there
+        1 for e in _get(t, "keep_epochs", []) or [] if V.checkpoint_file(e) not in sizes
+    )
     at_peak = step_checkpoints_written(cfg, cap=keep + 1)
     peak = max(at_peak * step, min(keep, at_peak) * step + final) + other
     trained = final + (min(keep, at_peak) * step if kept_steps else 0) + other
@@ -337,20 +341,22 @@ def set_bytes(cfg: Any, set_name: str, role: str, covered: Iterable[tuple[int, i
 
 
 def run_shards(cfg: Any, names: Iterable[str] = ()) -> tuple[int, int]:
-    """(bytes of the run's shard files on disk, bytes still to write) for its eval sets;
-    ``names``: the listing of its eval/ folder."""
+    """(bytes of the run's shard files on disk, every variant's, and bytes still to write)
+    for the eval sets and checkpoints of its variant (``cfg.eval``); ``names``: the listing of
+    its eval/ folder. A (set, checkpoint) counts whole unless all its part folders exist."""
     eval_dir = Path(cfg.run_dir) / "eval"
-    names = list(names)
-    written = todo = 0
-    for set_name, role in layout.eval_sets(cfg):
-        spans = layout.shard_spans(eval_dir, set_name, names) if names else []
-        covered = []
-        for start, stop, name in spans:
-            size = _size(eval_dir / name)
-            if size is not None:
-                written += size
-                covered.append((start, stop))
-        todo += set_bytes(cfg, set_name, role, covered)
+    listing = V.eval_listing(eval_dir.parent, names) if names else {"": ()}
+    written = sum(
+        size
+        for folder, files in listing.items()
+        for name in files
+        if name.endswith(".h5") and (size := _size(eval_dir / folder / name)) is not None
+    )
+    todo = 0
+    size = lambda n, r: layout.expected_size(cfg, n, r)  # noqa: E731
+    for sp in V.set_parts(cfg, V.settings_of(cfg.eval), listing, size=size):
+        if set(sp.done) != set(sp.folders):
+            todo += set_bytes(cfg, sp.set_name, sp.role, [])
     return written, todo
 
 

@@ -16,6 +16,7 @@ import torch
 
 from dhm.core import checkpoint as ckpt_io
 from dhm.core import layout
+from dhm.core import variants as V
 from dhm.core.config import ConfigError, run_config, to_yaml
 from dhm.core.fsutil import atomic_path
 from dhm.core.sizes import checkpoint_bytes, human, run_state_size
@@ -175,6 +176,32 @@ def test_the_estimate_reads_the_sizes_of_checkpoints_and_shards_on_disk(tmp_path
     assert est.shards_on_disk == 777
     untouched = disk.estimate(runs[2:], sweep_dir(cfg))
     assert not any(r.measured for r in untouched.per_run)
+
+
+def test_the_estimate_counts_kept_epochs_and_every_variants_shards(tmp_path):
+    # train.keep_epochs adds a final-sized file per kept epoch; shards in variant folders
+    # count as on disk, and a (set, checkpoint) whose part folders all exist is not to write.
+    cfg = compose_config(["sweep=single", f"root={tmp_path}", "eval.max_images=80"])
+    (run,) = expand(cfg)
+    (kept,) = expand(compose_config(["sweep=single", f"root={tmp_path}", "train.keep_epochs=[1]"]))
+    plain, epochs = disk.run_checkpoints(run.cfg), disk.run_checkpoints(kept.cfg)
+    final = disk.formula_bytes(run.cfg, final=True)
+    assert epochs.trained - plain.trained == final and epochs.peak - plain.peak == final
+
+    s = V.settings_of(run.cfg.eval)
+    eval_dir = run.run_dir / "eval"
+    (set_name, role), *rest = layout.eval_sets(run.cfg)
+    _, full = disk.run_shards(run.cfg)
+    for part in V.parts_of(role, run.cfg.model.name, s):
+        folder = eval_dir / V.part_folder(s, "final", role, part, run.cfg.model.name)
+        folder.mkdir(parents=True)
+        (folder / layout.shard_name(set_name, 0, 80)).write_bytes(b"x" * 100)
+    other = eval_dir / "final-attacks-0123456789"  # another variant's: on disk, not this one's
+    other.mkdir()
+    (other / layout.shard_name(set_name, 0, 80)).write_bytes(b"x" * 50)
+    written, todo = disk.run_shards(run.cfg, os.listdir(eval_dir))
+    assert written == 100 * len(V.parts_of(role, run.cfg.model.name, s)) + 50
+    assert todo == full - disk.set_bytes(run.cfg, set_name, role, []) and rest
 
 
 def test_a_sweep_above_the_disk_quota_is_refused_naming_the_key(tmp_path):
