@@ -162,7 +162,8 @@ def _png(images: np.ndarray, ncol: int = 8) -> str:
 def _images(sweep_dir: Path, row: dict, primary: V.Variant | None) -> dict[str, str]:
     """inputs, recon and samples of the run's first test shard, as PNG data URIs: the shard of
     the primary view (the ID set's scores folder of the ``primary`` variant at its last
-    checkpoint), else one in eval/ itself (the layout before variants)."""
+    checkpoint), else one in eval/ itself (the layout before variants), else any final scores
+    folder's (a sweep with no variants.json or plan.json)."""
     id_set = row.get("dataset")
     if not id_set:
         return {}
@@ -172,6 +173,7 @@ def _images(sweep_dir: Path, row: dict, primary: V.Variant | None) -> dict[str, 
         s = primary.settings
         scores = V.part_folder(s, s["checkpoints"][-1], "id", "scores", str(row["model"]))
         folders.insert(0, eval_dir / scores)
+    folders += sorted(eval_dir.glob(f"{V.FINAL}-scores-*"))
     paths = [p for d in folders for p in sorted(d.glob(f"{id_set}__0000000-*.h5"))]
     if not paths:
         return {}
