@@ -316,7 +316,7 @@ def test_a_bad_shard_never_replaces_a_good_summary(fake_slurm, trained, tmp_path
     import h5py
 
     root, run_dir = _copy(trained, tmp_path)
-    shard = sorted((run_dir / "eval").glob("digits__*.h5"))[0]
+    shard = sorted((run_dir / "eval").glob("final-scores-*/digits__*.h5"))[0]
     if kind == "truncated":
         _truncate(shard)
     else:

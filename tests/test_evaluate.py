@@ -107,7 +107,8 @@ def test_shard_split_does_not_change_the_union(trained, tmp_path):
         local.eval.shard_size = shard_size
         local.eval.batch_size = 32
         paths = evaluate_all(local, ckpt)
-        assert len(paths) == (4 if shard_size == 0 else 4 * 3)  # 150 images: 3 shards a set
+        # 4 sets' scores and the test set's attacks; 150 images: 3 shards a part
+        assert len(paths) == (5 if shard_size == 0 else 5 * 3)
         merged[shard_size] = results.load_run(Path(local.run_dir) / "eval")
     whole, split = merged[0], merged[64]
     assert whole.keys() == split.keys() == {"digits", "digits-val", "digits_heldout", "digits_ood"}
