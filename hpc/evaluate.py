@@ -98,18 +98,6 @@ def resolve(cfg: Any, registry: list[V.Variant], argv: list[str]) -> tuple[V.Var
     return V.Variant(str(name), settings), True
 
 
-def check_known(cfg: Any, sweep: Path) -> None:
-    """ConfigError when eval.variant names no variant of the sweep (aggregate, status, report)."""
-    if cfg.eval.variant is None:
-        return
-    registry = V.read_registry(sweep)
-    if cfg.eval.variant not in {v.name for v in registry}:
-        raise ConfigError(
-            f"eval.variant={cfg.eval.variant} is not a variant of this sweep: its variants are "
-            f"{_listing(registry)}"
-        )
-
-
 def with_variant(runs: list[Run], variant: V.Variant, device: str) -> list[Run]:
     """The stored runs with the variant's eval settings (and this launch's eval.device)."""
     out = []
