@@ -6,7 +6,8 @@ id over every eval setting) to know which variant it belongs to (``dhm.core.vari
 is an attribute inside the HDF5 file, and reading it costs importing h5py and an open per
 shard; a relaunch of a 1,000-run sweep in flight reads thousands (docs/performance.md has the
 figures that keep this layer). Status opens no shard (``open_shards=False``): an id not kept yet
-reads as None, which counts the shard for every variant until a launch has read it. Every launch and status also asks whether each run's final.pt is whole
+reads as None, which counts the shard for every variant until a launch has read it. Every
+launch and status also asks whether each run's final.pt is whole
 (``dhm.core.checkpoint.looks_complete``). Shards and checkpoints are written once (to a
 temporary name, then renamed) and never changed in place, so a file's inode, size and
 modification time name its content: what was read once is kept under them, and a file whose

@@ -304,8 +304,9 @@ def main(cfg: DictConfig, argv: list[str] | None = None) -> int:
         return 0
     if cfg.mode == "dry_run":
         return _plan_and_submit(cfg, argv)[0]
-    if cfg.mode == "evaluate":
+    if cfg.mode == "evaluate":  # on the sweep's cluster profile unless cluster= names one
         evaluate.refuse_training_overrides(argv)
+        cfg = stored_sweep(cfg, argv)[0]
     check_root(cfg)
     with lock.held(sweep_dir(cfg), f"launch.py mode={cfg.mode}", cfg.lock_wait_s):
         if cfg.mode == "aggregate":

@@ -141,7 +141,7 @@ class EvalWork:
     set_name: str
     role: str
     checkpoint: Any = V.FINAL
-    parts: tuple[str, ...] = ("scores",)
+    parts: tuple[str, ...] | None = None  # None: all of each run's parts
 
 
 @dataclass
@@ -210,7 +210,10 @@ def _eval_lines(cfg: Any, st: RunState, plan: Plan, base: Resources, will_train:
     lines = plan.actions[st.run.run_id]
     for label, done in st.eval_done.items():
         p = st.parts[label]
-        work = EvalWork(label, p.set_name, p.role, p.checkpoint, p.todo)
+        # Every part to compute: None, so that runs with other parts (a VAE has no attacks)
+        # share one array; only a variant reusing some parts names the rest.
+        todo = None if set(p.todo) == set(p.folders) else p.todo
+        work = EvalWork(label, p.set_name, p.role, p.checkpoint, todo)
         if done:
             lines.append(f"eval {label}: skip ({_parts_line(p)})")
         elif (task := st.active("eval", label)) is not None:

@@ -448,7 +448,8 @@ def select(cfg: Any, runs: list[Run]) -> list[Run]:
 
 def stored_sweep(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run], dict[str, Any]]:
     """The sweep as stored in its plan (by name and root): the config with the stored cluster
-    profile unless the command line names another, the runs, and the plan as stored."""
+    profile (and the command line's ``cluster.<key>`` values) unless the command line names
+    another profile (``cluster=``), the runs, and the plan as stored."""
     path = plan_path(cfg)
     plan = read_plan(path)
     if plan is None:
@@ -457,7 +458,11 @@ def stored_sweep(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run
             "sweep first (or give its name and root as it was launched)"
         )
     runs = stored_runs(plan, path)
-    if not any(a.startswith(("cluster=", "cluster.")) for a in argv):
+    if not any(a.lstrip("+~").startswith("cluster=") for a in argv):
+        given = {a.lstrip("+~").split("=", 1)[0][len("cluster.") :] for a in argv}
+        mine = {k: cfg.cluster[k] for k in given if k in cfg.cluster}  # cluster.<key>=...
         cfg = cfg.copy()
-        cfg.cluster = OmegaConf.merge(OmegaConf.structured(ClusterConfig), plan["cluster"])
+        cfg.cluster = OmegaConf.merge(
+            OmegaConf.structured(ClusterConfig), plan["cluster"], OmegaConf.create(mine)
+        )
     return cfg, runs, plan

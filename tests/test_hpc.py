@@ -439,7 +439,8 @@ def test_local_cluster_runs_the_demo_pipeline_and_relaunch_does_nothing(tmp_path
     out = capsys.readouterr().out
     assert "evaluation: variant iwae_k=1+3 (" in out
     assert out.count("compute scores") == 2 * 3  # 2 runs with a VAE x (test set + 2 OOD sets)
-    assert out.count("reuse scores") == 3 + 4 + 3  # the resnet's 3 sets; 2 x val; attacks kept
+    assert out.count("reuse scores") == 4 + 2  # the resnet's 4 sets; the DHMs' validation
+    assert out.count("reuse attacks") == 3  # the test set's attacks: no bound in them
     assert {p: p.read_bytes() for p in before} == before
     table = (summary / "results.csv").read_text().splitlines()
     assert "iwae_k3" in table[0] and "iwae_k10" in table[0] and len(table) == 1 + 2 * 3
@@ -524,7 +525,9 @@ def test_relaunch_never_resubmits_pending_or_running_tasks(tmp_path, monkeypatch
     plan = make_plan(retry, runs, query_slurm=True)
     assert [r.run_id for r, _ in plan.train] == [ids[1]]
     assert "retry_failed=true" in plan.actions[ids[1]][0]
-    assert {k: [r.run_id for r in v] for k, v in plan.eval_after_train.items()} == {
+    assert {
+        (k.set_name, k.role): [r.run_id for r in v] for k, v in plan.eval_after_train.items()
+    } == {
         (s, role): [ids[1]]
         for s, role in [
             ("digits", "id"),

@@ -28,7 +28,14 @@ from dhm.report.page import DATA_NAME, PAGE_RUNS, write_report
 from dhm.summary.aggregate import aggregate
 from dhm.summary.tables import write_h5
 from tests.helpers.browser import Browser, chromium
-from tests.helpers.sweeps import GRID, add_images, make_arrays, write_plan, write_run
+from tests.helpers.sweeps import (
+    GRID,
+    VARIANT_SWEEP,
+    add_images,
+    make_arrays,
+    write_plan,
+    write_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 XSS = "<script>alert(1)</script>"
@@ -584,24 +591,6 @@ def test_report_data_shows_the_primary_view_and_every_view_side_by_side(small, t
     # A sweep evaluated once: no views to compare.
     assert json.loads((small / "summary" / DATA_NAME).read_text())["variants"] is None
 
-
-# A DHM and a ResNet, trained 2 epochs keeping epoch 1, on a few test images.
-VARIANT_SWEEP = [
-    "sweep=single",
-    "sweep.name=var",
-    "sweep.points=[{model.beta:1.0},{model.name:resnet,model.alpha:1.0,model.beta:0.0}]",
-    "train.epochs=2",
-    "train.keep_epochs=[1]",
-    "train.progress=false",
-    "model.width=4",
-    "model.latent_dim=4",
-    "eval.iwae_k=[1,2]",
-    "eval.fgsm_eps=[0.0,0.05]",
-    "eval.pgd_steps=1",
-    "eval.max_images=60",
-    "eval.batch_size=30",
-    "eval.ood_sets=[digits_ood]",
-]
 
 # Picks views a and b in the side-by-side selects (as a reader does: a change event each) and
 # reads the table back: per row, its cells' text.

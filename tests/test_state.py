@@ -113,3 +113,24 @@ def test_a_run_is_judged_by_the_sets_its_latest_launch_evaluates(tmp_path):
     report = aggregate(sweep_dir(cfg), allow_partial=True, plots=False)
     assert {row["status"] for row in report.rows} == {"missing"}
     assert all("digits_heldout" in reason for _, reason in report.problems)
+
+
+def test_a_stored_sweep_keeps_its_cluster_profile_with_the_command_lines_keys(tmp_path):
+    # mode=evaluate, aggregate, status and cancel act where the sweep was launched: the stored
+    # profile, with cluster.<key> values of the command line on top; cluster= names another.
+    from hpc.sweep import stored_sweep
+
+    launched = ["sweep=demo", "cluster=slurm", "cluster.partition=debug", f"root={tmp_path}"]
+    write_plan(compose_config(launched), expand(compose_config(launched)))
+    base = ["sweep.name=demo", f"root={tmp_path}", "mode=evaluate"]
+    cfg = stored_sweep(compose_config(base), base)[0]
+    assert (cfg.cluster.kind, cfg.cluster.partition) == ("slurm", "debug")
+    again = [*base, "cluster.eval_time=90"]
+    cfg = stored_sweep(compose_config(again), again)[0]
+    assert (cfg.cluster.kind, cfg.cluster.partition, cfg.cluster.eval_time) == (
+        "slurm",
+        "debug",
+        "90",
+    )
+    here = [*base, "cluster=local"]
+    assert stored_sweep(compose_config(here), here)[0].cluster.kind == "local"

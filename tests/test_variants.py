@@ -25,32 +25,17 @@ from dhm.model import checkpoint as model_ckpt
 from dhm.summary import metrics as M
 from hpc import stages
 from hpc.cli import cli
+from tests.helpers.sweeps import VARIANT_SWEEP
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = [
-    "sweep=single",
-    "sweep.name=var",
-    "sweep.points=[{model.beta:1.0},{model.name:resnet,model.alpha:1.0,model.beta:0.0}]",
-    "train.epochs=2",
-    "train.keep_epochs=[1]",
-    "train.progress=false",
-    "model.width=4",
-    "model.latent_dim=4",
-    "eval.iwae_k=[1,2]",
-    "eval.fgsm_eps=[0.0,0.05]",
-    "eval.pgd_steps=1",
-    "eval.max_images=60",
-    "eval.batch_size=30",
-    "eval.ood_sets=[digits_ood]",
-]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A two-run sweep (a DHM and a ResNet), trained 2 epochs keeping epoch 1, evaluated."""
     root = tmp_path_factory.mktemp("variants")
-    assert cli([f"root={root}", *SWEEP]) == 0
+    assert cli([f"root={root}", *VARIANT_SWEEP]) == 0
     return root
 
 
@@ -216,7 +201,7 @@ def test_shards_of_the_layout_before_variants_are_read_as_the_default(sweep, cap
             if part.is_dir():
                 shutil.rmtree(part)
     (folder / "summary" / "manifest.json").unlink()
-    assert cli([f"root={root}", *SWEEP]) == 0
+    assert cli([f"root={root}", *VARIANT_SWEEP]) == 0
     out = capsys.readouterr().out
     assert out.count("reuse its shards of the layout before variants") == 2 * 3  # 2 runs x 3 sets
     assert "compute" not in out
@@ -269,9 +254,9 @@ def test_on_the_cluster_a_second_variant_submits_only_attack_tasks(tmp_path):
     first = launch(*args)
     assert {j["stage"].split(":")[0] for j in first} == {"train", "eval", "aggregate"}
     before = hashes(folder)
-    cluster = [a for a in PROFILE if a.startswith("cluster")]  # as any launch: not stored
-    second = launch(f"root={tmp_path}", *cluster, "sweep.name=var2", "mode=evaluate",
-                    "eval.variant=pgd3", "eval.pgd_steps=3")  # fmt: skip
+    # As the issue writes it: no cluster= (the sweep's stored profile), no training settings.
+    second = launch(f"root={tmp_path}", "sweep.name=var2", "mode=evaluate", "eval.variant=pgd3",
+                    "eval.pgd_steps=3")  # fmt: skip
     evals = [j for j in second if j["stage"].startswith("eval")]
     assert [j["stage"] for j in evals] == ["eval:digits"]  # one array: the test set's attacks
     assert [t["set"] for j in evals for t in j["tasks"]] == ["digits/pgd3", "digits/pgd3"]

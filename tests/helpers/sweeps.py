@@ -102,6 +102,25 @@ def write_run(
     return sets
 
 
+# A DHM and a ResNet trained 2 epochs keeping epoch 1, evaluated on a few images: a sweep to
+# evaluate again under other variants and checkpoints (tests/test_variants.py, test_report.py).
+VARIANT_SWEEP = [
+    "sweep=single",
+    "sweep.name=var",
+    "sweep.points=[{model.beta:1.0},{model.name:resnet,model.alpha:1.0,model.beta:0.0}]",
+    "train.epochs=2",
+    "train.keep_epochs=[1]",
+    "train.progress=false",
+    "model.width=4",
+    "model.latent_dim=4",
+    "eval.iwae_k=[1,2]",
+    "eval.fgsm_eps=[0.0,0.05]",
+    "eval.pgd_steps=1",
+    "eval.max_images=60",
+    "eval.batch_size=30",
+    "eval.ood_sets=[digits_ood]",
+]
+
 GRID = [  # run_id, model, alpha, beta, shards
     ("dhm0001", "dhm", 1.0, 0.01, 3),
     ("dhm0010", "dhm", 1.0, 0.1, 2),
