@@ -76,7 +76,7 @@ def records(sweep: Path) -> list[dict]:
 
 def shard_attrs(sweep: Path) -> list[dict]:
     out = []
-    for path in sweep.glob("runs/*/eval/*.h5"):
+    for path in sweep.glob("runs/*/eval/*/*.h5"):
         with h5py.File(path, "r") as f:
             out.append(dict(f.attrs))
     return out

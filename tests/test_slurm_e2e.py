@@ -575,7 +575,7 @@ def test_a_pending_reason_and_packed_runs_with_one_failing(slurm_env, tmp_path):
     assert states[f"{jobs[0]['job_id']}"] == "COMPLETED", states
     good, bad = jobs[0]["tasks"][0]["runs"]
     assert (sweep_dir / "runs" / good / "checkpoints" / "final.pt").exists()
-    assert list((sweep_dir / "runs" / good / "eval").glob("digits__*.h5"))
+    assert list((sweep_dir / "runs" / good / "eval").glob("final-scores-*/digits__*.h5"))
     status = launch(slurm_env, "sweep.name=single", f"root={tmp_path}", "mode=status").stdout
     (bad_row,) = [ln for ln in status.splitlines() if ln.startswith(bad)]
     assert "train failed" in bad_row and "NonFiniteLossError" in bad_row
@@ -629,6 +629,6 @@ def test_thirty_tiny_runs_in_chunks_every_shard_and_row_present(slurm_env, tmp_p
     assert len(states) == 15 * 4 + 1 and set(states.values()) == {"COMPLETED"}, states
     rows = (sweep_dir / "summary" / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 30 and all(",ok," in r for r in rows)
-    shards = list(sweep_dir.glob("runs/*/eval/*.h5"))
-    assert len(shards) == 30 * 3
+    shards = list(sweep_dir.glob("runs/*/eval/*/*.h5"))
+    assert len(shards) == 30 * (3 + 1)  # 3 sets' scores, the test set's attacks
     print(f"30 runs: {time.time() - start:.0f} s wall, {len(jobs)} sbatch calls")
