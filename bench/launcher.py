@@ -216,7 +216,7 @@ def _populate(cfg: Any, runs: list[Run], folder: Path) -> dict[str, str]:
 ABLATIONS = {
     "no file facts": (
         "import hpc.file_facts as F; _init = F.FileFacts.__init__\n"
-        "def init(self, d):\n    _init(self, d); self.kept = {}\n"
+        "def init(self, d, **kw):\n    _init(self, d, **kw); self.kept = {}\n"
         "F.FileFacts.__init__ = init; F.FileFacts.save = lambda self: None"
     ),
     "zipfile reader": (

@@ -21,7 +21,7 @@ from hpc import efficiency, ledger, lock
 from hpc.schema import check_launch, on_slurm
 from hpc.state import run_reports
 from hpc.status import detail_lines, status_lines
-from hpc.sweep import Run, outside_runs, select, stored_sweep, sweep_dir
+from hpc.sweep import Run, outside_runs, plan_path, select, stored_sweep, sweep_dir
 
 
 def cancel(cfg: Any, runs: list[Run], everything: bool) -> int:
@@ -46,7 +46,7 @@ def main(cfg: DictConfig, argv: list[str]) -> int:
     """status | cancel | report: from the stored plan, by the sweep's name."""
     check_launch(cfg)
     cfg, all_runs, stored = stored_sweep(cfg, argv)
-    outside = outside_runs(stored)
+    outside = outside_runs(stored, plan_path(cfg))
     runs = select(cfg, [*all_runs, *outside] if cfg.runs else all_runs)  # named: may be outside
     whole = {r.run_id for r in runs} == {r.run_id for r in all_runs}
     query = on_slurm(cfg)

@@ -309,18 +309,21 @@ def stored_runs(plan: dict[str, Any], path: Path) -> list[Run]:
             f"{path} was written by an older version (no run configs in it): launch the sweep "
             "once with its overrides (mode=dry_run is enough) to rewrite it"
         )
-    return [
-        Run(str(r["run_id"]), dict(r["overrides"]), Plain.of(r["config"])) for r in plan["runs"]
-    ]
+    return [_stored_run(r, path.parent) for r in plan["runs"]]
 
 
-def outside_runs(plan: dict[str, Any]) -> list[Run]:
+def _stored_run(r: dict[str, Any], sweep: Path) -> Run:
+    """A stored run, living under the sweep folder the plan is in (a sweep moved or copied to
+    another root acts on its own runs, never on those it was copied from)."""
+    rid = str(r["run_id"])
+    config = {**r["config"], "run_dir": str(sweep / "runs" / rid)}
+    return Run(rid, dict(r["overrides"]), Plain.of(config))
+
+
+def outside_runs(plan: dict[str, Any], path: Path) -> list[Run]:
     """The runs earlier plans of the sweep had and a replan dropped (status lists them; a
     cancel can name them)."""
-    return [
-        Run(str(r["run_id"]), dict(r["overrides"]), Plain.of(r["config"]))
-        for r in plan.get("outside", [])
-    ]
+    return [_stored_run(r, path.parent) for r in plan.get("outside", [])]
 
 
 def check_plan_unchanged(cfg: Any, runs: list[Run]) -> dict[str, Any] | None:
