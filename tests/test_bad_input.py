@@ -49,9 +49,14 @@ def fake_slurm(tmp_path_factory):
 
 def listing(root: Path) -> dict[str, int]:
     """Every file under root and its mtime; the sweep's lock file (hpc.lock: who holds it,
-    rewritten by every command that takes it) is coordination, not content."""
+    rewritten by every command that takes it) is coordination, and file_facts.json (hpc.file_facts:
+    what was read inside files, by inode; a copied sweep's files are read again) a cache: neither
+    is content. A folder counts by its presence (its mtime moves with any entry added or
+    removed, which the listing shows itself)."""
     return {
-        str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.name != ".lock"
+        str(p.relative_to(root)): 0 if p.is_dir() else p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.name not in (".lock", "file_facts.json")
     }
 
 
