@@ -56,8 +56,8 @@ class FileFacts:
         stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         entry = self.kept.get(f"{kind}:{path}")
         if entry is None or entry[0] != stamp:
-            if kind == "eval_id" and not self.open_shards:
-                return None  # not read, not kept
+            if read is None:  # not to be opened: unknown, and nothing kept
+                return None
             entry = self.kept[f"{kind}:{path}"] = [stamp, read(path)]
             self.read += 1
         return entry[1]
@@ -70,7 +70,7 @@ class FileFacts:
 
             return shard_eval_id(p)
 
-        return self._fact("eval_id", path, read)
+        return self._fact("eval_id", path, read if self.open_shards else None)
 
     def complete(self, path: str | Path) -> bool:
         """Whether a checkpoint file is a whole archive (``looks_complete``; False: missing)."""
