@@ -462,8 +462,9 @@ def stored_sweep(cfg: DictConfig, argv: list[str]) -> tuple[DictConfig, list[Run
         )
     runs = stored_runs(plan, path)
     if not any(a.lstrip("+~").startswith("cluster=") for a in argv):
-        given = {a.lstrip("+~").split("=", 1)[0][len("cluster.") :] for a in argv}
-        mine = {k: cfg.cluster[k] for k in given if k in cfg.cluster}  # cluster.<key>=...
+        keys = [a.lstrip("+~").split("=", 1)[0] for a in argv]
+        given = [k.removeprefix("cluster.") for k in keys if k.startswith("cluster.")]
+        mine = {k: cfg.cluster[k] for k in given if k in cfg.cluster}
         cfg = cfg.copy()
         cfg.cluster = OmegaConf.merge(
             OmegaConf.structured(ClusterConfig), plan["cluster"], OmegaConf.create(mine)
