@@ -353,7 +353,7 @@ def run_shards(cfg: Any, names: Iterable[str] = ()) -> tuple[int, int]:
         if name.endswith(".h5") and (size := _size(eval_dir / folder / name)) is not None
     )
     todo = 0
-    size = lambda n, r: layout.expected_size(cfg, n, r)  # noqa: E731
+    size = functools.partial(layout.expected_size, cfg)
     for sp in V.set_parts(cfg, V.settings_of(cfg.eval), listing, size=size):
         if set(sp.done) != set(sp.folders):
             todo += set_bytes(cfg, sp.set_name, sp.role, [])

@@ -244,7 +244,7 @@ def sources(run_dir: Path, cfg: dict | None, variant: V.Variant | None, checkpoi
                 V.shard_paths(run_dir, p, listing),
                 strict=True,
             )
-        )  # fmt: skip
+        )
         for p in V.set_parts(run_cfg, s, listing, legacy_id=V.shard_eval_id)
     }
 
