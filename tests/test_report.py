@@ -21,12 +21,14 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from dhm.report.data import _value, report_data
 from dhm.report.page import DATA_NAME, PAGE_RUNS, write_report
 from dhm.summary.aggregate import aggregate
 from dhm.summary.tables import write_h5
+from hpc.cli import cli
 from tests.helpers.browser import Browser, chromium
 from tests.helpers.sweeps import (
     GRID,
@@ -61,8 +63,6 @@ class Demo:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Demo:
     """The demo pipeline through the command line, one run made to fail (a NaN at step 2)."""
-    from hpc.cli import cli
-
     root = tmp_path_factory.mktemp("report")
     args = [
         "sweep=demo",
@@ -206,8 +206,6 @@ def test_the_report_renders_in_a_browser_without_errors(demo, rendered):
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_screenshot_is_not_blank(rendered):
-    from PIL import Image
-
     assert rendered.screenshot.stat().st_size > 10_000
     image = np.asarray(Image.open(rendered.screenshot).convert("RGB")).astype(np.float64)
     assert image.shape[0] > 500 and image.shape[1] > 500
@@ -220,8 +218,6 @@ def test_the_screenshot_is_not_blank(rendered):
 
 @pytest.mark.slow
 def test_status_refreshes_the_report_without_recomputing(demo, capsys):
-    from hpc.cli import cli
-
     report = demo.sweep / "summary" / "report.html"
     results = (demo.sweep / "summary" / "results.csv").stat().st_mtime_ns
     assert cli(["sweep.name=demo", f"root={demo.sweep.parent}", "mode=status"]) == 0
@@ -608,10 +604,6 @@ def test_two_evaluations_side_by_side_in_a_browser(tmp_path):
     # A sweep trained once, then evaluated again (mode=evaluate) with 3-step PGD at epoch 1
     # and final: three views. The page compares any two of them per run, and draws the new
     # variant's metrics over epochs.
-    from PIL import Image
-
-    from hpc.cli import cli
-
     _need_browser()
     assert cli([f"root={tmp_path}", *VARIANT_SWEEP]) == 0
     again = ["sweep.name=var", "mode=evaluate", "eval.pgd_steps=3", "eval.checkpoints=[1,final]"]

@@ -11,7 +11,7 @@ import pytest
 from dhm.core.layout import summary_complete
 from hpc.cli import cli, compose_config
 from hpc.state import run_reports
-from hpc.sweep import expand, sweep_dir, write_plan
+from hpc.sweep import expand, stored_sweep, sweep_dir, write_plan
 from tests.helpers.sweeps import make_arrays, write_run, write_trained
 
 N = 80  # images per set (eval.max_images): what the synthetic shards hold
@@ -118,8 +118,6 @@ def test_a_run_is_judged_by_the_sets_its_latest_launch_evaluates(tmp_path):
 def test_a_stored_sweep_keeps_its_cluster_profile_with_the_command_lines_keys(tmp_path):
     # mode=evaluate, aggregate, status and cancel act where the sweep was launched: the stored
     # profile, with cluster.<key> values of the command line on top; cluster= names another.
-    from hpc.sweep import stored_sweep
-
     launched = ["sweep=demo", "cluster=slurm", "cluster.partition=debug", f"root={tmp_path}"]
     write_plan(compose_config(launched), expand(compose_config(launched)))
     base = ["sweep.name=demo", f"root={tmp_path}", "mode=evaluate"]

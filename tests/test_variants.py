@@ -26,6 +26,7 @@ from dhm.summary import metrics as M
 from hpc import stages
 from hpc.cli import cli
 from tests.helpers.sweeps import VARIANT_SWEEP
+from tests.test_slurm_e2e import PROFILE, TINY, _cluster_env, ledger, wait_for_jobs
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -230,8 +231,6 @@ def test_evaluate_waits_for_the_sweeps_lock(sweep, capsys):
 
 @pytest.mark.slurm
 def test_on_the_cluster_a_second_variant_submits_only_attack_tasks(tmp_path):
-    from tests.test_slurm_e2e import PROFILE, TINY, _cluster_env, ledger, wait_for_jobs
-
     env = _cluster_env()
     args = [f"root={tmp_path}", *PROFILE, *TINY, "sweep=single", "sweep.name=var2",
             "sweep.points=[{model.beta:1.0},{model.beta:2.0}]"]  # fmt: skip
